@@ -23,7 +23,11 @@ pub const POOL_READY_CONDITION: &str = "Ready";
     derive = "PartialEq",
     doc = "A pool of addresses that ferry's local provider assigns to LoadBalancer Services.",
     printcolumn(name = "Addresses", type_ = "string", json_path = ".spec.addresses"),
-    printcolumn(name = "Auto Assign", type_ = "boolean", json_path = ".spec.autoAssign"),
+    printcolumn(
+        name = "Auto Assign",
+        type_ = "boolean",
+        json_path = ".spec.autoAssign"
+    ),
     printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated"),
     printcolumn(name = "Available", type_ = "integer", json_path = ".status.available"),
     printcolumn(
@@ -31,7 +35,11 @@ pub const POOL_READY_CONDITION: &str = "Ready";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerPoolSpec {

@@ -1,1 +1,77 @@
+//! The seam between ferry's operator and the places balancers live.
+//!
+//! `LoadBalancerProvider` is the only way the operator touches a cloud (or the local address
+//! pools): it hands a `DesiredLoadBalancer`, computed purely from a Service and the eligible
+//! Nodes, and gets back an `ObservedLoadBalancer` to publish. Errors are typed so the operator
+//! can decide between backoff, waiting for a change, and honouring a Retry-After. Nothing here
+//! knows about kube-runtime controllers.
 
+pub mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
+pub mod local;
+pub mod model;
+
+use async_trait::async_trait;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+
+pub use error::ProviderError;
+pub use model::*;
+
+/// Something the provider learned on its own that the operator should act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProviderSignal {
+    /// The provider's own configuration changed (for example an address pool was added or an
+    /// address was released): Services that are not ready may now succeed.
+    ConfigurationChanged,
+    /// These balancers are inconsistent (a repair pass found them) and must be ensured again.
+    Resync(Vec<LoadBalancerId>),
+}
+
+/// A place that can provision load balancers. Every method is idempotent: it converges from
+/// whatever it finds, and `delete` of something absent succeeds.
+#[async_trait]
+pub trait LoadBalancerProvider: Send + Sync + 'static {
+    /// Short name used in logs and metric labels (`local`, `aws`, `gce`).
+    fn name(&self) -> &'static str;
+
+    /// Prepares the provider to serve. Called by the operator each time it becomes leader,
+    /// before the first `ensure`: the local provider rebuilds its allocation state here.
+    async fn start(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// Creates the balancer or converges it to `desired`.
+    async fn ensure(
+        &self,
+        desired: &DesiredLoadBalancer,
+    ) -> Result<ObservedLoadBalancer, ProviderError>;
+
+    /// Converges only the balancer's targets after a node change. Providers whose API allows
+    /// target diffs override this to avoid re-reading the whole balancer.
+    async fn update_targets(
+        &self,
+        desired: &DesiredLoadBalancer,
+    ) -> Result<ObservedLoadBalancer, ProviderError> {
+        self.ensure(desired).await
+    }
+
+    /// Removes the balancer and everything created for it. Absent is success.
+    async fn delete(&self, id: &LoadBalancerId) -> Result<(), ProviderError>;
+
+    /// What exists for `id`, if anything.
+    async fn get(&self, id: &LoadBalancerId)
+    -> Result<Option<ObservedLoadBalancer>, ProviderError>;
+
+    /// Every balancer this provider created for this cluster, for orphan collection.
+    async fn list_owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError>;
+
+    /// The provider's signals, if it has any; taken once by the operator.
+    fn take_signals(&self) -> Option<mpsc::Receiver<ProviderSignal>> {
+        None
+    }
+
+    /// Adds the provider's own metrics (pool usage, SDK calls) to the operator's registry.
+    fn register_metrics(&self, _registry: &mut Registry) {}
+}

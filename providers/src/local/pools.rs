@@ -1,0 +1,219 @@
+//! Turns `LoadBalancerPool` objects into the allocator's pools and a verdict per pool.
+//! A malformed pool, or one overlapping an older pool, is not used (the older one keeps
+//! working) and gets a condition saying why; it never stops the operator.
+
+use std::collections::BTreeMap;
+
+use ferry_crds::{IpMode, LoadBalancerPool};
+use kube::ResourceExt;
+use kube::core::Selector;
+
+use super::ipam::Pool;
+use super::ranges::AddressRange;
+
+/// Whether a pool is usable, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Verdict {
+    fn ready() -> Self {
+        Self {
+            ready: true,
+            reason: "Valid",
+            message: "all address ranges are valid".to_string(),
+        }
+    }
+
+    fn not_ready(reason: &'static str, message: String) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message,
+        }
+    }
+}
+
+/// The result of validating every pool at once.
+#[derive(Debug, Default)]
+pub struct PoolSet {
+    pub valid: Vec<Pool>,
+    /// Pools that exist but are not used, with the ranges that did parse.
+    pub unready: Vec<(String, Vec<AddressRange>)>,
+    pub verdicts: BTreeMap<String, Verdict>,
+}
+
+fn selector(
+    which: &str,
+    s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Result<Option<Selector>, String> {
+    match s {
+        None => Ok(None),
+        Some(s) => Selector::try_from(s.clone())
+            .map(Some)
+            .map_err(|e| format!("{which}: {e}")),
+    }
+}
+
+/// Validates pools in age order (oldest first, then by name), so a new pool that overlaps
+/// an existing one is the one refused.
+pub fn validate(pools: &[LoadBalancerPool]) -> PoolSet {
+    let mut ordered: Vec<&LoadBalancerPool> = pools.iter().collect();
+    ordered.sort_by(|a, b| {
+        a.creation_timestamp()
+            .map(|t| t.0)
+            .cmp(&b.creation_timestamp().map(|t| t.0))
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    let mut set = PoolSet::default();
+    for obj in ordered {
+        let name = obj.name_any();
+        let mut parsed = Vec::new();
+        let mut errors = Vec::new();
+        for text in &obj.spec.addresses {
+            match text.parse::<AddressRange>() {
+                Ok(r) => parsed.push(r),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let verdict = if !errors.is_empty() {
+            Verdict::not_ready("MalformedAddresses", errors.join("; "))
+        } else if parsed.is_empty() {
+            Verdict::not_ready("NoAddresses", "spec.addresses is empty".to_string())
+        } else if let Some((a, b)) = first_overlap(&parsed, &parsed) {
+            Verdict::not_ready(
+                "OverlappingAddresses",
+                format!("ranges {a} and {b} of this pool overlap"),
+            )
+        } else if let Some((pool, a, b)) = set.valid.iter().find_map(|p: &Pool| {
+            first_overlap(&parsed, &p.ranges).map(|(a, b)| (p.name.clone(), a, b))
+        }) {
+            Verdict::not_ready(
+                "OverlappingPool",
+                format!("range {a} overlaps {b} of the older pool {pool:?}"),
+            )
+        } else {
+            match (
+                selector("serviceSelector", &obj.spec.service_selector),
+                selector("namespaceSelector", &obj.spec.namespace_selector),
+            ) {
+                (Ok(service_selector), Ok(namespace_selector)) => {
+                    set.valid.push(Pool {
+                        name: name.clone(),
+                        ranges: parsed.clone(),
+                        auto_assign: obj.spec.auto_assign,
+                        avoid_buggy_ips: obj.spec.avoid_buggy_ips,
+                        service_selector,
+                        namespace_selector,
+                        ip_mode: obj.spec.ip_mode.unwrap_or(IpMode::Proxy),
+                    });
+                    Verdict::ready()
+                }
+                (Err(e), _) | (_, Err(e)) => Verdict::not_ready("InvalidSelector", e),
+            }
+        };
+        if !verdict.ready {
+            set.unready.push((name.clone(), parsed));
+        }
+        set.verdicts.insert(name, verdict);
+    }
+    set
+}
+
+/// The first pair of overlapping ranges between `a` and `b`; with `a == b`, distinct
+/// positions only.
+fn first_overlap(a: &[AddressRange], b: &[AddressRange]) -> Option<(AddressRange, AddressRange)> {
+    let same = std::ptr::eq(a, b);
+    for (i, x) in a.iter().enumerate() {
+        for (j, y) in b.iter().enumerate() {
+            if (!same || i < j) && x.overlaps(y) {
+                return Some((*x, *y));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_crds::LoadBalancerPoolSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+        LabelSelector, LabelSelectorRequirement, Time,
+    };
+
+    fn pool(name: &str, age_secs: i64, addresses: &[&str]) -> LoadBalancerPool {
+        let mut p = LoadBalancerPool::new(
+            name,
+            LoadBalancerPoolSpec {
+                addresses: addresses.iter().map(|s| s.to_string()).collect(),
+                auto_assign: true,
+                avoid_buggy_ips: false,
+                service_selector: None,
+                namespace_selector: None,
+                ip_mode: None,
+            },
+        );
+        p.metadata.creation_timestamp = Some(Time(
+            jiff::Timestamp::from_second(1_700_000_000 + age_secs).unwrap(),
+        ));
+        p
+    }
+
+    #[test]
+    fn the_younger_of_two_overlapping_pools_is_refused() {
+        let set = validate(&[
+            pool("new", 10, &["192.0.2.128/25"]),
+            pool("old", 0, &["192.0.2.0/24"]),
+        ]);
+        assert_eq!(set.valid.len(), 1);
+        assert_eq!(set.valid[0].name, "old");
+        let v = &set.verdicts["new"];
+        assert!(!v.ready);
+        assert_eq!(v.reason, "OverlappingPool");
+        assert!(v.message.contains("\"old\""), "{}", v.message);
+        assert!(set.verdicts["old"].ready);
+    }
+
+    #[test]
+    fn malformed_pools_get_a_reason_and_are_not_used() {
+        let set = validate(&[
+            pool("typo", 0, &["192.0.2.0/24", "10.0.0.300/32"]),
+            pool("empty", 1, &[]),
+            pool("self", 2, &["10.1.0.0/24", "10.1.0.5-10.1.0.9"]),
+            pool("good", 3, &["198.51.100.0/24"]),
+        ]);
+        assert_eq!(set.verdicts["typo"].reason, "MalformedAddresses");
+        assert!(set.verdicts["typo"].message.contains("10.0.0.300/32"));
+        assert_eq!(set.verdicts["empty"].reason, "NoAddresses");
+        assert_eq!(set.verdicts["self"].reason, "OverlappingAddresses");
+        assert_eq!(
+            set.valid
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["good"]
+        );
+        // The malformed pool's good range is remembered so its holders keep their addresses.
+        assert!(set.unready.iter().any(|(n, r)| n == "typo" && r.len() == 1));
+    }
+
+    #[test]
+    fn a_bad_selector_is_a_condition() {
+        let mut p = pool("sel", 0, &["192.0.2.0/24"]);
+        p.spec.service_selector = Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Sometimes".into(),
+                values: None,
+            }]),
+            match_labels: None,
+        });
+        let set = validate(&[p]);
+        assert_eq!(set.verdicts["sel"].reason, "InvalidSelector");
+        assert!(set.valid.is_empty());
+    }
+}
