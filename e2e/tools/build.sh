@@ -50,7 +50,11 @@ trap 'rm -rf "$tmp"' EXIT
 build() { # name version package ldflags...
   local name="$1" ver="$2" pkg="$3"; shift 3
   echo "build.sh: building $name $ver ($pkg)"
-  go build "${goflags[@]}" -ldflags "-s -w $*" -o "$tmp/$name" "$pkg"
+  # Hide the (many) "go: downloading" lines of a cold module cache; keep everything else.
+  local rc=0
+  go build "${goflags[@]}" -ldflags "-s -w $*" -o "$tmp/$name" "$pkg" 2>"$tmp/$name.log" || rc=$?
+  grep -v '^go: downloading ' "$tmp/$name.log" >&2 || true
+  if ((rc != 0)); then echo "build.sh: building $name failed (go build exit $rc)" >&2; exit "$rc"; fi
 }
 
 kv=()

@@ -1,1 +1,366 @@
+//! ferry's operator: watches Services, Nodes and its provider, and keeps one balancer per
+//! LoadBalancer Service it owns. Wiring lives here; each concern has its own module:
+//! `class` (ownership), `desired` and `eligibility` (pure inputs), `reconcile` (one Service),
+//! `nodes` (the batched node pass), `status`, `leader`, `orphans`, `metrics`, `server`.
 
+pub mod class;
+pub mod config;
+pub mod desired;
+pub mod eligibility;
+pub mod leader;
+pub mod metrics;
+pub mod nodes;
+pub mod orphans;
+pub mod reconcile;
+pub mod server;
+pub mod status;
+
+#[cfg(test)]
+pub mod fixtures;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ferry_providers::local::{LocalConfig, LocalProvider, ServiceLens};
+use ferry_providers::{LoadBalancerProvider, ProviderSignal};
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::class::ClassFilter;
+use crate::config::{Config, LogFormat, ProviderKind};
+use crate::leader::{LeaderConfig, LeaderElector};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, reconcile};
+use crate::server::Health;
+
+/// Sets up logging as configured; JSON for log pipelines, text for people.
+pub fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .with_context(|| format!("invalid --log-filter {:?}", config.log_filter))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// The Service hash that matters for reconciling: spec (generation), annotations, labels,
+/// finalizers and deletion. Status writes, including ferry's own, do not trigger a reconcile.
+fn service_fingerprint(svc: &Service) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    svc.metadata.generation.hash(&mut h);
+    svc.metadata.annotations.hash(&mut h);
+    svc.metadata.labels.hash(&mut h);
+    svc.metadata.finalizers.hash(&mut h);
+    svc.metadata.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    Some(h.finish())
+}
+
+fn build_provider(config: &Config, client: Client, class: ClassFilter) -> anyhow::Result<Arc<dyn LoadBalancerProvider>> {
+    match config.provider {
+        ProviderKind::Local => {
+            let lens: ServiceLens = Arc::new(move |svc: &Service| {
+                if !class.owns(svc) {
+                    return None;
+                }
+                Some(desired::desired(svc, &[]).map_err(|_| desired::id_of(svc)))
+            });
+            Ok(Arc::new(LocalProvider::new(LocalConfig {
+                client,
+                lens,
+                repair_interval: Duration::from_secs(180),
+            })))
+        }
+        other => anyhow::bail!(
+            "provider {:?} is not built into this ferry-operator yet; use --provider local",
+            other.as_str()
+        ),
+    }
+}
+
+fn identity(config: &Config) -> String {
+    config
+        .leader_elect_identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("ferry-operator-{}", std::process::id()))
+}
+
+/// Signals from the provider as Services to reconcile, coalesced over 500 ms.
+fn provider_triggers(
+    signals: Option<tokio::sync::mpsc::Receiver<ProviderSignal>>,
+    services: Store<Service>,
+    class: ClassFilter,
+) -> impl Stream<Item = ObjectRef<Service>> + Send + 'static {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    if let Some(mut signals) = signals {
+        tokio::spawn(async move {
+            while let Some(first) = signals.recv().await {
+                let mut batch = vec![first];
+                let window = tokio::time::sleep(Duration::from_millis(500));
+                tokio::pin!(window);
+                loop {
+                    tokio::select! {
+                        _ = &mut window => break,
+                        next = signals.recv() => match next {
+                            Some(s) => batch.push(s),
+                            None => break,
+                        },
+                    }
+                }
+                let all = batch.contains(&ProviderSignal::ConfigurationChanged);
+                let not_ready = batch.contains(&ProviderSignal::CapacityFreed);
+                let uids: std::collections::HashSet<String> = batch
+                    .iter()
+                    .filter_map(|s| match s {
+                        ProviderSignal::Resync(ids) => Some(ids.iter().map(|i| i.uid.clone())),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                for svc in services.state() {
+                    let wanted = class.owns(&svc)
+                        && (all
+                            || (not_ready && !reconcile::is_ready(&svc))
+                            || svc.uid().is_some_and(|u| uids.contains(&u)));
+                    if wanted && tx.unbounded_send(ObjectRef::from_obj(svc.as_ref())).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Runs the operator until SIGTERM/Ctrl-C or lost leadership.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let class = ClassFilter {
+        class: config.class(),
+        default_class: config.default_class,
+    };
+    let provider = build_provider(&config, client.clone(), class.clone())?;
+    let mut metrics = Metrics::new();
+    provider.register_metrics(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let health = Arc::new(Health::default());
+    let metrics_addr = server::serve(config.metrics_addr, metrics.clone(), health.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
+    let health_addr = if config.health_addr == config.metrics_addr {
+        metrics_addr
+    } else {
+        server::serve(config.health_addr, metrics.clone(), health.clone())
+            .await
+            .with_context(|| format!("cannot listen on --health-addr {}", config.health_addr))?
+    };
+    info!(provider = provider.name(), class = %class.class, default_class = class.default_class,
+          %metrics_addr, %health_addr, "ferry-operator starting");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    let shutdown = {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+        .shared()
+    };
+
+    // A standby replica is healthy and ready: it is only waiting.
+    client
+        .apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+    health.set_ready(true);
+
+    let identity = identity(&config);
+    let elector = config.leader_elect.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            LeaderConfig {
+                lease_name: config.leader_elect_lease_name.clone(),
+                namespace: config
+                    .leader_elect_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "ferry-system".to_string()),
+                identity: identity.clone(),
+                lease_duration: config.leader_elect_lease_duration,
+                renew_deadline: config.leader_elect_renew_deadline,
+                retry_period: config.leader_elect_retry_period,
+            },
+        )
+    });
+    if let Some(elector) = &elector {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown.clone() => return Ok(()),
+        }
+    }
+    metrics.leader.set(1);
+
+    // The provider rebuilds its state before the first reconcile.
+    let mut attempt = 0;
+    loop {
+        match provider.start().await {
+            Ok(()) => break,
+            Err(err) => {
+                attempt += 1;
+                let wait = reconcile::backoff(attempt, "provider-start");
+                warn!(error = %err, retry_in = ?wait, "provider could not start");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.clone() => return Ok(()),
+                }
+            }
+        }
+    }
+
+    let leadership_lost = async {
+        match &elector {
+            Some(e) => e.hold().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let work = run_controllers(&config, client.clone(), provider.clone(), class, metrics.clone(), identity, shutdown.clone());
+    let lost = tokio::select! {
+        _ = work => false,
+        _ = leadership_lost => true,
+    };
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    metrics.leader.set(0);
+    if lost {
+        anyhow::bail!("lost leadership; exiting so that a fresh process campaigns again");
+    }
+    info!("ferry-operator stopped");
+    Ok(())
+}
+
+async fn run_controllers(
+    config: &Config,
+    client: Client,
+    provider: Arc<dyn LoadBalancerProvider>,
+    class: ClassFilter,
+    metrics: Arc<Metrics>,
+    identity: String,
+    shutdown: futures::future::Shared<impl std::future::Future<Output = ()> + Send + 'static>,
+) {
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let node_changes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(node_writer)
+        .touched_objects()
+        .filter_map(|r| async move {
+            if let Err(err) = &r {
+                warn!(error = %err, "watching Nodes");
+            }
+            r.ok().map(|_| ())
+        });
+
+    let (svc_store, svc_writer) = reflector::store::<Service>();
+    let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(svc_writer)
+        .applied_objects()
+        .predicate_filter(service_fingerprint, Default::default());
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferry-operator".into(),
+            instance: Some(identity),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client,
+        provider.clone(),
+        class.clone(),
+        node_store.clone(),
+        recorder,
+        metrics,
+        config.resync_period,
+    ));
+
+    let node_triggers = nodes::node_pass_triggers(node_changes, ctx.clone(), svc_store.clone(), config.node_debounce);
+    let signal_triggers = provider_triggers(provider.take_signals(), svc_store.clone(), class);
+
+    // Orphan collection once the caches are warm, then periodically.
+    let orphan_ctx = ctx.clone();
+    let orphan_interval = config.orphan_interval;
+    let orphan_store = svc_store.clone();
+    let orphans = tokio::spawn(async move {
+        let _ = orphan_store.wait_until_ready().await;
+        let mut tick = tokio::time::interval(orphan_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match orphans::collect_orphans(&orphan_ctx).await {
+                Ok(0) => {}
+                Ok(n) => info!(deleted = n, "orphan collection"),
+                Err(err) => warn!(error = %err, "orphan collection failed; will retry"),
+            }
+        }
+    });
+
+    Controller::for_stream(services, svc_store)
+        .with_config(controller::Config::default().concurrency(config.concurrency))
+        .reconcile_on(node_triggers)
+        .reconcile_on(signal_triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok(_) => {}
+                Err(controller::Error::ReconcilerFailed(err, obj)) => {
+                    tracing::debug!(object = %obj, error = %err, "reconcile failed");
+                }
+                Err(controller::Error::ObjectNotFound(_)) => {}
+                Err(err) => error!(error = %err, "controller"),
+            }
+        })
+        .await;
+    orphans.abort();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

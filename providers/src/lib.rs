@@ -22,9 +22,12 @@ pub use model::*;
 /// Something the provider learned on its own that the operator should act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProviderSignal {
-    /// The provider's own configuration changed (for example an address pool was added or an
-    /// address was released): Services that are not ready may now succeed.
+    /// The provider's own configuration changed (an address pool was added, edited or
+    /// removed): every balancer should be ensured again.
     ConfigurationChanged,
+    /// Capacity was freed (an address was released): Services that are not ready may now
+    /// succeed.
+    CapacityFreed,
     /// These balancers are inconsistent (a repair pass found them) and must be ensured again.
     Resync(Vec<LoadBalancerId>),
 }
@@ -35,6 +38,12 @@ pub enum ProviderSignal {
 pub trait LoadBalancerProvider: Send + Sync + 'static {
     /// Short name used in logs and metric labels (`local`, `aws`, `gce`).
     fn name(&self) -> &'static str;
+
+    /// Whether this provider can send traffic to `node` (the last of the upstream node
+    /// eligibility predicates: "has an address the provider can use").
+    fn can_target(&self, node: &NodeTarget) -> bool {
+        !node.internal_ips.is_empty()
+    }
 
     /// Prepares the provider to serve. Called by the operator each time it becomes leader,
     /// before the first `ensure`: the local provider rebuilds its allocation state here.

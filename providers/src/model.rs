@@ -55,7 +55,8 @@ pub struct PortSpec {
     pub name: Option<String>,
     pub protocol: Protocol,
     pub port: u16,
-    pub node_port: u16,
+    /// `None` when the Service opts out of NodePorts (`allocateLoadBalancerNodePorts: false`).
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,7 +111,7 @@ pub enum TrafficPolicy {
     #[default]
     Cluster,
     /// Only nodes with local endpoints serve; they answer health checks on this NodePort.
-    Local { health_check_node_port: u16 },
+    Local { health_check_node_port: Option<u16> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -1,0 +1,390 @@
+//! Reconciling one Service: decide whether it is ours, hold the finalizer while a balancer
+//! may exist, compute the desired balancer, let the provider converge it, and publish the
+//! result as status, condition and Events. `error_policy` maps each typed error to the next
+//! action: backoff, Retry-After, or waiting for a change.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_providers::{DesiredLoadBalancer, LoadBalancerId, LoadBalancerProvider, ProviderError};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::class::ClassFilter;
+use crate::desired::{self, InvalidService, id_of};
+use crate::eligibility::eligible_targets;
+use crate::metrics::Metrics;
+use crate::status::{self, Readiness, apply_body, current_ingress, ingress_of};
+
+pub const FINALIZER: &str = "ferry.dev/load-balancer";
+const FIELD_MANAGER: &str = "ferry-operator";
+
+/// Waiting time after errors that need an outside change but might also pass (an address
+/// held by another Service, a permission): long enough never to be a hot loop.
+const SLOW_RETRY: Duration = Duration::from_secs(300);
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(#[from] InvalidService),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid_service",
+            Self::Provider(e) => e.kind(),
+            Self::Kube(_) => "kubernetes",
+        }
+    }
+}
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    pub client: Client,
+    pub provider: Arc<dyn LoadBalancerProvider>,
+    pub class: ClassFilter,
+    pub nodes: Store<Node>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub resync: Duration,
+    /// What was last ensured per Service UID, so a node change can become a target update.
+    applied: Mutex<HashMap<String, DesiredLoadBalancer>>,
+    /// Consecutive transient failures per Service UID, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a single map operation; a poisoned lock is still sound.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        provider: Arc<dyn LoadBalancerProvider>,
+        class: ClassFilter,
+        nodes: Store<Node>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        resync: Duration,
+    ) -> Self {
+        Self {
+            client,
+            provider,
+            class,
+            nodes,
+            recorder,
+            metrics,
+            resync,
+            applied: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Eligible targets for balancers, as the provider can use them.
+    pub fn targets(&self) -> Vec<ferry_providers::NodeTarget> {
+        let nodes = self.nodes.state();
+        eligible_targets(nodes.iter().map(|n| n.as_ref()), |t| self.provider.can_target(t))
+    }
+
+    /// What was last ensured for `uid`.
+    pub fn applied(&self, uid: &str) -> Option<DesiredLoadBalancer> {
+        lock(&self.applied).get(uid).cloned()
+    }
+
+    fn forget(&self, uid: &str) {
+        lock(&self.applied).remove(uid);
+        lock(&self.failures).remove(uid);
+    }
+
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let start = Instant::now();
+        let result = fut.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.metrics.provider_call(operation, outcome, start.elapsed());
+        result
+    }
+
+    async fn event(&self, svc: &Service, type_: EventType, reason: &str, note: String, action: &str) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &svc.object_ref(&())).await {
+            warn!(error = %err, reason, "could not publish Event");
+        }
+    }
+}
+
+fn has_finalizer(svc: &Service) -> bool {
+    svc.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+async fn add_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), kube::Error> {
+    let finalizers = svc.finalizers();
+    // The test makes a concurrent writer's change fail the patch instead of being lost.
+    let ops = if finalizers.is_empty() {
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
+        ])
+    } else {
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": finalizers },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
+        ])
+    };
+    patch_json(api, svc, ops).await
+}
+
+async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), kube::Error> {
+    let Some(index) = svc.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let ops = json!([
+        { "op": "test", "path": path, "value": FINALIZER },
+        { "op": "remove", "path": path },
+    ]);
+    match patch_json(api, svc, ops).await {
+        // Already gone with the object: nothing left to do.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+async fn patch_json(api: &Api<Service>, svc: &Service, ops: serde_json::Value) -> Result<(), kube::Error> {
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+    api.patch::<Service>(&svc.name_any(), &PatchParams::default(), &Patch::Json::<Service>(patch))
+        .await
+        .map(|_| ())
+}
+
+async fn write_status(
+    api: &Api<Service>,
+    svc: &Service,
+    ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
+    readiness: Option<&Readiness>,
+) -> Result<bool, kube::Error> {
+    let Some(body) = apply_body(svc, ingress, readiness) else {
+        return Ok(false);
+    };
+    api.patch_status(
+        &svc.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The reconcile entry point for the controller.
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()));
+    let start = Instant::now();
+    let result = reconcile_inner(&svc, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconciled(if result.is_ok() { "ok" } else { "error" }, start.elapsed());
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&svc.uid().unwrap_or_default());
+    }
+    result
+}
+
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let id = id_of(svc);
+    let deleting = svc.metadata.deletion_timestamp.is_some();
+    if deleting || !ctx.class.owns(svc) {
+        if has_finalizer(svc) {
+            cleanup(svc, &id, deleting, &api, ctx).await?;
+        }
+        ctx.forget(&id.uid);
+        return Ok(Action::await_change());
+    }
+
+    // The finalizer goes on before anything is provisioned, so nothing can outlive the Service.
+    if !has_finalizer(svc) {
+        add_finalizer(&api, svc).await?;
+    }
+
+    let targets = ctx.targets();
+    let desired = match desired::desired(svc, &targets) {
+        Ok(d) => d,
+        Err(invalid) => {
+            report_failure(svc, &api, ctx, "InvalidConfiguration", invalid.reason, &invalid.message).await?;
+            return Err(invalid.into());
+        }
+    };
+
+    let previous = ctx.applied(&id.uid);
+    let only_targets = previous
+        .as_ref()
+        .is_some_and(|p| p.targets != desired.targets && p.without_targets() == desired.without_targets());
+    let fresh = current_ingress(svc).is_empty();
+    if fresh && previous.is_none() {
+        ctx.event(svc, EventType::Normal, "EnsuringLoadBalancer", "Ensuring load balancer".into(), "Ensure").await;
+    }
+    let result = if only_targets {
+        ctx.call("update_targets", ctx.provider.update_targets(&desired)).await
+    } else {
+        ctx.call("ensure", ctx.provider.ensure(&desired)).await
+    };
+    let observed = match result {
+        Ok(o) => o,
+        Err(err) => {
+            let event_reason = match (&err, only_targets) {
+                (ProviderError::Allocation { .. }, _) => "IPAllocationFailed",
+                (ProviderError::InvalidInput { .. }, _) => "InvalidConfiguration",
+                (_, true) => "UpdateLoadBalancerFailed",
+                _ => "SyncLoadBalancerFailed",
+            };
+            report_failure(svc, &api, ctx, event_reason, err.reason(), &err.to_string()).await?;
+            return Err(err.into());
+        }
+    };
+    lock(&ctx.applied).insert(id.uid.clone(), desired.clone());
+
+    let ingress = ingress_of(&observed);
+    let changed_ingress = current_ingress(svc) != ingress;
+    if write_status(&api, svc, &ingress, Some(&Readiness::ready())).await? {
+        debug!("status updated");
+    }
+    if only_targets {
+        let names: Vec<_> = desired.targets.iter().map(|t| t.name.as_str()).collect();
+        ctx.event(
+            svc,
+            EventType::Normal,
+            "UpdatedLoadBalancer",
+            format!("Updated load balancer with new hosts ({} nodes)", names.len()),
+            "Update",
+        )
+        .await;
+    } else if changed_ingress {
+        let shown: Vec<String> = ingress
+            .iter()
+            .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+            .collect();
+        info!(ingress = ?shown, "load balancer ensured");
+        ctx.event(
+            svc,
+            EventType::Normal,
+            "EnsuredLoadBalancer",
+            format!("Ensured load balancer: {}", shown.join(", ")),
+            "Ensure",
+        )
+        .await;
+    }
+    Ok(Action::requeue(jitter(ctx.resync, &id.uid)))
+}
+
+/// Publishes a failure: a Warning Event and the condition, keeping whatever ingress the
+/// Service already shows (a failed change never takes an address away).
+async fn report_failure(
+    svc: &Service,
+    api: &Api<Service>,
+    ctx: &Context,
+    event_reason: &str,
+    reason: &'static str,
+    message: &str,
+) -> Result<(), kube::Error> {
+    warn!(reason, message, "load balancer not ready");
+    ctx.event(svc, EventType::Warning, event_reason, message.to_string(), "Ensure").await;
+    write_status(api, svc, &current_ingress(svc), Some(&Readiness::failed(reason, message))).await?;
+    Ok(())
+}
+
+async fn cleanup(
+    svc: &Service,
+    id: &LoadBalancerId,
+    deleting: bool,
+    api: &Api<Service>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    ctx.event(svc, EventType::Normal, "DeletingLoadBalancer", "Deleting load balancer".into(), "Delete").await;
+    if let Err(err) = ctx.call("delete", ctx.provider.delete(id)).await {
+        ctx.event(svc, EventType::Warning, "SyncLoadBalancerFailed", format!("Error deleting load balancer: {err}"), "Delete")
+            .await;
+        return Err(err.into());
+    }
+    if !deleting {
+        // The Service stays but is no longer ours: take back what ferry published.
+        write_status(api, svc, &[], None).await?;
+    }
+    remove_finalizer(api, svc).await?;
+    info!("load balancer deleted");
+    ctx.event(svc, EventType::Normal, "DeletedLoadBalancer", "Deleted load balancer".into(), "Delete").await;
+    Ok(())
+}
+
+/// Spreads periodic resyncs so that they do not all land at once.
+fn jitter(base: Duration, key: &str) -> Duration {
+    let hash = key.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let spread = base.as_millis() as u64 / 10;
+    base + Duration::from_millis(if spread == 0 { 0 } else { hash % spread })
+}
+
+/// What to do after a failed reconcile.
+pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(err.kind());
+    let uid = svc.uid().unwrap_or_default();
+    match err {
+        // Retrying changes nothing until the Service changes (which triggers a reconcile).
+        Error::Invalid(_) | Error::Provider(ProviderError::InvalidInput { .. }) => Action::await_change(),
+        // Also retried at once when the provider signals a change (pool edited, address freed).
+        Error::Provider(
+            ProviderError::Allocation { .. } | ProviderError::Conflict { .. } | ProviderError::Configuration { .. },
+        ) => Action::requeue(SLOW_RETRY),
+        Error::Provider(ProviderError::Transient { retry_after: Some(after), .. }) => Action::requeue(*after),
+        Error::Provider(ProviderError::Transient { retry_after: None, .. }) | Error::Kube(_) => {
+            let attempts = {
+                let mut failures = lock(&ctx.failures);
+                let n = failures.entry(uid.clone()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            };
+            Action::requeue(backoff(attempts, &uid))
+        }
+    }
+}
+
+/// Exponential backoff from 1 s to 5 min, with up to 10% jitter.
+pub fn backoff(attempts: u32, key: &str) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
+    let base = exp.min(BACKOFF_MAX);
+    jitter(base, &format!("{key}/{attempts}"))
+}
+
+/// Used by the readiness condition of a Service that is not provisioned yet.
+pub fn is_ready(svc: &Service) -> bool {
+    status::current_condition(svc).is_some_and(|c| c.status == "True")
+}
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

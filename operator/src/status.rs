@@ -1,0 +1,227 @@
+//! Service status as a projection of what the provider observed: `status.loadBalancer.ingress`
+//! and the `ferry.dev/LoadBalancerReady` condition. Computes the server-side-apply body and
+//! returns nothing when the Service already shows exactly that, so status is written only
+//! when it differs.
+
+use ferry_providers::{IpMode, ObservedLoadBalancer};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, PortStatus, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use serde_json::json;
+
+pub const READY_CONDITION: &str = "ferry.dev/LoadBalancerReady";
+
+/// The condition ferry wants on a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Readiness {
+    pub fn ready() -> Self {
+        Self {
+            ready: true,
+            reason: "LoadBalancerEnsured",
+            message: "the load balancer is provisioned".to_string(),
+        }
+    }
+
+    pub fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The ingress list Kubernetes should show for `observed`.
+pub fn ingress_of(observed: &ObservedLoadBalancer) -> Vec<LoadBalancerIngress> {
+    let ports = (!observed.port_errors.is_empty()).then(|| {
+        observed
+            .port_errors
+            .iter()
+            .map(|e| PortStatus {
+                port: i32::from(e.port),
+                protocol: e.protocol.as_str().to_string(),
+                error: Some(e.error.clone()),
+            })
+            .collect::<Vec<_>>()
+    });
+    observed
+        .ingress
+        .iter()
+        .map(|i| LoadBalancerIngress {
+            ip: i.ip.map(|ip| ip.to_string()),
+            hostname: i.hostname.clone(),
+            // Kubernetes only accepts ipMode next to an ip.
+            ip_mode: i.ip.and(i.ip_mode).map(|m| {
+                match m {
+                    IpMode::Proxy => "Proxy",
+                    IpMode::Vip => "VIP",
+                }
+                .to_string()
+            }),
+            ports: ports.clone(),
+        })
+        .collect()
+}
+
+pub fn current_ingress(svc: &Service) -> Vec<LoadBalancerIngress> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .unwrap_or_default()
+}
+
+pub fn current_condition(svc: &Service) -> Option<&Condition> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == READY_CONDITION)
+}
+
+/// The apply body that makes the Service show `ingress` and `readiness`, or `None` when it
+/// already does. `readiness: None` removes ferry's condition (the Service is no longer ours).
+pub fn apply_body(
+    svc: &Service,
+    ingress: &[LoadBalancerIngress],
+    readiness: Option<&Readiness>,
+) -> Option<serde_json::Value> {
+    let generation = svc.metadata.generation;
+    let old = current_condition(svc);
+    let condition = readiness.map(|r| {
+        let status = if r.ready { "True" } else { "False" };
+        Condition {
+            type_: READY_CONDITION.to_string(),
+            status: status.to_string(),
+            reason: r.reason.to_string(),
+            message: r.message.clone(),
+            observed_generation: generation,
+            last_transition_time: match old {
+                Some(c) if c.status == status => c.last_transition_time.clone(),
+                _ => Time(jiff::Timestamp::now()),
+            },
+        }
+    });
+    let condition_same = match (&condition, old) {
+        (None, None) => true,
+        (Some(new), Some(old)) => {
+            new.status == old.status
+                && new.reason == old.reason
+                && new.message == old.message
+                && new.observed_generation == old.observed_generation
+        }
+        _ => false,
+    };
+    if condition_same && current_ingress(svc) == ingress {
+        return None;
+    }
+    let mut status = json!({ "loadBalancer": {} });
+    if !ingress.is_empty() {
+        status["loadBalancer"]["ingress"] = json!(ingress);
+    }
+    if let Some(c) = condition {
+        status["conditions"] = json!([c]);
+    }
+    Some(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": svc.name_any(), "namespace": svc.namespace() },
+        "status": status,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::service;
+    use ferry_providers::{Ingress, PortError, Protocol};
+    use k8s_openapi::api::core::v1::{LoadBalancerStatus, ServiceStatus};
+
+    fn observed(ip: &str) -> ObservedLoadBalancer {
+        ObservedLoadBalancer {
+            ingress: vec![Ingress::ip(ip.parse().unwrap(), IpMode::Proxy)],
+            port_errors: vec![],
+        }
+    }
+
+    fn with_status(ingress: Vec<LoadBalancerIngress>, cond: Option<Condition>) -> Service {
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .status(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(ingress),
+                }),
+                conditions: cond.map(|c| vec![c]),
+            })
+            .build()
+    }
+
+    #[test]
+    fn ip_ingress_carries_ip_mode_and_hostnames_do_not() {
+        let i = ingress_of(&observed("192.0.2.1"));
+        assert_eq!(i[0].ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(i[0].ip_mode.as_deref(), Some("Proxy"));
+        let h = ingress_of(&ObservedLoadBalancer {
+            ingress: vec![Ingress::hostname("lb.example.com")],
+            port_errors: vec![],
+        });
+        assert_eq!(h[0].hostname.as_deref(), Some("lb.example.com"));
+        assert_eq!(h[0].ip_mode, None);
+    }
+
+    #[test]
+    fn per_port_errors_are_published() {
+        let mut o = observed("192.0.2.1");
+        o.port_errors.push(PortError {
+            port: 53,
+            protocol: Protocol::Udp,
+            error: "ferry.dev/ListenerQuotaExceeded".into(),
+        });
+        let i = ingress_of(&o);
+        let ports = i[0].ports.as_ref().unwrap();
+        assert_eq!(ports[0].error.as_deref(), Some("ferry.dev/ListenerQuotaExceeded"));
+        assert_eq!(ports[0].protocol, "UDP");
+    }
+
+    #[test]
+    fn nothing_is_written_when_the_service_already_shows_it() {
+        let svc = service("web").lb().port(80, 30080).build();
+        let ingress = ingress_of(&observed("192.0.2.1"));
+        let body = apply_body(&svc, &ingress, Some(&Readiness::ready())).expect("first write");
+        // Feed the written status back: the next call writes nothing.
+        let status: ServiceStatus = serde_json::from_value(body["status"].clone()).unwrap();
+        let svc = with_status(
+            status.load_balancer.unwrap().ingress.unwrap(),
+            status.conditions.unwrap().pop(),
+        );
+        assert!(apply_body(&svc, &ingress, Some(&Readiness::ready())).is_none());
+        // A different message is a change; the transition time is kept while status stays.
+        let failed = Readiness::failed("IPInUse", "taken");
+        let body = apply_body(&svc, &ingress, Some(&failed)).unwrap();
+        assert_eq!(body["status"]["conditions"][0]["status"], "False");
+        assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.1");
+    }
+
+    #[test]
+    fn removing_ferry_from_a_service_clears_ingress_and_condition() {
+        let svc = with_status(
+            ingress_of(&observed("192.0.2.1")),
+            Some(Condition {
+                type_: READY_CONDITION.into(),
+                status: "True".into(),
+                ..Condition::default()
+            }),
+        );
+        let body = apply_body(&svc, &[], None).unwrap();
+        assert_eq!(body["status"], json!({ "loadBalancer": {} }));
+        assert!(apply_body(&service("x").build(), &[], None).is_none());
+    }
+}
