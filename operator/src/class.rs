@@ -41,9 +41,17 @@ mod tests {
         let lb = service("web").lb().port(80, 30080).build();
         assert!(filter(true).owns(&lb));
         assert!(!filter(false).owns(&lb));
-        let ours = service("web").lb().class("ferry.dev/local").port(80, 30080).build();
+        let ours = service("web")
+            .lb()
+            .class("ferry.dev/local")
+            .port(80, 30080)
+            .build();
         assert!(filter(false).owns(&ours));
-        let theirs = service("web").lb().class("metallb.io/metallb").port(80, 30080).build();
+        let theirs = service("web")
+            .lb()
+            .class("metallb.io/metallb")
+            .port(80, 30080)
+            .build();
         assert!(!filter(true).owns(&theirs));
         let cluster_ip = service("web").port(80, 0).build();
         assert!(!filter(true).owns(&cluster_ip));

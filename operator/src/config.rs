@@ -63,7 +63,11 @@ pub struct Config {
     pub leader_elect: bool,
 
     /// Name of the leader-election Lease.
-    #[arg(long, env = "FERRY_LEADER_ELECT_LEASE_NAME", default_value = "ferry-operator")]
+    #[arg(
+        long,
+        env = "FERRY_LEADER_ELECT_LEASE_NAME",
+        default_value = "ferry-operator"
+    )]
     pub leader_elect_lease_name: String,
 
     /// Namespace of the leader-election Lease [default: the pod's namespace, else ferry-system].
@@ -143,7 +147,9 @@ impl Config {
 
     /// The cluster id, `ferry` for the local provider when none is given.
     pub fn cluster_id(&self) -> String {
-        self.cluster_id.clone().unwrap_or_else(|| "ferry".to_string())
+        self.cluster_id
+            .clone()
+            .unwrap_or_else(|| "ferry".to_string())
     }
 
     /// Parses `args`; on a bad or missing flag returns the message as one line.

@@ -84,12 +84,10 @@ fn non_empty(found: Option<(&str, &str)>) -> Result<Option<String>, InvalidServi
     }
 }
 
-fn requested_ips(
-    svc: &Service,
-    families: &[IpFamily],
-) -> Result<Vec<IpAddr>, InvalidService> {
+fn requested_ips(svc: &Service, families: &[IpFamily]) -> Result<Vec<IpAddr>, InvalidService> {
     let annotations = svc.annotations();
-    let from_annotation = match annotation(annotations, &[IPS_ANNOTATION, METALLB_IPS_ANNOTATION])? {
+    let from_annotation = match annotation(annotations, &[IPS_ANNOTATION, METALLB_IPS_ANNOTATION])?
+    {
         None => None,
         Some((key, value)) => {
             let ips = value
@@ -106,7 +104,10 @@ fn requested_ips(
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if ips.is_empty() {
-                return Err(invalid("InvalidAnnotation", format!("annotation {key} is empty")));
+                return Err(invalid(
+                    "InvalidAnnotation",
+                    format!("annotation {key} is empty"),
+                ));
             }
             Some(ips)
         }
@@ -133,7 +134,10 @@ fn requested_ips(
                 format!(
                     "spec.loadBalancerIP {} and the load-balancer-ips annotation ({}) disagree",
                     a[0],
-                    b.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                    b.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ),
             ));
         }
@@ -148,7 +152,11 @@ fn requested_ips(
                 "IPFamilyMismatch",
                 format!(
                     "{ip} is an {family} address but the Service's ipFamilies are {}",
-                    families.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                    families
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ),
             ));
         }
@@ -173,7 +181,10 @@ fn source_ranges(svc: &Service) -> Result<Vec<IpNet>, InvalidService> {
     } else if let Some(v) = svc.annotations().get(SOURCE_RANGES_ANNOTATION) {
         (
             format!("annotation {SOURCE_RANGES_ANNOTATION}"),
-            v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
         )
     } else {
         return Ok(Vec::new());
@@ -181,18 +192,18 @@ fn source_ranges(svc: &Service) -> Result<Vec<IpNet>, InvalidService> {
     texts
         .iter()
         .map(|t| {
-            t.trim().parse::<IpNet>().map_err(|_| {
-                invalid(
-                    "InvalidSourceRange",
-                    format!("{what}: {t:?} is not a CIDR"),
-                )
-            })
+            t.trim()
+                .parse::<IpNet>()
+                .map_err(|_| invalid("InvalidSourceRange", format!("{what}: {t:?} is not a CIDR")))
         })
         .collect()
 }
 
 /// The desired balancer of a Service this operator owns.
-pub fn desired(svc: &Service, targets: &[NodeTarget]) -> Result<DesiredLoadBalancer, InvalidService> {
+pub fn desired(
+    svc: &Service,
+    targets: &[NodeTarget],
+) -> Result<DesiredLoadBalancer, InvalidService> {
     let spec = svc
         .spec
         .as_ref()
@@ -217,7 +228,10 @@ pub fn desired(svc: &Service, targets: &[NodeTarget]) -> Result<DesiredLoadBalan
             };
             let port = u16::try_from(p.port)
                 .map_err(|_| invalid("InvalidPort", format!("port {} is out of range", p.port)))?;
-            let node_port = p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
+            let node_port = p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0);
             Ok(PortSpec {
                 name: p.name.clone(),
                 protocol,
@@ -233,7 +247,10 @@ pub fn desired(svc: &Service, targets: &[NodeTarget]) -> Result<DesiredLoadBalan
             "IPv4" => IpFamily::V4,
             "IPv6" => IpFamily::V6,
             other => {
-                return Err(invalid("InvalidIPFamily", format!("unknown IP family {other:?}")));
+                return Err(invalid(
+                    "InvalidIPFamily",
+                    format!("unknown IP family {other:?}"),
+                ));
             }
         };
         if !ip_families.contains(&family) {
@@ -303,8 +320,8 @@ pub fn desired(svc: &Service, targets: &[NodeTarget]) -> Result<DesiredLoadBalan
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{node, service};
     use crate::eligibility::target_of;
+    use crate::fixtures::{node, service};
 
     fn reason(svc: &Service) -> &'static str {
         desired(svc, &[]).unwrap_err().reason
@@ -326,19 +343,46 @@ mod tests {
         assert_eq!(d.ports.len(), 2);
         assert_eq!(d.ports[1].protocol, Protocol::Udp);
         assert_eq!(d.ports[1].node_port, Some(30053));
-        assert_eq!(d.traffic_policy, TrafficPolicy::Local { health_check_node_port: Some(32000) });
-        assert_eq!(d.session_affinity, SessionAffinity::ClientIp { timeout: Duration::from_secs(60) });
-        assert_eq!(d.source_ranges, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            d.traffic_policy,
+            TrafficPolicy::Local {
+                health_check_node_port: Some(32000)
+            }
+        );
+        assert_eq!(
+            d.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            d.source_ranges,
+            vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(d.targets, targets);
         assert_eq!(d.ip_families, vec![IpFamily::V4]);
     }
 
     #[test]
     fn requested_addresses_from_spec_and_both_annotation_spellings() {
-        let s = service("a").lb().port(80, 1).load_balancer_ip("192.0.2.5").build();
-        assert_eq!(desired(&s, &[]).unwrap().requested_ips, vec!["192.0.2.5".parse::<IpAddr>().unwrap()]);
-        let s = service("a").lb().port(80, 1).annotate(METALLB_IPS_ANNOTATION, "192.0.2.6").build();
-        assert_eq!(desired(&s, &[]).unwrap().requested_ips, vec!["192.0.2.6".parse::<IpAddr>().unwrap()]);
+        let s = service("a")
+            .lb()
+            .port(80, 1)
+            .load_balancer_ip("192.0.2.5")
+            .build();
+        assert_eq!(
+            desired(&s, &[]).unwrap().requested_ips,
+            vec!["192.0.2.5".parse::<IpAddr>().unwrap()]
+        );
+        let s = service("a")
+            .lb()
+            .port(80, 1)
+            .annotate(METALLB_IPS_ANNOTATION, "192.0.2.6")
+            .build();
+        assert_eq!(
+            desired(&s, &[]).unwrap().requested_ips,
+            vec!["192.0.2.6".parse::<IpAddr>().unwrap()]
+        );
         let s = service("a")
             .lb()
             .port(80, 1)
@@ -346,7 +390,12 @@ mod tests {
             .annotate(IPS_ANNOTATION, "192.0.2.7, 2001:db8::7")
             .build();
         assert_eq!(desired(&s, &[]).unwrap().requested_ips.len(), 2);
-        let s = service("a").lb().port(80, 1).annotate(SHARED_IP_ANNOTATION, "dns").annotate(METALLB_POOL_ANNOTATION, "edge").build();
+        let s = service("a")
+            .lb()
+            .port(80, 1)
+            .annotate(SHARED_IP_ANNOTATION, "dns")
+            .annotate(METALLB_POOL_ANNOTATION, "edge")
+            .build();
         let d = desired(&s, &[]).unwrap();
         assert_eq!(d.sharing_key.as_deref(), Some("dns"));
         assert_eq!(d.requested_pool.as_deref(), Some("edge"));
@@ -354,23 +403,106 @@ mod tests {
 
     #[test]
     fn bad_input_has_a_reason_a_user_can_act_on() {
-        assert_eq!(reason(&service("a").lb().load_balancer_ip("192.0.2.5").build()), "NoPorts");
-        assert_eq!(reason(&service("a").lb().port(80, 1).load_balancer_ip("not-an-ip").build()), "InvalidLoadBalancerIP");
-        assert_eq!(reason(&service("a").lb().port(80, 1).load_balancer_ip("2001:db8::1").build()), "IPFamilyMismatch");
-        assert_eq!(reason(&service("a").lb().port(80, 1).annotate(IPS_ANNOTATION, "10.0.0.1,banana").build()), "InvalidAnnotation");
-        assert_eq!(reason(&service("a").lb().port(80, 1).annotate(IPS_ANNOTATION, "10.0.0.1,10.0.0.2").build()), "InvalidAnnotation");
-        assert_eq!(reason(&service("a").lb().port(80, 1).annotate(SHARED_IP_ANNOTATION, " ").build()), "InvalidAnnotation");
         assert_eq!(
-            reason(&service("a").lb().port(80, 1).annotate(SHARED_IP_ANNOTATION, "x").annotate(METALLB_SHARED_IP_ANNOTATION, "y").build()),
+            reason(&service("a").lb().load_balancer_ip("192.0.2.5").build()),
+            "NoPorts"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .load_balancer_ip("not-an-ip")
+                    .build()
+            ),
+            "InvalidLoadBalancerIP"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .load_balancer_ip("2001:db8::1")
+                    .build()
+            ),
+            "IPFamilyMismatch"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .annotate(IPS_ANNOTATION, "10.0.0.1,banana")
+                    .build()
+            ),
+            "InvalidAnnotation"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .annotate(IPS_ANNOTATION, "10.0.0.1,10.0.0.2")
+                    .build()
+            ),
+            "InvalidAnnotation"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .annotate(SHARED_IP_ANNOTATION, " ")
+                    .build()
+            ),
+            "InvalidAnnotation"
+        );
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .annotate(SHARED_IP_ANNOTATION, "x")
+                    .annotate(METALLB_SHARED_IP_ANNOTATION, "y")
+                    .build()
+            ),
             "ConflictingAnnotations"
         );
         assert_eq!(
-            reason(&service("a").lb().port(80, 1).load_balancer_ip("10.0.0.1").annotate(IPS_ANNOTATION, "10.0.0.2").build()),
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .load_balancer_ip("10.0.0.1")
+                    .annotate(IPS_ANNOTATION, "10.0.0.2")
+                    .build()
+            ),
             "ConflictingIPRequest"
         );
-        assert_eq!(reason(&service("a").lb().port(80, 1).source_range("10.0.0.0/33").build()), "InvalidSourceRange");
-        assert_eq!(reason(&service("a").lb().port(80, 1).protocol("QUIC").build()), "UnsupportedProtocol");
-        let msg = desired(&service("a").lb().port(80, 1).load_balancer_ip("not-an-ip").build(), &[]).unwrap_err().message;
+        assert_eq!(
+            reason(
+                &service("a")
+                    .lb()
+                    .port(80, 1)
+                    .source_range("10.0.0.0/33")
+                    .build()
+            ),
+            "InvalidSourceRange"
+        );
+        assert_eq!(
+            reason(&service("a").lb().port(80, 1).protocol("QUIC").build()),
+            "UnsupportedProtocol"
+        );
+        let msg = desired(
+            &service("a")
+                .lb()
+                .port(80, 1)
+                .load_balancer_ip("not-an-ip")
+                .build(),
+            &[],
+        )
+        .unwrap_err()
+        .message;
         assert!(msg.contains("not-an-ip"), "{msg}");
     }
 }

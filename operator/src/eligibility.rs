@@ -68,7 +68,14 @@ mod tests {
 
     #[test]
     fn a_plain_node_is_a_target_with_its_addresses() {
-        let t = target_of(&node("n1").ip("10.0.0.1").provider_id("aws:///z/i-1").zone("z").build()).unwrap();
+        let t = target_of(
+            &node("n1")
+                .ip("10.0.0.1")
+                .provider_id("aws:///z/i-1")
+                .zone("z")
+                .build(),
+        )
+        .unwrap();
         assert_eq!(t.internal_ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(t.provider_id.as_deref(), Some("aws:///z/i-1"));
         assert_eq!(t.zone.as_deref(), Some("z"));
@@ -80,7 +87,16 @@ mod tests {
         assert!(target_of(&node("x").ip("10.0.0.1").taint(TO_BE_DELETED_TAINT).build()).is_none());
         assert!(target_of(&node("x").ip("10.0.0.1").deleting().build()).is_none());
         // Other taints and NotReady do not exclude.
-        assert!(target_of(&node("x").ip("10.0.0.1").taint("node.kubernetes.io/not-ready").not_ready().build()).is_some());
+        assert!(
+            target_of(
+                &node("x")
+                    .ip("10.0.0.1")
+                    .taint("node.kubernetes.io/not-ready")
+                    .not_ready()
+                    .build()
+            )
+            .is_some()
+        );
     }
 
     #[test]

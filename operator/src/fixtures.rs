@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ClientIPConfig, Node, NodeAddress, NodeSpec, NodeStatus, NodeCondition, Service, ServicePort,
+    ClientIPConfig, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Service, ServicePort,
     ServiceSpec, SessionAffinityConfig, Taint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -44,13 +44,16 @@ impl ServiceBuilder {
         self
     }
     fn push_port(mut self, protocol: &str, port: i32, node_port: i32) -> Self {
-        self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
-            name: Some(format!("{}-{port}", protocol.to_lowercase())),
-            protocol: Some(protocol.into()),
-            port,
-            node_port: (node_port != 0).then_some(node_port),
-            ..ServicePort::default()
-        });
+        self.spec()
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(ServicePort {
+                name: Some(format!("{}-{port}", protocol.to_lowercase())),
+                protocol: Some(protocol.into()),
+                port,
+                node_port: (node_port != 0).then_some(node_port),
+                ..ServicePort::default()
+            });
         self
     }
     pub fn port(self, port: i32, node_port: i32) -> Self {
@@ -158,7 +161,10 @@ impl NodeBuilder {
         self
     }
     pub fn provider_id(mut self, id: &str) -> Self {
-        self.0.spec.get_or_insert_with(NodeSpec::default).provider_id = Some(id.into());
+        self.0
+            .spec
+            .get_or_insert_with(NodeSpec::default)
+            .provider_id = Some(id.into());
         self
     }
     pub fn zone(self, zone: &str) -> Self {

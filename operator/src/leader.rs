@@ -48,7 +48,11 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: jiff::Timestamp) -> De
         return Decision::Acquire;
     }
     let duration = spec.lease_duration_seconds.unwrap_or(0).max(0);
-    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| t.0);
+    let renewed = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0);
     let expired = match renewed {
         None => true,
         Some(at) => at + jiff::SignedDuration::from_secs(i64::from(duration)) < now,
@@ -97,11 +101,16 @@ impl LeaderElector {
                         ..LeaseSpec::default()
                     }),
                 };
-                self.api.create(&PostParams::default(), &lease).await.map(|_| ())
+                self.api
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
             }
             Decision::Acquire | Decision::Renew => {
                 // `current` is Some for these decisions.
-                let Some(mut lease) = current else { return Ok(false) };
+                let Some(mut lease) = current else {
+                    return Ok(false);
+                };
                 let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
                 if decision == Decision::Acquire {
                     spec.holder_identity = Some(self.config.identity.clone());
@@ -176,7 +185,11 @@ impl LeaderElector {
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
-        match self.api.replace(&lease.name_any(), &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&lease.name_any(), &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => info!("released the leader lease"),
             Err(err) => warn!(error = %err, "could not release the leader lease"),
         }
@@ -194,7 +207,9 @@ mod tests {
             spec: Some(LeaseSpec {
                 holder_identity: holder.map(String::from),
                 lease_duration_seconds: Some(duration),
-                renew_time: Some(MicroTime(now - jiff::SignedDuration::from_secs(renewed_secs_ago))),
+                renew_time: Some(MicroTime(
+                    now - jiff::SignedDuration::from_secs(renewed_secs_ago),
+                )),
                 ..LeaseSpec::default()
             }),
         }
@@ -207,12 +222,21 @@ mod tests {
     #[test]
     fn decisions() {
         assert_eq!(decide(None, "a", now()), Decision::Create);
-        assert_eq!(decide(Some(&lease(Some("a"), 5, 15)), "a", now()), Decision::Renew);
+        assert_eq!(
+            decide(Some(&lease(Some("a"), 5, 15)), "a", now()),
+            Decision::Renew
+        );
         assert_eq!(
             decide(Some(&lease(Some("b"), 5, 15)), "a", now()),
             Decision::Wait { holder: "b".into() }
         );
-        assert_eq!(decide(Some(&lease(Some("b"), 16, 15)), "a", now()), Decision::Acquire);
-        assert_eq!(decide(Some(&lease(None, 1, 15)), "a", now()), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&lease(Some("b"), 16, 15)), "a", now()),
+            Decision::Acquire
+        );
+        assert_eq!(
+            decide(Some(&lease(None, 1, 15)), "a", now()),
+            Decision::Acquire
+        );
     }
 }

@@ -62,11 +62,19 @@ fn service_fingerprint(svc: &Service) -> Option<u64> {
     svc.metadata.annotations.hash(&mut h);
     svc.metadata.labels.hash(&mut h);
     svc.metadata.finalizers.hash(&mut h);
-    svc.metadata.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    svc.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .hash(&mut h);
     Some(h.finish())
 }
 
-fn build_provider(config: &Config, client: Client, class: ClassFilter) -> anyhow::Result<Arc<dyn LoadBalancerProvider>> {
+fn build_provider(
+    config: &Config,
+    client: Client,
+    class: ClassFilter,
+) -> anyhow::Result<Arc<dyn LoadBalancerProvider>> {
     match config.provider {
         ProviderKind::Local => {
             let lens: ServiceLens = Arc::new(move |svc: &Service| {
@@ -93,7 +101,11 @@ fn identity(config: &Config) -> String {
         .leader_elect_identity
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("ferry-operator-{}", std::process::id()))
 }
@@ -135,7 +147,11 @@ fn provider_triggers(
                         && (all
                             || (not_ready && !reconcile::is_ready(&svc))
                             || svc.uid().is_some_and(|u| uids.contains(&u)));
-                    if wanted && tx.unbounded_send(ObjectRef::from_obj(svc.as_ref())).is_err() {
+                    if wanted
+                        && tx
+                            .unbounded_send(ObjectRef::from_obj(svc.as_ref()))
+                            .is_err()
+                    {
                         return;
                     }
                 }
@@ -241,7 +257,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             None => futures::future::pending().await,
         }
     };
-    let work = run_controllers(&config, client.clone(), provider.clone(), class, metrics.clone(), identity, shutdown.clone());
+    let work = run_controllers(
+        &config,
+        client.clone(),
+        provider.clone(),
+        class,
+        metrics.clone(),
+        identity,
+        shutdown.clone(),
+    );
     let lost = tokio::select! {
         _ = work => false,
         _ = leadership_lost => true,
@@ -279,11 +303,14 @@ async fn run_controllers(
         });
 
     let (svc_store, svc_writer) = reflector::store::<Service>();
-    let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(svc_writer)
-        .applied_objects()
-        .predicate_filter(service_fingerprint, Default::default());
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(svc_writer)
+    .applied_objects()
+    .predicate_filter(service_fingerprint, Default::default());
 
     let recorder = Recorder::new(
         client.clone(),
@@ -302,7 +329,12 @@ async fn run_controllers(
         config.resync_period,
     ));
 
-    let node_triggers = nodes::node_pass_triggers(node_changes, ctx.clone(), svc_store.clone(), config.node_debounce);
+    let node_triggers = nodes::node_pass_triggers(
+        node_changes,
+        ctx.clone(),
+        svc_store.clone(),
+        config.node_debounce,
+    );
     let signal_triggers = provider_triggers(provider.take_signals(), svc_store.clone(), class);
 
     // Orphan collection once the caches are warm, then periodically.
@@ -347,13 +379,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -21,8 +21,14 @@ async fn main() {
         std::process::exit(2);
     }
     if let Err(err) = ferry_operator::run(config).await {
-        tracing::error!(error = %format!("{err:#}"), "ferry-operator failed");
-        eprintln!("error: {err:#}");
+        // The outermost context says what failed, the root cause why; kube's own messages
+        // already repeat their sources, so the full chain would be a wall of text.
+        let root = err.root_cause().to_string();
+        if root == err.to_string() {
+            eprintln!("error: {err}");
+        } else {
+            eprintln!("error: {err}: {root}");
+        }
         std::process::exit(1);
     }
 }

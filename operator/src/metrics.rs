@@ -94,7 +94,10 @@ impl Metrics {
 
     pub fn provider_call(&self, operation: &'static str, result: &str, took: Duration) {
         self.provider_calls
-            .get_or_create(&vec![("operation", operation.to_string()), ("result", result.to_string())])
+            .get_or_create(&vec![
+                ("operation", operation.to_string()),
+                ("result", result.to_string()),
+            ])
             .inc();
         self.provider_call_duration
             .get_or_create(&vec![("operation", operation.to_string())])
@@ -134,7 +137,10 @@ mod tests {
         m.reconcile_error("transient");
         m.provider_call("ensure", "ok", Duration::from_millis(1));
         let text = m.encode();
-        assert!(text.contains("ferry_reconciles_total{result=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("ferry_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("ferry_reconcile_errors_total{error=\"transient\"} 1"));
         assert!(text.contains("ferry_reconcile_duration_seconds_bucket"));
         assert!(text.contains("ferry_provider_calls_total{operation=\"ensure\",result=\"ok\"} 1"));

@@ -48,7 +48,10 @@ pub fn node_pass_triggers(
                 };
                 if applied.targets != targets && ctx.class.owns(&svc) {
                     touched += 1;
-                    if tx.unbounded_send(ObjectRef::from_obj(svc.as_ref())).is_err() {
+                    if tx
+                        .unbounded_send(ObjectRef::from_obj(svc.as_ref()))
+                        .is_err()
+                    {
                         return;
                     }
                 }

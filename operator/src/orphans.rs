@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use ferry_providers::ProviderError;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, ListParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use tracing::{info, warn};
 
 use crate::reconcile::{Context, FINALIZER};
@@ -48,7 +48,9 @@ pub async fn collect_orphans(ctx: &Context) -> Result<usize, OrphanError> {
                 ctx.metrics.orphans_deleted.inc();
                 deleted += 1;
             }
-            Err(err) => warn!(service = %id, error = %err, "could not delete orphaned load balancer"),
+            Err(err) => {
+                warn!(service = %id, error = %err, "could not delete orphaned load balancer")
+            }
         }
     }
     Ok(deleted)

@@ -99,7 +99,9 @@ impl Context {
     /// Eligible targets for balancers, as the provider can use them.
     pub fn targets(&self) -> Vec<ferry_providers::NodeTarget> {
         let nodes = self.nodes.state();
-        eligible_targets(nodes.iter().map(|n| n.as_ref()), |t| self.provider.can_target(t))
+        eligible_targets(nodes.iter().map(|n| n.as_ref()), |t| {
+            self.provider.can_target(t)
+        })
     }
 
     /// What was last ensured for `uid`.
@@ -123,11 +125,19 @@ impl Context {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.metrics.provider_call(operation, outcome, start.elapsed());
+        self.metrics
+            .provider_call(operation, outcome, start.elapsed());
         result
     }
 
-    async fn event(&self, svc: &Service, type_: EventType, reason: &str, note: String, action: &str) {
+    async fn event(
+        &self,
+        svc: &Service,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
         let event = Event {
             type_,
             reason: reason.to_string(),
@@ -178,11 +188,19 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), kube:
     }
 }
 
-async fn patch_json(api: &Api<Service>, svc: &Service, ops: serde_json::Value) -> Result<(), kube::Error> {
+async fn patch_json(
+    api: &Api<Service>,
+    svc: &Service,
+    ops: serde_json::Value,
+) -> Result<(), kube::Error> {
     let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
-    api.patch::<Service>(&svc.name_any(), &PatchParams::default(), &Patch::Json::<Service>(patch))
-        .await
-        .map(|_| ())
+    api.patch::<Service>(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<Service>(patch),
+    )
+    .await
+    .map(|_| ())
 }
 
 async fn write_status(
@@ -217,7 +235,8 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> {
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let id = id_of(svc);
     let deleting = svc.metadata.deletion_timestamp.is_some();
     if deleting || !ctx.class.owns(svc) {
@@ -237,21 +256,37 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     let desired = match desired::desired(svc, &targets) {
         Ok(d) => d,
         Err(invalid) => {
-            report_failure(svc, &api, ctx, "InvalidConfiguration", invalid.reason, &invalid.message).await?;
+            report_failure(
+                svc,
+                &api,
+                ctx,
+                "InvalidConfiguration",
+                invalid.reason,
+                &invalid.message,
+            )
+            .await?;
             return Err(invalid.into());
         }
     };
 
     let previous = ctx.applied(&id.uid);
-    let only_targets = previous
-        .as_ref()
-        .is_some_and(|p| p.targets != desired.targets && p.without_targets() == desired.without_targets());
+    let only_targets = previous.as_ref().is_some_and(|p| {
+        p.targets != desired.targets && p.without_targets() == desired.without_targets()
+    });
     let fresh = current_ingress(svc).is_empty();
     if fresh && previous.is_none() {
-        ctx.event(svc, EventType::Normal, "EnsuringLoadBalancer", "Ensuring load balancer".into(), "Ensure").await;
+        ctx.event(
+            svc,
+            EventType::Normal,
+            "EnsuringLoadBalancer",
+            "Ensuring load balancer".into(),
+            "Ensure",
+        )
+        .await;
     }
     let result = if only_targets {
-        ctx.call("update_targets", ctx.provider.update_targets(&desired)).await
+        ctx.call("update_targets", ctx.provider.update_targets(&desired))
+            .await
     } else {
         ctx.call("ensure", ctx.provider.ensure(&desired)).await
     };
@@ -281,7 +316,10 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
             svc,
             EventType::Normal,
             "UpdatedLoadBalancer",
-            format!("Updated load balancer with new hosts ({} nodes)", names.len()),
+            format!(
+                "Updated load balancer with new hosts ({} nodes)",
+                names.len()
+            ),
             "Update",
         )
         .await;
@@ -314,8 +352,21 @@ async fn report_failure(
     message: &str,
 ) -> Result<(), kube::Error> {
     warn!(reason, message, "load balancer not ready");
-    ctx.event(svc, EventType::Warning, event_reason, message.to_string(), "Ensure").await;
-    write_status(api, svc, &current_ingress(svc), Some(&Readiness::failed(reason, message))).await?;
+    ctx.event(
+        svc,
+        EventType::Warning,
+        event_reason,
+        message.to_string(),
+        "Ensure",
+    )
+    .await;
+    write_status(
+        api,
+        svc,
+        &current_ingress(svc),
+        Some(&Readiness::failed(reason, message)),
+    )
+    .await?;
     Ok(())
 }
 
@@ -326,10 +377,23 @@ async fn cleanup(
     api: &Api<Service>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    ctx.event(svc, EventType::Normal, "DeletingLoadBalancer", "Deleting load balancer".into(), "Delete").await;
+    ctx.event(
+        svc,
+        EventType::Normal,
+        "DeletingLoadBalancer",
+        "Deleting load balancer".into(),
+        "Delete",
+    )
+    .await;
     if let Err(err) = ctx.call("delete", ctx.provider.delete(id)).await {
-        ctx.event(svc, EventType::Warning, "SyncLoadBalancerFailed", format!("Error deleting load balancer: {err}"), "Delete")
-            .await;
+        ctx.event(
+            svc,
+            EventType::Warning,
+            "SyncLoadBalancerFailed",
+            format!("Error deleting load balancer: {err}"),
+            "Delete",
+        )
+        .await;
         return Err(err.into());
     }
     if !deleting {
@@ -338,13 +402,22 @@ async fn cleanup(
     }
     remove_finalizer(api, svc).await?;
     info!("load balancer deleted");
-    ctx.event(svc, EventType::Normal, "DeletedLoadBalancer", "Deleted load balancer".into(), "Delete").await;
+    ctx.event(
+        svc,
+        EventType::Normal,
+        "DeletedLoadBalancer",
+        "Deleted load balancer".into(),
+        "Delete",
+    )
+    .await;
     Ok(())
 }
 
 /// Spreads periodic resyncs so that they do not all land at once.
 fn jitter(base: Duration, key: &str) -> Duration {
-    let hash = key.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let hash = key
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     let spread = base.as_millis() as u64 / 10;
     base + Duration::from_millis(if spread == 0 { 0 } else { hash % spread })
 }
@@ -355,13 +428,23 @@ pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action
     let uid = svc.uid().unwrap_or_default();
     match err {
         // Retrying changes nothing until the Service changes (which triggers a reconcile).
-        Error::Invalid(_) | Error::Provider(ProviderError::InvalidInput { .. }) => Action::await_change(),
+        Error::Invalid(_) | Error::Provider(ProviderError::InvalidInput { .. }) => {
+            Action::await_change()
+        }
         // Also retried at once when the provider signals a change (pool edited, address freed).
         Error::Provider(
-            ProviderError::Allocation { .. } | ProviderError::Conflict { .. } | ProviderError::Configuration { .. },
+            ProviderError::Allocation { .. }
+            | ProviderError::Conflict { .. }
+            | ProviderError::Configuration { .. },
         ) => Action::requeue(SLOW_RETRY),
-        Error::Provider(ProviderError::Transient { retry_after: Some(after), .. }) => Action::requeue(*after),
-        Error::Provider(ProviderError::Transient { retry_after: None, .. }) | Error::Kube(_) => {
+        Error::Provider(ProviderError::Transient {
+            retry_after: Some(after),
+            ..
+        }) => Action::requeue(*after),
+        Error::Provider(ProviderError::Transient {
+            retry_after: None, ..
+        })
+        | Error::Kube(_) => {
             let attempts = {
                 let mut failures = lock(&ctx.failures);
                 let n = failures.entry(uid.clone()).or_insert(0);

@@ -1,1 +1,573 @@
+//! Reconcile against a mocked API server (tower-test): every request the reconciler makes is
+//! recorded and answered like kube-apiserver would, and each test asserts the calls a user
+//! would see the effects of (finalizer, status, condition, Events) and the provider calls.
 
+use std::sync::{Arc, Mutex};
+
+use ferry_providers::fake::{Call, FakeProvider};
+use ferry_providers::{LoadBalancerProvider, ProviderError};
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServiceStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::Value;
+
+use super::*;
+use crate::fixtures::{node, service};
+use crate::status::READY_CONDITION;
+
+/// One request as the API server saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+impl Seen {
+    fn is(&self, method: &str, path: &str) -> bool {
+        self.method == method && self.path == path
+    }
+}
+
+/// A scripted API server: answers every request, records it, and can fail chosen paths.
+struct ApiServer {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    fail: Arc<Mutex<Vec<(String, u16)>>>,
+    services: Arc<Mutex<Vec<Service>>>,
+}
+
+impl ApiServer {
+    fn start(service: &Service) -> (Client, ApiServer) {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = ApiServer {
+            seen: Arc::default(),
+            fail: Arc::default(),
+            services: Arc::new(Mutex::new(vec![service.clone()])),
+        };
+        let (seen, fail, services) = (
+            server.seen.clone(),
+            server.fail.clone(),
+            server.services.clone(),
+        );
+        let echo = service.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().to_string();
+                let path = request.uri().path().to_string();
+                let query = request.uri().query().unwrap_or_default().to_string();
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                seen.lock().unwrap().push(Seen {
+                    method: method.clone(),
+                    path: path.clone(),
+                    query,
+                    body: body.clone(),
+                });
+                let failure = {
+                    let mut fail = fail.lock().unwrap();
+                    fail.iter()
+                        .position(|(p, _)| *p == path)
+                        .map(|i| fail.remove(i).1)
+                };
+                let (status, reply) = if let Some(code) = failure {
+                    (
+                        code,
+                        serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "injected", "reason": "Conflict", "code": code
+                        }),
+                    )
+                } else if path.ends_with("/events") {
+                    (200, body)
+                } else if method == "GET" && path == "/api/v1/services" {
+                    let items = services.lock().unwrap().clone();
+                    (
+                        200,
+                        serde_json::json!({ "kind": "ServiceList", "apiVersion": "v1", "metadata": {}, "items": items }),
+                    )
+                } else {
+                    (200, serde_json::to_value(&echo).unwrap())
+                };
+                let response = Response::builder()
+                    .status(StatusCode::from_u16(status).unwrap())
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap();
+                send.send_response(response);
+            }
+        });
+        (Client::new(mock, "default"), server)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn fail_once(&self, path: &str, code: u16) {
+        self.fail.lock().unwrap().push((path.to_string(), code));
+    }
+
+    fn events(&self) -> Vec<(String, String)> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path.ends_with("/events"))
+            .map(|s| {
+                (
+                    s.body["reason"].as_str().unwrap_or_default().to_string(),
+                    s.body["type"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn status_patches(&self) -> Vec<Value> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.is("PATCH", "/api/v1/namespaces/default/services/web/status"))
+            .map(|s| s.body)
+            .collect()
+    }
+}
+
+const SVC: &str = "/api/v1/namespaces/default/services/web";
+
+struct World {
+    ctx: Arc<Context>,
+    api: ApiServer,
+    fake: Arc<FakeProvider>,
+    nodes: Writer<Node>,
+}
+
+fn world(svc: &Service, fake: FakeProvider, nodes: &[Node]) -> World {
+    let (client, api) = ApiServer::start(svc);
+    let fake = Arc::new(fake);
+    let (store, mut writer) = reflector::store::<Node>();
+    for n in nodes {
+        writer.apply_watcher_event(&watcher::Event::Apply(n.clone()));
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferry-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client,
+        fake.clone() as Arc<dyn LoadBalancerProvider>,
+        ClassFilter {
+            class: "ferry.dev/local".into(),
+            default_class: true,
+        },
+        store,
+        recorder,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(600),
+    ));
+    World {
+        ctx,
+        api,
+        fake,
+        nodes: writer,
+    }
+}
+
+fn condition(body: &Value) -> &Value {
+    &body["status"]["conditions"][0]
+}
+
+fn provisioned(svc: Service, ip: &str) -> Service {
+    let mut svc = svc;
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(ip.into()),
+                ip_mode: Some("Proxy".into()),
+                ..Default::default()
+            }]),
+        }),
+        conditions: Some(vec![Condition {
+            type_: READY_CONDITION.into(),
+            status: "True".into(),
+            reason: "LoadBalancerEnsured".into(),
+            message: "the load balancer is provisioned".into(),
+            observed_generation: Some(1),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            ),
+        }]),
+    });
+    svc
+}
+
+#[tokio::test]
+async fn a_new_service_gets_a_finalizer_then_a_balancer_then_its_status() {
+    let svc = service("web").lb().port(80, 30080).build();
+    let w = world(
+        &svc,
+        FakeProvider::new(),
+        &[node("n1").ip("10.0.0.1").build()],
+    );
+    let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "a periodic resync is scheduled"
+    );
+
+    let seen = w.api.seen();
+    let finalizer = seen
+        .iter()
+        .position(|s| s.is("PATCH", SVC))
+        .expect("finalizer patch");
+    assert_eq!(seen[finalizer].body[1]["value"][0], FINALIZER);
+    let status = seen
+        .iter()
+        .position(|s| s.is("PATCH", &format!("{SVC}/status")))
+        .expect("status patch");
+    assert!(
+        finalizer < status,
+        "the finalizer is added before anything is published"
+    );
+    assert!(seen[status].query.contains("fieldManager=ferry-operator"));
+
+    let body = &seen[status].body;
+    assert_eq!(
+        body["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "203.0.113.1"
+    );
+    assert_eq!(
+        body["status"]["loadBalancer"]["ingress"][0]["ipMode"],
+        "Proxy"
+    );
+    assert_eq!(condition(body)["type"], READY_CONDITION);
+    assert_eq!(condition(body)["status"], "True");
+
+    assert_eq!(w.fake.calls(), vec![Call::Ensure("default/web".into())]);
+    let events = w.api.events();
+    assert_eq!(
+        events,
+        vec![
+            ("EnsuringLoadBalancer".into(), "Normal".into()),
+            ("EnsuredLoadBalancer".into(), "Normal".into())
+        ]
+    );
+    let applied = w.ctx.applied("uid-web").unwrap();
+    assert_eq!(applied.targets.len(), 1);
+}
+
+#[tokio::test]
+async fn an_up_to_date_service_causes_no_writes() {
+    let svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert!(w.api.seen().is_empty(), "no API calls: {:?}", w.api.seen());
+    assert_eq!(w.fake.calls(), vec![Call::Ensure("default/web".into())]);
+}
+
+#[tokio::test]
+async fn hostname_ingress_from_a_cloud_like_provider() {
+    let svc = service("web").lb().port(80, 30080).finalized().build();
+    let w = world(&svc, FakeProvider::with_hostnames(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    let body = &w.api.status_patches()[0];
+    let ingress = &body["status"]["loadBalancer"]["ingress"][0];
+    assert!(
+        ingress["hostname"]
+            .as_str()
+            .unwrap()
+            .ends_with(".elb.example.com")
+    );
+    assert!(ingress.get("ip").is_none() && ingress.get("ipMode").is_none());
+}
+
+#[tokio::test]
+async fn invalid_input_is_an_event_and_a_condition_and_waits_for_a_change() {
+    let svc = service("web")
+        .lb()
+        .port(80, 30080)
+        .finalized()
+        .load_balancer_ip("not-an-ip")
+        .build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    let svc = Arc::new(svc);
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert!(w.fake.calls().is_empty(), "nothing is provisioned");
+    assert_eq!(
+        w.api.events(),
+        vec![("InvalidConfiguration".into(), "Warning".into())]
+    );
+    let body = &w.api.status_patches()[0];
+    assert_eq!(condition(body)["status"], "False");
+    assert_eq!(condition(body)["reason"], "InvalidLoadBalancerIP");
+    assert!(
+        condition(body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("not-an-ip")
+    );
+    assert!(body["status"]["loadBalancer"].get("ingress").is_none());
+    assert_eq!(
+        error_policy(svc, &err, w.ctx.clone()),
+        Action::await_change()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_from_the_provider_keeps_the_current_address() {
+    let svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    w.fake.fail_next(ProviderError::allocation(
+        "IPInUse",
+        "192.0.2.5 is already used by default/other",
+    ));
+    let svc = Arc::new(svc);
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        w.api.events(),
+        vec![("IPAllocationFailed".into(), "Warning".into())]
+    );
+    let body = &w.api.status_patches()[0];
+    assert_eq!(condition(body)["reason"], "IPInUse");
+    assert_eq!(
+        body["status"]["loadBalancer"]["ingress"][0]["ip"], "203.0.113.1",
+        "the address is not taken away"
+    );
+    // Not a hot loop: retried on a provider signal or after minutes.
+    assert!(
+        matches!(error_policy(svc.clone(), &err, w.ctx.clone()), a if a == Action::requeue(SLOW_RETRY))
+    );
+
+    w.fake
+        .fail_next(ProviderError::invalid("UnsupportedProtocol", "SCTP"));
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        error_policy(svc, &err, w.ctx.clone()),
+        Action::await_change()
+    );
+    assert_eq!(w.api.events().last().unwrap().0, "InvalidConfiguration");
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_and_honour_retry_after() {
+    let svc = Arc::new(service("web").lb().port(80, 30080).finalized().build());
+    let w = world(&svc, FakeProvider::new(), &[]);
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        w.fake
+            .fail_next(ProviderError::transient("503 from the cloud"));
+        let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+        waits.push(error_policy(svc.clone(), &err, w.ctx.clone()));
+    }
+    let expected: Vec<_> = (1..=4)
+        .map(|n| Action::requeue(backoff(n, "uid-web")))
+        .collect();
+    assert_eq!(waits, expected);
+    assert!(
+        backoff(2, "k") >= Duration::from_secs(2) && backoff(30, "k") <= Duration::from_secs(330)
+    );
+    assert_eq!(
+        w.api.events().last().unwrap(),
+        &("SyncLoadBalancerFailed".to_string(), "Warning".to_string())
+    );
+
+    w.fake.fail_next(ProviderError::Transient {
+        message: "throttled".into(),
+        retry_after: Some(Duration::from_secs(7)),
+    });
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        error_policy(svc.clone(), &err, w.ctx.clone()),
+        Action::requeue(Duration::from_secs(7))
+    );
+
+    // Success resets the backoff.
+    reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+    w.fake.fail_next(ProviderError::transient("again"));
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        error_policy(svc, &err, w.ctx.clone()),
+        Action::requeue(backoff(1, "uid-web"))
+    );
+}
+
+#[tokio::test]
+async fn api_conflicts_are_retried_with_backoff() {
+    let svc = Arc::new(service("web").lb().port(80, 30080).build());
+    let w = world(&svc, FakeProvider::new(), &[]);
+    w.api.fail_once(SVC, 409);
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::Kube(_)));
+    assert!(
+        w.fake.calls().is_empty(),
+        "nothing is provisioned without the finalizer"
+    );
+    assert_eq!(
+        error_policy(svc.clone(), &err, w.ctx.clone()),
+        Action::requeue(backoff(1, "uid-web"))
+    );
+    reconcile(svc, w.ctx.clone()).await.unwrap();
+}
+
+#[tokio::test]
+async fn deletion_removes_the_balancer_then_the_finalizer() {
+    let svc = provisioned(
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized()
+            .deleting()
+            .build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert_eq!(w.fake.calls(), vec![Call::Delete("default/web".into())]);
+    let seen = w.api.seen();
+    let patch = seen
+        .iter()
+        .find(|s| s.is("PATCH", SVC))
+        .expect("finalizer removed");
+    assert_eq!(patch.body[1]["op"], "remove");
+    assert!(
+        w.api.status_patches().is_empty(),
+        "a deleted Service's status is left alone"
+    );
+    let reasons: Vec<_> = w.api.events().into_iter().map(|e| e.0).collect();
+    assert_eq!(reasons, ["DeletingLoadBalancer", "DeletedLoadBalancer"]);
+}
+
+#[tokio::test]
+async fn a_failed_delete_keeps_the_finalizer() {
+    let svc = service("web")
+        .lb()
+        .port(80, 30080)
+        .finalized()
+        .deleting()
+        .build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    w.fake.fail_next(ProviderError::transient("timeout"));
+    assert!(reconcile(Arc::new(svc), w.ctx.clone()).await.is_err());
+    assert!(
+        !w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
+        "finalizer kept"
+    );
+}
+
+#[tokio::test]
+async fn a_service_that_stops_being_ours_is_cleaned_up() {
+    let mut svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    svc.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+    let w = world(&svc, FakeProvider::new(), &[]);
+    let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(w.fake.calls(), vec![Call::Delete("default/web".into())]);
+    let body = &w.api.status_patches()[0];
+    assert_eq!(
+        body["status"],
+        serde_json::json!({ "loadBalancer": {} }),
+        "ingress and condition withdrawn"
+    );
+    assert!(
+        w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
+        "finalizer removed"
+    );
+}
+
+#[tokio::test]
+async fn a_service_of_another_class_is_never_touched() {
+    let svc = service("web")
+        .lb()
+        .class("example.com/other")
+        .port(80, 30080)
+        .build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert!(w.api.seen().is_empty());
+    assert!(w.fake.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_node_change_becomes_a_target_update() {
+    let svc = Arc::new(provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    ));
+    let mut w = world(
+        &svc,
+        FakeProvider::new(),
+        &[node("n1").ip("10.0.0.1").build()],
+    );
+    reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+    w.nodes
+        .apply_watcher_event(&watcher::Event::Apply(node("n2").ip("10.0.0.2").build()));
+    reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+    assert_eq!(
+        w.fake.calls(),
+        vec![
+            Call::Ensure("default/web".into()),
+            Call::UpdateTargets("default/web".into(), vec!["n1".into(), "n2".into()])
+        ]
+    );
+    assert_eq!(
+        w.api.events(),
+        vec![("UpdatedLoadBalancer".into(), "Normal".into())]
+    );
+    // An excluded node leaves the targets.
+    w.nodes.apply_watcher_event(&watcher::Event::Apply(
+        node("n2")
+            .ip("10.0.0.2")
+            .label(crate::eligibility::EXCLUDE_LABEL, "")
+            .build(),
+    ));
+    reconcile(svc, w.ctx.clone()).await.unwrap();
+    assert_eq!(
+        w.fake.calls().last().unwrap(),
+        &Call::UpdateTargets("default/web".into(), vec!["n1".into()])
+    );
+}
+
+#[tokio::test]
+async fn orphans_are_deleted_and_live_balancers_kept() {
+    let svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    let orphan = ferry_providers::LoadBalancerId {
+        namespace: "default".into(),
+        name: "gone".into(),
+        uid: "uid-gone".into(),
+    };
+    w.fake.insert_orphan(orphan.clone());
+    let deleted = crate::orphans::collect_orphans(&w.ctx).await.unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(w.fake.balancers().len(), 1);
+    assert_eq!(w.fake.balancers()[0].uid, "uid-web");
+    assert!(
+        w.api.seen().iter().any(|s| s.is("GET", "/api/v1/services")),
+        "a fresh list, not a cache"
+    );
+}

@@ -38,9 +38,10 @@ impl Health {
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
@@ -53,7 +54,11 @@ fn route(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>
         ),
         "/healthz" | "/livez" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
@@ -102,7 +107,10 @@ mod tests {
     fn readiness_follows_the_flag() {
         let (m, h) = (Metrics::new(), Health::default());
         assert_eq!(route("/healthz", &m, &h).status(), StatusCode::OK);
-        assert_eq!(route("/readyz", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            route("/readyz", &m, &h).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         h.set_ready(true);
         assert_eq!(route("/readyz", &m, &h).status(), StatusCode::OK);
         assert_eq!(route("/metrics", &m, &h).status(), StatusCode::OK);

@@ -187,7 +187,10 @@ mod tests {
         });
         let i = ingress_of(&o);
         let ports = i[0].ports.as_ref().unwrap();
-        assert_eq!(ports[0].error.as_deref(), Some("ferry.dev/ListenerQuotaExceeded"));
+        assert_eq!(
+            ports[0].error.as_deref(),
+            Some("ferry.dev/ListenerQuotaExceeded")
+        );
         assert_eq!(ports[0].protocol, "UDP");
     }
 
@@ -207,7 +210,10 @@ mod tests {
         let failed = Readiness::failed("IPInUse", "taken");
         let body = apply_body(&svc, &ingress, Some(&failed)).unwrap();
         assert_eq!(body["status"]["conditions"][0]["status"], "False");
-        assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.1");
+        assert_eq!(
+            body["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.1"
+        );
     }
 
     #[test]
@@ -217,7 +223,10 @@ mod tests {
             Some(Condition {
                 type_: READY_CONDITION.into(),
                 status: "True".into(),
-                ..Condition::default()
+                reason: "LoadBalancerEnsured".into(),
+                message: String::new(),
+                observed_generation: Some(1),
+                last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
             }),
         );
         let body = apply_body(&svc, &[], None).unwrap();
