@@ -22,24 +22,12 @@ pub const POOL_READY_CONDITION: &str = "Ready";
     status = "LoadBalancerPoolStatus",
     derive = "PartialEq",
     doc = "A pool of addresses that ferry's local provider assigns to LoadBalancer Services.",
-    printcolumn(name = "Addresses", type_ = "string", json_path = ".spec.addresses"),
-    printcolumn(
-        name = "Auto Assign",
-        type_ = "boolean",
-        json_path = ".spec.autoAssign"
-    ),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated"),
-    printcolumn(name = "Available", type_ = "integer", json_path = ".status.available"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Addresses","type":"string","jsonPath":".spec.addresses"}"#,
+    printcolumn = r#"{"name":"Auto Assign","type":"boolean","jsonPath":".spec.autoAssign"}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerPoolSpec {

@@ -373,7 +373,8 @@ impl PoolAllocator {
                         .by_ip
                         .get(&ip)
                         .is_some_and(|h| h.keys().any(|uid| *uid != req.id.uid));
-                    if !taken && !(pool.avoid_buggy_ips && is_buggy(&ip)) {
+                    let skipped = pool.avoid_buggy_ips && is_buggy(&ip);
+                    if !taken && !skipped {
                         return Ok(Assigned {
                             ip,
                             pool: Some(pool.name.clone()),

@@ -596,3 +596,6 @@ impl LoadBalancerProvider for LocalProvider {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;
