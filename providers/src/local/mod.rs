@@ -388,7 +388,7 @@ impl Inner {
                 count = leaked.len(),
                 "repair released addresses of Services that no longer exist"
             );
-            self.signal(ProviderSignal::ConfigurationChanged).await;
+            self.signal(ProviderSignal::CapacityFreed).await;
             self.status_dirty.notify_one();
         }
         if !resync.is_empty() {
@@ -553,7 +553,7 @@ impl LoadBalancerProvider for LocalProvider {
         if released {
             info!(service = %id, "released addresses");
             self.inner
-                .signal(ProviderSignal::ConfigurationChanged)
+                .signal(ProviderSignal::CapacityFreed)
                 .await;
             self.inner.status_dirty.notify_one();
         }
