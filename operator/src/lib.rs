@@ -161,6 +161,15 @@ fn provider_triggers(
     rx
 }
 
+#[cfg(test)]
+pub(crate) fn provider_triggers_for_test(
+    signals: tokio::sync::mpsc::Receiver<ProviderSignal>,
+    services: Store<Service>,
+    class: ClassFilter,
+) -> impl Stream<Item = ObjectRef<Service>> + Send + 'static {
+    provider_triggers(Some(signals), services, class)
+}
+
 /// Runs the operator until SIGTERM/Ctrl-C or lost leadership.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = Client::try_default()

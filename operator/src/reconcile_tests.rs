@@ -571,3 +571,97 @@ async fn orphans_are_deleted_and_live_balancers_kept() {
         "a fresh list, not a cache"
     );
 }
+
+#[tokio::test]
+async fn one_node_pass_per_debounce_window_touching_only_changed_balancers() {
+    use futures::StreamExt;
+    let web = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    let mut w = world(
+        &web,
+        FakeProvider::new(),
+        &[node("n1").ip("10.0.0.1").build()],
+    );
+    reconcile(Arc::new(web.clone()), w.ctx.clone())
+        .await
+        .unwrap();
+    let never_ensured = service("fresh").lb().port(80, 30081).build();
+    let (svc_store, mut svc_writer) = reflector::store::<Service>();
+    svc_writer.apply_watcher_event(&watcher::Event::Apply(web));
+    svc_writer.apply_watcher_event(&watcher::Event::Apply(never_ensured));
+
+    let (changes_tx, changes_rx) = futures::channel::mpsc::unbounded();
+    let triggers = crate::nodes::node_pass_triggers(
+        changes_rx,
+        w.ctx.clone(),
+        svc_store,
+        Duration::from_millis(200),
+    );
+    futures::pin_mut!(triggers);
+    // A burst of node changes...
+    for i in 2..6 {
+        w.nodes.apply_watcher_event(&watcher::Event::Apply(
+            node(&format!("n{i}")).ip(&format!("10.0.0.{i}")).build(),
+        ));
+        changes_tx.unbounded_send(()).unwrap();
+    }
+    // ...is one pass, naming only the balancer that was ensured with other targets.
+    let first = tokio::time::timeout(Duration::from_secs(2), triggers.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.name, "web");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), triggers.next())
+            .await
+            .is_err(),
+        "one trigger per pass"
+    );
+}
+
+#[tokio::test]
+async fn provider_signals_requeue_the_services_that_can_use_them() {
+    use ferry_providers::ProviderSignal;
+    use futures::StreamExt;
+    let ready = provisioned(service("ready").lb().port(80, 1).build(), "203.0.113.1");
+    let waiting = service("waiting").lb().port(80, 2).build();
+    let theirs = service("theirs")
+        .lb()
+        .class("example.com/x")
+        .port(80, 3)
+        .build();
+    let (store, mut writer) = reflector::store::<Service>();
+    for s in [&ready, &waiting, &theirs] {
+        writer.apply_watcher_event(&watcher::Event::Apply(s.clone()));
+    }
+    let class = ClassFilter {
+        class: "ferry.dev/local".into(),
+        default_class: true,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let triggers = crate::provider_triggers_for_test(rx, store, class);
+    futures::pin_mut!(triggers);
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(2), triggers.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .name
+    };
+
+    // Freed capacity: only Services that are not ready are retried.
+    tx.send(ProviderSignal::CapacityFreed).await.unwrap();
+    assert_eq!(next().await, "waiting");
+    // Pools changed: every Service of ours.
+    tx.send(ProviderSignal::ConfigurationChanged).await.unwrap();
+    let mut both = vec![next().await, next().await];
+    both.sort();
+    assert_eq!(both, ["ready", "waiting"]);
+    // Repair: exactly the named ones.
+    tx.send(ProviderSignal::Resync(vec![crate::desired::id_of(&ready)]))
+        .await
+        .unwrap();
+    assert_eq!(next().await, "ready");
+}

@@ -552,9 +552,7 @@ impl LoadBalancerProvider for LocalProvider {
         let released = self.inner.lock().allocator.release(&id.uid);
         if released {
             info!(service = %id, "released addresses");
-            self.inner
-                .signal(ProviderSignal::CapacityFreed)
-                .await;
+            self.inner.signal(ProviderSignal::CapacityFreed).await;
             self.inner.status_dirty.notify_one();
         }
         Ok(())
