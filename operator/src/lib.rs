@@ -54,11 +54,14 @@ pub fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Service hash that matters for reconciling: spec (generation), annotations, labels,
-/// finalizers and deletion. Status writes, including ferry's own, do not trigger a reconcile.
+/// The Service hash that matters for reconciling: spec, annotations, labels, finalizers and
+/// deletion. Status writes, including ferry's own, do not trigger a reconcile. (Services do
+/// not maintain `metadata.generation`, so the spec itself is hashed.)
 fn service_fingerprint(svc: &Service) -> Option<u64> {
     let mut h = DefaultHasher::new();
-    svc.metadata.generation.hash(&mut h);
+    serde_json::to_string(&svc.spec)
+        .unwrap_or_default()
+        .hash(&mut h);
     svc.metadata.annotations.hash(&mut h);
     svc.metadata.labels.hash(&mut h);
     svc.metadata.finalizers.hash(&mut h);
@@ -404,5 +407,24 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::service;
+
+    #[test]
+    fn a_spec_change_is_noticed_even_though_services_keep_their_generation() {
+        let lb = service("web").lb().port(80, 30080).build();
+        let mut cluster_ip = lb.clone();
+        cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert_eq!(lb.metadata.generation, cluster_ip.metadata.generation);
+        assert_ne!(service_fingerprint(&lb), service_fingerprint(&cluster_ip));
+        // Status is not part of it: ferry's own writes do not wake it up.
+        let mut with_status = lb.clone();
+        with_status.status = Some(Default::default());
+        assert_eq!(service_fingerprint(&lb), service_fingerprint(&with_status));
     }
 }

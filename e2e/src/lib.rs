@@ -1,0 +1,20 @@
+//! ferry's test substrate: a real kube-apiserver and etcd (`control_plane`), simulated nodes
+//! with NodePort responders (`nodes`), a TCP fault proxy (`fault_proxy`), the operator as a
+//! process that can be killed (`operator`), and the sandbox that puts them together.
+//! Test-only: nothing here ships.
+
+pub mod control_plane;
+pub mod operator;
+pub mod pki;
+pub mod scenario;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
