@@ -11,5 +11,24 @@ if ! need_cmd cargo; then
     exit 1
 fi
 
+if ! need_cmd go; then
+    echo "error: Go is required to build the test control plane (kube-apiserver, etcd, helm)" >&2
+    exit 1
+fi
+if ! need_cmd kubectl; then
+    echo "error: kubectl is required by the end-to-end tests" >&2
+    exit 1
+fi
+
+# The real kube-apiserver, etcd and helm, built from their Go modules (a no-op when current).
+echo "==> e2e/tools/build.sh"
+tools_start=$(date +%s)
+bash e2e/tools/build.sh
+echo "    test tools ready in $(( $(date +%s) - tools_start ))s"
+
+# The end-to-end tests run the operator and the sandbox as processes.
+echo "==> cargo build --workspace --bins --locked"
+cargo build --workspace --bins --locked
+
 echo "==> cargo test --workspace --locked"
 cargo test --workspace --locked

@@ -173,11 +173,17 @@ pub(crate) fn provider_triggers_for_test(
     provider_triggers(Some(signals), services, class)
 }
 
-/// Runs the operator until SIGTERM/Ctrl-C or lost leadership.
+/// Runs the operator with the ambient Kubernetes configuration (KUBECONFIG, ~/.kube/config
+/// or in-cluster) until SIGTERM/Ctrl-C or lost leadership.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    run_with_client(config, client).await
+}
+
+/// Runs the operator with `client` until SIGTERM/Ctrl-C or lost leadership.
+pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<()> {
     let class = ClassFilter {
         class: config.class(),
         default_class: config.default_class,

@@ -1,0 +1,180 @@
+//! `ferry-sandbox`: a whole ferry cluster on one machine, in one command. A real
+//! kube-apiserver and etcd, simulated nodes on loopback addresses with NodePort responders,
+//! a default address pool, and the operator (with exactly ferry's RBAC). Prints the
+//! kubeconfig to use; Ctrl-C stops everything and removes what it created.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use ferry_crds::LoadBalancerPool;
+use ferry_e2e::control_plane::{ControlPlane, Options, client_from};
+use ferry_e2e::nodes::{register_nodes, start_responders};
+use ferry_e2e::scenario::pool;
+use ferry_operator::config::Config as OperatorConfig;
+use kube::api::{Api, Patch, PatchParams};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-sandbox",
+    about = "Run ferry against a real, local Kubernetes control plane"
+)]
+struct Args {
+    /// Number of simulated nodes (127.0.1.1, 127.0.1.2, ...).
+    #[arg(long, env = "FERRY_SANDBOX_NODES", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=50))]
+    nodes: u8,
+
+    /// Address range of the default LoadBalancerPool.
+    #[arg(long, env = "FERRY_SANDBOX_POOL", default_value = "127.240.0.0/24")]
+    pool: String,
+
+    /// Provider to run the operator with.
+    #[arg(long, env = "FERRY_SANDBOX_PROVIDER", default_value = "local", value_parser = ["local"])]
+    provider: String,
+
+    /// Do not run the operator: run your own against the printed operator kubeconfig.
+    #[arg(long)]
+    no_operator: bool,
+
+    /// Also copy the admin kubeconfig here (it always lives in the sandbox's own folder).
+    #[arg(long, env = "FERRY_SANDBOX_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            print!("{e}");
+            return;
+        }
+        Err(e) => {
+            let line = e.to_string().lines().next().unwrap_or_default().to_string();
+            eprintln!("{line}");
+            std::process::exit(2);
+        }
+    };
+    // The control plane's processes die with the thread that started them: this one.
+    eprintln!(
+        "ferry-sandbox: starting kube-apiserver and etcd (the first run builds them from their Go modules: a few minutes)"
+    );
+    let cp = match ControlPlane::start(&Options::default()) {
+        Ok(cp) => cp,
+        Err(err) => {
+            eprintln!("error: the control plane did not start: {err:#}");
+            std::process::exit(1);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(&args, &cp));
+    drop(runtime);
+    drop(cp);
+    if let Some(path) = &args.kubeconfig {
+        let _ = std::fs::remove_file(path);
+    }
+    match result {
+        Ok(()) => eprintln!("ferry-sandbox: stopped and cleaned up"),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
+    let log_path = cp.dir.join("operator.log");
+    let log_file = std::fs::File::create(&log_path)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log_file))
+        .init();
+
+    let admin = cp.admin_client().await?;
+    let nodes = register_nodes(&admin, "sandbox-node", usize::from(args.nodes)).await?;
+    let _responders = start_responders(admin.clone(), nodes.clone());
+    let pools: Api<LoadBalancerPool> = Api::all(admin.clone());
+    let mut default_pool = pool("default", &[args.pool.as_str()]);
+    default_pool.spec.avoid_buggy_ips = true;
+    let mut default_pool = serde_json::to_value(default_pool)?;
+    default_pool["apiVersion"] = "ferry.dev/v1alpha1".into();
+    default_pool["kind"] = "LoadBalancerPool".into();
+    pools
+        .patch(
+            "default",
+            &PatchParams::apply("ferry-sandbox").force(),
+            &Patch::Apply(&default_pool),
+        )
+        .await
+        .context("creating the default pool")?;
+
+    let operator = if args.no_operator {
+        None
+    } else {
+        let config = OperatorConfig::parse_args([
+            "ferry-operator",
+            "--provider",
+            args.provider.as_str(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+            "--leader-elect-namespace",
+            "ferry-system",
+            "--node-debounce",
+            "200ms",
+        ])
+        .map_err(|e| anyhow::anyhow!("operator flags: {e:?}"))?;
+        let client = client_from(&cp.operator_kubeconfig).await?;
+        Some(tokio::spawn(ferry_operator::run_with_client(
+            config, client,
+        )))
+    };
+
+    let kubeconfig = match &args.kubeconfig {
+        Some(path) => {
+            std::fs::copy(&cp.admin_kubeconfig, path)?;
+            path.clone()
+        }
+        None => cp.admin_kubeconfig.clone(),
+    };
+    let first = nodes.first().map(|n| n.ip.to_string()).unwrap_or_default();
+    let last = nodes.last().map(|n| n.ip.to_string()).unwrap_or_default();
+    println!("ferry sandbox is up");
+    println!("  API server:  {}", cp.url);
+    println!("  nodes:       {} ({first} .. {last})", nodes.len());
+    println!("  pool:        default ({})", args.pool);
+    if args.no_operator {
+        println!(
+            "  operator:    not started; run yours with KUBECONFIG={}",
+            cp.operator_kubeconfig.display()
+        );
+    } else {
+        println!("  operator:    running, log in {}", log_path.display());
+    }
+    println!("kubeconfig: {}", kubeconfig.display());
+    println!();
+    println!("Try:");
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!("  kubectl apply -f examples/web.yaml");
+    println!("  kubectl get svc web          # EXTERNAL-IP from the pool within a second");
+    println!(
+        "  curl http://{first}:$(kubectl get svc web -o jsonpath='{{.spec.ports[0].nodePort}}')   # a node's NodePort"
+    );
+    println!("Ctrl-C stops the sandbox and removes everything it created.");
+
+    tokio::signal::ctrl_c().await?;
+    eprintln!("ferry-sandbox: stopping");
+    if let Some(op) = operator {
+        // The operator saw the same Ctrl-C and releases its lease; give it a moment.
+        let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
+    }
+    Ok(())
+}

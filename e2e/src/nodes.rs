@@ -1,0 +1,383 @@
+//! Simulated nodes: Node objects registered with the control plane (Ready, InternalIP on a
+//! loopback address 127.0.1.x) and, for each, a NodePort responder standing in for
+//! kube-proxy. For every Service NodePort the responder listens on the node's address; a
+//! connection is forwarded to the Service's EndpointSlice endpoints if it has any (the upstream
+//! "Services without selectors" pattern), else answered with an identifying echo of node and
+//! Service, so a test or a person can see which node served them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// How long a proxied or echoed connection may sit idle.
+const IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimulatedNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The i-th simulated node (0-based): `sandbox-node-1` at 127.0.1.1, and so on.
+pub fn simulated_node(prefix: &str, i: usize) -> SimulatedNode {
+    let n = u8::try_from(i + 1).unwrap_or(u8::MAX);
+    SimulatedNode {
+        name: format!("{prefix}-{n}"),
+        ip: Ipv4Addr::new(127, 0, 1, n),
+    }
+}
+
+/// Registers `count` Ready nodes (idempotent: server-side apply).
+pub async fn register_nodes(
+    client: &Client,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<SimulatedNode>> {
+    let api: Api<Node> = Api::all(client.clone());
+    let params = PatchParams::apply("ferry-sandbox").force();
+    let mut nodes = Vec::new();
+    for i in 0..count {
+        let node = simulated_node(prefix, i);
+        let obj = Node {
+            metadata: ObjectMeta {
+                name: Some(node.name.clone()),
+                labels: Some(BTreeMap::from([
+                    ("kubernetes.io/hostname".to_string(), node.name.clone()),
+                    ("ferry.dev/simulated".to_string(), "true".to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
+        let mut value = serde_json::to_value(&obj)?;
+        value["apiVersion"] = json!("v1");
+        value["kind"] = json!("Node");
+        api.patch(&node.name, &params, &Patch::Apply(&value))
+            .await?;
+        let status = NodeStatus {
+            addresses: Some(vec![
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: node.ip.to_string(),
+                },
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: node.name.clone(),
+                },
+            ]),
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: Some("SimulatedNodeReady".into()),
+                message: Some("simulated by ferry's test substrate".into()),
+                last_heartbeat_time: Some(Time(jiff::Timestamp::now())),
+                last_transition_time: Some(Time(jiff::Timestamp::now())),
+            }]),
+            ..NodeStatus::default()
+        };
+        api.patch_status(
+            &node.name,
+            &params,
+            &Patch::Apply(&json!({ "apiVersion": "v1", "kind": "Node", "status": status })),
+        )
+        .await?;
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// One NodePort of one Service on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Binding {
+    node: usize,
+    proto: Proto,
+    node_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Target {
+    namespace: String,
+    service: String,
+    port_name: Option<String>,
+    port: u16,
+}
+
+/// Where a connection for `target` goes: a ready endpoint from the Service's EndpointSlices.
+fn endpoint_for(
+    slices: &Store<EndpointSlice>,
+    target: &Target,
+    proto: Proto,
+) -> Option<SocketAddr> {
+    let wanted = match proto {
+        Proto::Tcp => "TCP",
+        Proto::Udp => "UDP",
+    };
+    for slice in slices.state() {
+        if slice.namespace().as_deref() != Some(target.namespace.as_str())
+            || slice.labels().get("kubernetes.io/service-name") != Some(&target.service)
+        {
+            continue;
+        }
+        let port = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == target.port_name.as_deref().unwrap_or_default()
+                && p.protocol.as_deref().unwrap_or("TCP") == wanted
+        })?;
+        let port = u16::try_from(port.port?).ok()?;
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if let (true, Some(addr)) = (ready, endpoint.addresses.first())
+                && let Ok(ip) = addr.parse::<IpAddr>()
+            {
+                return Some(SocketAddr::new(ip, port));
+            }
+        }
+    }
+    None
+}
+
+fn echo_line(node: &SimulatedNode, target: &Target) -> String {
+    format!(
+        "node={} service={}/{} port={}\n",
+        node.name, target.namespace, target.service, target.port
+    )
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    node: SimulatedNode,
+    target: Target,
+    slices: Store<EndpointSlice>,
+) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (node, target, slices) = (node.clone(), target.clone(), slices.clone());
+        tokio::spawn(async move {
+            if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Tcp) {
+                match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint))
+                    .await
+                {
+                    Ok(Ok(mut upstream)) => {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(3600),
+                            tokio::io::copy_bidirectional(&mut conn, &mut upstream),
+                        )
+                        .await;
+                    }
+                    _ => debug!(%endpoint, "endpoint unreachable"),
+                }
+                return;
+            }
+            // No endpoints: answer with who we are. HTTP clients get an HTTP response.
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let body = echo_line(&node, &target);
+            let head = &buf[..n];
+            let is_http = [
+                b"GET ".as_slice(),
+                b"POST",
+                b"HEAD",
+                b"PUT ",
+                b"DELE",
+                b"OPTI",
+                b"PATC",
+            ]
+            .iter()
+            .any(|m| head.starts_with(m));
+            let reply = if is_http {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-ferry-node: {}\r\n\r\n{body}",
+                    body.len(),
+                    node.name
+                )
+            } else {
+                body
+            };
+            let _ = tokio::time::timeout(IDLE, conn.write_all(reply.as_bytes())).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+async fn serve_udp(
+    socket: UdpSocket,
+    node: SimulatedNode,
+    target: Target,
+    slices: Store<EndpointSlice>,
+) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Udp) {
+            // One request, one reply: enough for DNS-like tests.
+            let payload = buf[..n].to_vec();
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let Ok(upstream) = UdpSocket::bind("127.0.0.1:0").await else {
+                    return;
+                };
+                if upstream.send_to(&payload, endpoint).await.is_err() {
+                    return;
+                }
+                let mut reply = vec![0u8; 65536];
+                if let Ok(Ok((m, _))) =
+                    tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut reply))
+                        .await
+                {
+                    let _ = socket.send_to(&reply[..m], peer).await;
+                }
+            });
+        } else {
+            let _ = socket
+                .send_to(echo_line(&node, &target).as_bytes(), peer)
+                .await;
+        }
+    }
+}
+
+fn bindings_of(svc: &Service, nodes: &[SimulatedNode]) -> Vec<(Binding, Target)> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            _ => continue,
+        };
+        let target = Target {
+            namespace: svc.namespace().unwrap_or_default(),
+            service: svc.name_any(),
+            port_name: port.name.clone(),
+            port: u16::try_from(port.port).unwrap_or_default(),
+        };
+        for node in 0..nodes.len() {
+            out.push((
+                Binding {
+                    node,
+                    proto,
+                    node_port,
+                },
+                target.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// Serves every Service NodePort on every simulated node until dropped.
+pub struct Responders {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub fn start_responders(client: Client, nodes: Vec<SimulatedNode>) -> Responders {
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let slice_watch = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(slice_writer)
+    .for_each(|_| async {});
+    let (services, svc_writer) = reflector::store::<Service>();
+    let svc_changes = watcher(Api::<Service>::all(client), watcher::Config::default())
+        .default_backoff()
+        .reflect(svc_writer)
+        .touched_objects();
+    let main = tokio::spawn(async move {
+        let mut live: HashMap<Binding, (Target, JoinHandle<()>)> = HashMap::new();
+        futures::pin_mut!(svc_changes);
+        while let Some(change) = svc_changes.next().await {
+            if let Err(err) = change {
+                warn!(error = %err, "watching Services");
+                continue;
+            }
+            let wanted: HashMap<Binding, Target> = services
+                .state()
+                .iter()
+                .flat_map(|s| bindings_of(s, &nodes))
+                .collect();
+            live.retain(|binding, (target, task)| {
+                let keep = wanted.get(binding) == Some(target);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (binding, target) in wanted {
+                if live.contains_key(&binding) {
+                    continue;
+                }
+                let node = nodes[binding.node].clone();
+                let addr = SocketAddr::new(IpAddr::V4(node.ip), binding.node_port);
+                let task = match binding.proto {
+                    Proto::Tcp => match TcpListener::bind(addr).await {
+                        Ok(l) => tokio::spawn(serve_tcp(l, node, target.clone(), slices.clone())),
+                        Err(err) => {
+                            warn!(%addr, error = %err, "cannot listen for a NodePort");
+                            continue;
+                        }
+                    },
+                    Proto::Udp => match UdpSocket::bind(addr).await {
+                        Ok(s) => tokio::spawn(serve_udp(s, node, target.clone(), slices.clone())),
+                        Err(err) => {
+                            warn!(%addr, error = %err, "cannot listen for a NodePort");
+                            continue;
+                        }
+                    },
+                };
+                info!(%addr, proto = ?binding.proto, service = %format!("{}/{}", target.namespace, target.service), "serving NodePort");
+                live.insert(binding, (target, task));
+            }
+        }
+    });
+    Responders {
+        tasks: vec![tokio::spawn(slice_watch), main],
+    }
+}
