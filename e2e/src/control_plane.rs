@@ -36,6 +36,9 @@ pub struct Options {
     /// `--max-requests-inflight` / `--max-mutating-requests-inflight`, with priority and
     /// fairness off so that overload is answered with `429` directly.
     pub max_inflight: Option<(u32, u32)>,
+    /// With the watch cache off, watches are served by etcd itself, so compaction makes
+    /// resuming from an old resourceVersion fail with `410 Gone`.
+    pub watch_cache: bool,
 }
 
 impl Default for Options {
@@ -43,6 +46,7 @@ impl Default for Options {
         Self {
             compaction_interval: Duration::from_secs(300),
             max_inflight: None,
+            watch_cache: true,
         }
     }
 }
@@ -192,6 +196,9 @@ impl ControlPlane {
             ),
             "--v=1",
         ]);
+        if !options.watch_cache {
+            apiserver.arg("--watch-cache=false");
+        }
         if let Some((reads, mutating)) = options.max_inflight {
             apiserver.args([
                 "--enable-priority-and-fairness=false",
@@ -228,7 +235,19 @@ impl ControlPlane {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(cp.install())?;
+        // Installing is idempotent; a throttled control plane may refuse some attempts.
+        let mut attempt = 0;
+        loop {
+            match rt.block_on(cp.install()) {
+                Ok(()) => break,
+                Err(err) if attempt < 100 => {
+                    attempt += 1;
+                    tracing::debug!(error = %format!("{err:#}"), "installing CRDs and RBAC; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => return Err(err),
+            }
+        }
         Ok(cp)
     }
 

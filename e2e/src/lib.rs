@@ -4,6 +4,7 @@
 //! Test-only: nothing here ships.
 
 pub mod control_plane;
+pub mod fault_proxy;
 pub mod nodes;
 pub mod operator;
 pub mod pki;

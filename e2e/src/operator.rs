@@ -17,7 +17,6 @@ pub struct OperatorProcess {
     pub metrics_addr: SocketAddr,
     kubeconfig: PathBuf,
     args: Vec<String>,
-    starts: u32,
 }
 
 /// `ferry-operator` from the same cargo target folder as the running executable.
@@ -35,23 +34,33 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+fn next_log_number() -> u32 {
+    static LOGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+}
+
+/// A distinct leader-election identity for every process started by this test binary.
+fn next_identity() -> String {
+    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    format!("operator-{}-{n}", std::process::id())
+}
+
 impl OperatorProcess {
     /// Starts the operator; `args` are extra flags.
     pub fn start(kubeconfig: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut me = Self {
             child: None,
-            log: dir.join("operator.log"),
+            log: dir.join(format!("operator-{}.log", next_log_number())),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             kubeconfig: kubeconfig.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
-            starts: 0,
         };
         me.spawn()?;
         Ok(me)
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        self.starts += 1;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -62,10 +71,7 @@ impl OperatorProcess {
                 "FERRY_LOG",
                 "info,ferry_operator=debug,ferry_providers=debug",
             )
-            .env(
-                "FERRY_LEADER_ELECT_IDENTITY",
-                format!("operator-{}", self.starts),
-            )
+            .env("FERRY_LEADER_ELECT_IDENTITY", next_identity())
             .args([
                 "--metrics-addr",
                 &self.metrics_addr.to_string(),
@@ -99,14 +105,24 @@ impl OperatorProcess {
         }
     }
 
-    /// SIGTERM and wait, as a rolling update does.
+    /// SIGTERM, as a rolling update does; waits up to 15 s for the exit, then SIGKILLs.
+    /// Returns the exit status of a clean exit, `None` if it had to be killed.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         // SAFETY: sending a signal to our own child.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
-        child.wait().ok()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_gets_an_address_and_gives_it_back() {
     let _serial = serial().await;
     let cp = shared();
@@ -111,7 +111,7 @@ async fn a_service_gets_an_address_and_gives_it_back() {
     delete_pools(&admin).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_of_another_class_is_never_touched() {
     let _serial = serial().await;
     let cp = shared();
@@ -160,7 +160,7 @@ async fn a_service_of_another_class_is_never_touched() {
     delete_pools(&admin).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_work_and_restarted_it_converges_without_duplicates() {
     let _serial = serial().await;
     let cp = shared();

@@ -42,6 +42,9 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::server::Health;
 
+/// How long in-flight work may run after SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Sets up logging as configured; JSON for log pipelines, text for people.
 pub fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
@@ -284,12 +287,25 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         identity,
         shutdown.clone(),
     );
+    // After a shutdown signal, in-flight reconciles get a grace period, not forever.
+    let grace = async {
+        shutdown.clone().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period over; exiting with work in flight");
+    };
     let lost = tokio::select! {
         _ = work => false,
         _ = leadership_lost => true,
+        _ = grace => false,
     };
     if let Some(elector) = &elector {
-        elector.release().await;
+        // Best effort: an unreachable API server must not keep the process alive.
+        if tokio::time::timeout(Duration::from_secs(3), elector.release())
+            .await
+            .is_err()
+        {
+            warn!("could not release the leader lease in time; it will expire");
+        }
     }
     metrics.leader.set(0);
     if lost {
@@ -386,6 +402,9 @@ async fn run_controllers(
                     tracing::debug!(object = %obj, error = %err, "reconcile failed");
                 }
                 Err(controller::Error::ObjectNotFound(_)) => {}
+                // Watch errors (a 410 after compaction, a dropped connection) are retried by
+                // the watcher with backoff and a relist; worth a warning, not an alarm.
+                Err(controller::Error::QueueError(err)) => warn!(error = %err, "watching Services"),
                 Err(err) => error!(error = %err, "controller"),
             }
         })
