@@ -22,7 +22,7 @@ use crate::class::ClassFilter;
 use crate::desired::{self, InvalidService, id_of};
 use crate::eligibility::eligible_targets;
 use crate::metrics::Metrics;
-use crate::status::{self, Readiness, apply_body, current_ingress, ingress_of};
+use crate::status::{self, Readiness, current_ingress, ingress_of, status_patch};
 
 pub const FINALIZER: &str = "ferry.dev/load-balancer";
 const FIELD_MANAGER: &str = "ferry-operator";
@@ -32,6 +32,9 @@ const FIELD_MANAGER: &str = "ferry-operator";
 const SLOW_RETRY: Duration = Duration::from_secs(300);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A provider that answers within this time needs no "Ensuring" Event first.
+const ENSURING_EVENT_AFTER: Duration = Duration::from_millis(500);
+const MAX_EVENTS_IN_FLIGHT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +69,8 @@ pub struct Context {
     applied: Mutex<HashMap<String, DesiredLoadBalancer>>,
     /// Consecutive transient failures per Service UID, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Events being published at once.
+    event_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +98,7 @@ impl Context {
             resync,
             applied: Mutex::default(),
             failures: Mutex::default(),
+            event_slots: Arc::new(tokio::sync::Semaphore::new(MAX_EVENTS_IN_FLIGHT)),
         }
     }
 
@@ -145,9 +151,22 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(err) = self.recorder.publish(&event, &svc.object_ref(&())).await {
-            warn!(error = %err, reason, "could not publish Event");
-        }
+        // Events are published off the reconcile path: they must not add a round trip to
+        // every Service, and under pressure they are dropped (as client-go's broadcaster
+        // does) rather than queued without bound.
+        let Ok(permit) = self.event_slots.clone().try_acquire_owned() else {
+            debug!(reason, "too many Events in flight; dropping one");
+            return;
+        };
+        let recorder = self.recorder.clone();
+        let reference = svc.object_ref(&());
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Err(err) = recorder.publish(&event, &reference).await {
+                warn!(error = %err, reason, "could not publish Event");
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -206,18 +225,18 @@ async fn patch_json(
 async fn write_status(
     api: &Api<Service>,
     svc: &Service,
-    ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
+    ingress: Option<&[k8s_openapi::api::core::v1::LoadBalancerIngress]>,
     readiness: Option<&Readiness>,
 ) -> Result<bool, kube::Error> {
-    let Some(body) = apply_body(svc, ingress, readiness) else {
+    let Some(body) = status_patch(svc, ingress, readiness) else {
         return Ok(false);
     };
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch_status(&svc.name_any(), &params, &Patch::Strategic(&body))
+        .await?;
     Ok(true)
 }
 
@@ -273,22 +292,21 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     let only_targets = previous.as_ref().is_some_and(|p| {
         p.targets != desired.targets && p.without_targets() == desired.without_targets()
     });
-    let fresh = current_ingress(svc).is_empty();
-    if fresh && previous.is_none() {
-        ctx.event(
-            svc,
-            EventType::Normal,
-            "EnsuringLoadBalancer",
-            "Ensuring load balancer".into(),
-            "Ensure",
-        )
-        .await;
-    }
+    let fresh = current_ingress(svc).is_empty() && previous.is_none();
     let result = if only_targets {
         ctx.call("update_targets", ctx.provider.update_targets(&desired))
             .await
     } else {
-        ctx.call("ensure", ctx.provider.ensure(&desired)).await
+        let ensure = ctx.call("ensure", ctx.provider.ensure(&desired));
+        tokio::pin!(ensure);
+        // "Ensuring" only when provisioning takes long enough for someone to wonder.
+        tokio::select! {
+            result = &mut ensure => result,
+            _ = tokio::time::sleep(ENSURING_EVENT_AFTER), if fresh => {
+                ctx.event(svc, EventType::Normal, "EnsuringLoadBalancer", "Ensuring load balancer".into(), "Ensure").await;
+                ensure.await
+            }
+        }
     };
     let observed = match result {
         Ok(o) => o,
@@ -307,7 +325,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
 
     let ingress = ingress_of(&observed);
     let changed_ingress = current_ingress(svc) != ingress;
-    if write_status(&api, svc, &ingress, Some(&Readiness::ready())).await? {
+    if write_status(&api, svc, Some(&ingress), Some(&Readiness::ready())).await? {
         debug!("status updated");
     }
     if only_targets {
@@ -360,13 +378,7 @@ async fn report_failure(
         "Ensure",
     )
     .await;
-    write_status(
-        api,
-        svc,
-        &current_ingress(svc),
-        Some(&Readiness::failed(reason, message)),
-    )
-    .await?;
+    write_status(api, svc, None, Some(&Readiness::failed(reason, message))).await?;
     Ok(())
 }
 
@@ -398,7 +410,7 @@ async fn cleanup(
     }
     if !deleting {
         // The Service stays but is no longer ours: take back what ferry published.
-        write_status(api, svc, &[], None).await?;
+        write_status(api, svc, Some(&[]), None).await?;
     }
     remove_finalizer(api, svc).await?;
     info!("load balancer deleted");

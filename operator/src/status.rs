@@ -6,7 +6,6 @@
 use ferry_providers::{IpMode, ObservedLoadBalancer};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, PortStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::ResourceExt;
 use serde_json::json;
 
 pub const READY_CONDITION: &str = "ferry.dev/LoadBalancerReady";
@@ -86,11 +85,13 @@ pub fn current_condition(svc: &Service) -> Option<&Condition> {
         .find(|c| c.type_ == READY_CONDITION)
 }
 
-/// The apply body that makes the Service show `ingress` and `readiness`, or `None` when it
-/// already does. `readiness: None` removes ferry's condition (the Service is no longer ours).
-pub fn apply_body(
+/// The strategic-merge patch that makes the Service show `ingress` and `readiness`, or
+/// `None` when it already does. `ingress: None` leaves the ingress as it is (a failure never
+/// takes an address away); `readiness: None` removes ferry's condition (the Service is no
+/// longer ours). Conditions merge by type, so other controllers' conditions are kept.
+pub fn status_patch(
     svc: &Service,
-    ingress: &[LoadBalancerIngress],
+    ingress: Option<&[LoadBalancerIngress]>,
     readiness: Option<&Readiness>,
 ) -> Option<serde_json::Value> {
     let generation = svc.metadata.generation;
@@ -119,22 +120,26 @@ pub fn apply_body(
         }
         _ => false,
     };
-    if condition_same && current_ingress(svc) == ingress {
+    let ingress_same = ingress.is_none_or(|i| current_ingress(svc) == i);
+    if condition_same && ingress_same {
         return None;
     }
-    let mut status = json!({ "loadBalancer": {} });
-    if !ingress.is_empty() {
-        status["loadBalancer"]["ingress"] = json!(ingress);
+    let mut status = json!({});
+    if let Some(ingress) = ingress.filter(|_| !ingress_same) {
+        // `ingress` is an atomic list: a strategic merge replaces it whole; null deletes it.
+        status["loadBalancer"] = if ingress.is_empty() {
+            json!({ "ingress": null })
+        } else {
+            json!({ "ingress": ingress })
+        };
     }
-    if let Some(c) = condition {
-        status["conditions"] = json!([c]);
+    if !condition_same {
+        status["conditions"] = match condition {
+            Some(c) => json!([c]),
+            None => json!([{ "type": READY_CONDITION, "$patch": "delete" }]),
+        };
     }
-    Some(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": { "name": svc.name_any(), "namespace": svc.namespace() },
-        "status": status,
-    }))
+    Some(json!({ "status": status }))
 }
 
 #[cfg(test)]
@@ -198,22 +203,20 @@ mod tests {
     fn nothing_is_written_when_the_service_already_shows_it() {
         let svc = service("web").lb().port(80, 30080).build();
         let ingress = ingress_of(&observed("192.0.2.1"));
-        let body = apply_body(&svc, &ingress, Some(&Readiness::ready())).expect("first write");
+        let body =
+            status_patch(&svc, Some(&ingress), Some(&Readiness::ready())).expect("first write");
         // Feed the written status back: the next call writes nothing.
         let status: ServiceStatus = serde_json::from_value(body["status"].clone()).unwrap();
         let svc = with_status(
             status.load_balancer.unwrap().ingress.unwrap(),
             status.conditions.unwrap().pop(),
         );
-        assert!(apply_body(&svc, &ingress, Some(&Readiness::ready())).is_none());
-        // A different message is a change; the transition time is kept while status stays.
+        assert!(status_patch(&svc, Some(&ingress), Some(&Readiness::ready())).is_none());
+        // A failure changes the condition and leaves the ingress alone.
         let failed = Readiness::failed("IPInUse", "taken");
-        let body = apply_body(&svc, &ingress, Some(&failed)).unwrap();
+        let body = status_patch(&svc, None, Some(&failed)).unwrap();
         assert_eq!(body["status"]["conditions"][0]["status"], "False");
-        assert_eq!(
-            body["status"]["loadBalancer"]["ingress"][0]["ip"],
-            "192.0.2.1"
-        );
+        assert!(body["status"].get("loadBalancer").is_none());
     }
 
     #[test]
@@ -229,8 +232,12 @@ mod tests {
                 last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
             }),
         );
-        let body = apply_body(&svc, &[], None).unwrap();
-        assert_eq!(body["status"], json!({ "loadBalancer": {} }));
-        assert!(apply_body(&service("x").build(), &[], None).is_none());
+        let body = status_patch(&svc, Some(&[]), None).unwrap();
+        assert_eq!(body["status"]["loadBalancer"], json!({ "ingress": null }));
+        assert_eq!(
+            body["status"]["conditions"],
+            json!([{ "type": READY_CONDITION, "$patch": "delete" }])
+        );
+        assert!(status_patch(&service("x").build(), Some(&[]), None).is_none());
     }
 }

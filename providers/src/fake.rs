@@ -27,6 +27,7 @@ struct State {
     calls: Vec<Call>,
     fail_next: Vec<ProviderError>,
     next_octet: u8,
+    delay: std::time::Duration,
 }
 
 pub struct FakeProvider {
@@ -66,6 +67,11 @@ impl FakeProvider {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every `ensure` takes this long, as a cloud does.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.state().delay = delay;
     }
 
     /// The next call fails with `err`.
@@ -112,9 +118,14 @@ impl LoadBalancerProvider for FakeProvider {
         &self,
         desired: &DesiredLoadBalancer,
     ) -> Result<ObservedLoadBalancer, ProviderError> {
-        self.state()
-            .calls
-            .push(Call::Ensure(desired.id.to_string()));
+        let delay = {
+            let mut state = self.state();
+            state.calls.push(Call::Ensure(desired.id.to_string()));
+            state.delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         self.take_failure()?;
         let hostnames = self.hostnames;
         let mut state = self.state();
