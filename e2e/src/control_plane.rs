@@ -39,6 +39,8 @@ pub struct Options {
     /// With the watch cache off, watches are served by etcd itself, so compaction makes
     /// resuming from an old resourceVersion fail with `410 Gone`.
     pub watch_cache: bool,
+    /// `--service-node-port-range`; the default fits 2768 Services with one port.
+    pub node_port_range: Option<(u16, u16)>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             compaction_interval: Duration::from_secs(300),
             max_inflight: None,
             watch_cache: true,
+            node_port_range: None,
         }
     }
 }
@@ -196,6 +199,9 @@ impl ControlPlane {
             ),
             "--v=1",
         ]);
+        if let Some((first, last)) = options.node_port_range {
+            apiserver.arg(format!("--service-node-port-range={first}-{last}"));
+        }
         if !options.watch_cache {
             apiserver.arg("--watch-cache=false");
         }

@@ -57,9 +57,11 @@ pub fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Service hash that matters for reconciling: spec, annotations, labels, finalizers and
-/// deletion. Status writes, including ferry's own, do not trigger a reconcile. (Services do
-/// not maintain `metadata.generation`, so the spec itself is hashed.)
+/// The Service hash that matters for reconciling: spec, annotations, labels and deletion.
+/// Status writes and finalizer changes, including ferry's own, do not trigger a reconcile:
+/// each would otherwise cost a second pass per Service, often on a stale copy that repeats
+/// the status write. (A finalizer removed by hand is restored at the periodic resync.)
+/// Services do not maintain `metadata.generation`, so the spec itself is hashed.
 fn service_fingerprint(svc: &Service) -> Option<u64> {
     let mut h = DefaultHasher::new();
     serde_json::to_string(&svc.spec)
@@ -67,7 +69,6 @@ fn service_fingerprint(svc: &Service) -> Option<u64> {
         .hash(&mut h);
     svc.metadata.annotations.hash(&mut h);
     svc.metadata.labels.hash(&mut h);
-    svc.metadata.finalizers.hash(&mut h);
     svc.metadata
         .deletion_timestamp
         .as_ref()

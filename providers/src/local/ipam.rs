@@ -367,24 +367,38 @@ impl PoolAllocator {
         }
         for pool in pools {
             for range in pool.ranges.iter().filter(|r| r.family() == family) {
-                let mut cursor = Some(range.first());
-                while let Some(ip) = cursor {
-                    let taken = self
-                        .by_ip
-                        .get(&ip)
-                        .is_some_and(|h| h.keys().any(|uid| *uid != req.id.uid));
-                    let skipped = pool.avoid_buggy_ips && is_buggy(&ip);
-                    if !taken && !skipped {
-                        return Ok(Assigned {
-                            ip,
-                            pool: Some(pool.name.clone()),
-                        });
-                    }
-                    cursor = range.next_after(&ip);
+                if let Some(ip) = self.first_free(range, pool.avoid_buggy_ips, &req.id.uid) {
+                    return Ok(Assigned {
+                        ip,
+                        pool: Some(pool.name.clone()),
+                    });
                 }
             }
         }
         Err(AllocError::Exhausted { family })
+    }
+
+    /// The lowest address of `range` nobody but `uid` holds. Walks the held addresses of the
+    /// range in order alongside a cursor, so the cost is the number of held addresses below
+    /// the first gap, not a map lookup per address.
+    fn first_free(&self, range: &AddressRange, avoid_buggy: bool, uid: &str) -> Option<IpAddr> {
+        let mut cursor = Some(range.first());
+        let mut held = self
+            .by_ip
+            .range(range.first()..=range.last())
+            .filter(|(_, h)| h.keys().any(|holder| holder != uid))
+            .map(|(ip, _)| *ip)
+            .peekable();
+        while let Some(ip) = cursor {
+            while held.next_if(|h| *h < ip).is_some() {}
+            let taken = held.peek() == Some(&ip);
+            let skipped = avoid_buggy && is_buggy(&ip);
+            if !taken && !skipped {
+                return Some(ip);
+            }
+            cursor = range.next_after(&ip);
+        }
+        None
     }
 
     /// Whether what `req` holds still satisfies it, so a Service keeps its address.
