@@ -44,6 +44,8 @@ struct Run {
     finalizers: Duration,
     /// Operator started with N Services waiting: start → all have ingress.
     backlog: Duration,
+    /// Of that, start → first ingress (process start, leader election, cache sync, rebuild).
+    startup: Duration,
     /// Operator running while N are created: first create → all have ingress.
     live: Duration,
     p50: Duration,
@@ -200,15 +202,16 @@ async fn one_run(cp: &ControlPlane, args: &Args) -> anyhow::Result<Run> {
     let mut operator = OperatorProcess::start(
         &cp.operator_kubeconfig,
         &cp.dir,
-        &["--concurrency", &concurrency],
+        &["--concurrency", &concurrency, "--log-filter", "info"],
     )?;
     wait_all(&backlog_seen, n, Duration::from_secs(600)).await?;
-    let backlog = backlog_seen
+    let (first, last) = backlog_seen
         .lock()
         .ok()
-        .and_then(|m| m.values().max().copied())
-        .map(|last| last - t0)
-        .unwrap_or_default();
+        .and_then(|m| Some((*m.values().min()?, *m.values().max()?)))
+        .unwrap_or((t0, t0));
+    let backlog = last - t0;
+    let startup = first - t0;
 
     // Live: N more are created while the operator runs.
     let ns = namespace(&admin, "live").await?;
@@ -251,6 +254,7 @@ async fn one_run(cp: &ControlPlane, args: &Args) -> anyhow::Result<Run> {
         bare,
         finalizers,
         backlog,
+        startup,
         live,
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),

@@ -54,6 +54,9 @@ pub struct LocalConfig {
 struct State {
     allocator: PoolAllocator,
     verdicts: BTreeMap<String, pools::Verdict>,
+    /// What the pools said (name, creation time, spec) when last applied: status updates of
+    /// the pools, including ferry's own, change nothing and must not requeue every Service.
+    applied_specs: Option<Vec<(String, Option<String>, String)>>,
     started: bool,
 }
 
@@ -145,6 +148,7 @@ impl LocalProvider {
             state: Mutex::new(State {
                 allocator: PoolAllocator::new(),
                 verdicts: BTreeMap::new(),
+                applied_specs: None,
                 started: false,
             }),
             pools: pool_reader,
@@ -222,6 +226,20 @@ impl Inner {
     async fn refresh_pools(&self) {
         let objects: Vec<LoadBalancerPool> =
             self.pools.state().iter().map(|p| (**p).clone()).collect();
+        let mut specs: Vec<(String, Option<String>, String)> = objects
+            .iter()
+            .map(|p| {
+                (
+                    p.name_any(),
+                    p.creation_timestamp().map(|t| t.0.to_string()),
+                    serde_json::to_string(&p.spec).unwrap_or_default(),
+                )
+            })
+            .collect();
+        specs.sort();
+        if self.lock().applied_specs.as_ref() == Some(&specs) {
+            return;
+        }
         let set = pools::validate(&objects);
         for (name, verdict) in &set.verdicts {
             if !verdict.ready {
@@ -232,6 +250,7 @@ impl Inner {
             let mut state = self.lock();
             state.allocator.set_pools(set.valid, set.unready);
             state.verdicts = set.verdicts;
+            state.applied_specs = Some(specs);
         }
         self.signal(ProviderSignal::ConfigurationChanged).await;
         self.status_dirty.notify_one();

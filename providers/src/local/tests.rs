@@ -312,3 +312,20 @@ async fn restart_rebuilds_from_status_and_never_hands_out_an_address_twice() {
         "192.0.2.2"
     );
 }
+
+#[tokio::test]
+async fn pool_status_updates_do_not_requeue_every_service() {
+    let (p, _) = provider(Cluster {
+        pools: vec![pool("default", &["192.0.2.0/30"])],
+        services: vec![],
+    });
+    let mut signals = p.take_signals().unwrap();
+    p.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while signals.try_recv().is_ok() {}
+    // The watch delivers the pools again (as it does after every status write of ours):
+    // their specs are unchanged, so nothing is signalled.
+    p.inner.refresh_pools().await;
+    p.inner.refresh_pools().await;
+    assert!(signals.try_recv().is_err());
+}
