@@ -31,13 +31,16 @@ fn start_sandbox() -> Sandbox {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut kubeconfig = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(path) = line.strip_prefix("kubeconfig: ") {
             kubeconfig = Some(PathBuf::from(path.trim()));
             break;
         }
     }
+    // Keep reading, so the sandbox never writes into a closed pipe.
+    std::thread::spawn(move || for _ in lines {});
     Sandbox {
         child,
         kubeconfig: kubeconfig.expect("the sandbox prints its kubeconfig"),
@@ -107,11 +110,23 @@ fn kubectl_sees_an_external_ip_within_seconds() {
         ],
     );
     assert!(events.contains("EnsuredLoadBalancer"), "{events}");
-    let pools = kubectl(&kc, &["get", "lbpool"]);
-    assert!(
-        pools.contains("default") && pools.contains("True"),
-        "{pools}"
-    );
+    // Pool status is written shortly after allocations (debounced).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pools = kubectl(&kc, &["get", "lbpool"]);
+        let row: Vec<&str> = pools
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        // NAME ADDRESSES AUTO-ASSIGN ALLOCATED AVAILABLE READY AGE
+        if row.len() >= 7 && row[3] == "1" && row[4] == "14" && row[5] == "True" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool status not shown:\n{pools}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A simulated node answers on the Service's NodePort.
     let node_port = kubectl(

@@ -322,6 +322,10 @@ fn main() -> anyhow::Result<()> {
         format!("backlog: operator started with {n} Services waiting → all have ingress"),
         |r| r.backlog,
     );
+    row(
+        "backlog: of which operator start → first ingress".into(),
+        |r| r.startup,
+    );
     ratio_row(
         "ratio backlog / bare status patches (target ≤ 2)".into(),
         |r| r.backlog,

@@ -15,6 +15,14 @@ use ferry_e2e::scenario::pool;
 use ferry_operator::config::Config as OperatorConfig;
 use kube::api::{Api, Patch, PatchParams};
 
+/// Prints a line for the user; a closed stdout (piped into `head`) must not stop the sandbox.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-sandbox",
@@ -51,25 +59,25 @@ fn main() {
         }
         Err(e) => {
             let line = e.to_string().lines().next().unwrap_or_default().to_string();
-            eprintln!("{line}");
+            esay!("{line}");
             std::process::exit(2);
         }
     };
     // The control plane's processes die with the thread that started them: this one.
-    eprintln!(
+    esay!(
         "ferry-sandbox: starting kube-apiserver and etcd (the first run builds them from their Go modules: a few minutes)"
     );
     let cp = match ControlPlane::start(&Options::default()) {
         Ok(cp) => cp,
         Err(err) => {
-            eprintln!("error: the control plane did not start: {err:#}");
+            esay!("error: the control plane did not start: {err:#}");
             std::process::exit(1);
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("error: {err}");
+            esay!("error: {err}");
             std::process::exit(1);
         }
     };
@@ -80,9 +88,9 @@ fn main() {
         let _ = std::fs::remove_file(path);
     }
     match result {
-        Ok(()) => eprintln!("ferry-sandbox: stopped and cleaned up"),
+        Ok(()) => esay!("ferry-sandbox: stopped and cleaned up"),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            esay!("error: {err:#}");
             std::process::exit(1);
         }
     }
@@ -147,31 +155,31 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     };
     let first = nodes.first().map(|n| n.ip.to_string()).unwrap_or_default();
     let last = nodes.last().map(|n| n.ip.to_string()).unwrap_or_default();
-    println!("ferry sandbox is up");
-    println!("  API server:  {}", cp.url);
-    println!("  nodes:       {} ({first} .. {last})", nodes.len());
-    println!("  pool:        default ({})", args.pool);
+    say!("ferry sandbox is up");
+    say!("  API server:  {}", cp.url);
+    say!("  nodes:       {} ({first} .. {last})", nodes.len());
+    say!("  pool:        default ({})", args.pool);
     if args.no_operator {
-        println!(
+        say!(
             "  operator:    not started; run yours with KUBECONFIG={}",
             cp.operator_kubeconfig.display()
         );
     } else {
-        println!("  operator:    running, log in {}", log_path.display());
+        say!("  operator:    running, log in {}", log_path.display());
     }
-    println!("kubeconfig: {}", kubeconfig.display());
-    println!();
-    println!("Try:");
-    println!("  export KUBECONFIG={}", kubeconfig.display());
-    println!("  kubectl apply -f examples/web.yaml");
-    println!("  kubectl get svc web          # EXTERNAL-IP from the pool within a second");
-    println!(
+    say!("kubeconfig: {}", kubeconfig.display());
+    say!();
+    say!("Try:");
+    say!("  export KUBECONFIG={}", kubeconfig.display());
+    say!("  kubectl apply -f examples/web.yaml");
+    say!("  kubectl get svc web          # EXTERNAL-IP from the pool within a second");
+    say!(
         "  curl http://{first}:$(kubectl get svc web -o jsonpath='{{.spec.ports[0].nodePort}}')   # a node's NodePort"
     );
-    println!("Ctrl-C stops the sandbox and removes everything it created.");
+    say!("Ctrl-C stops the sandbox and removes everything it created.");
 
     tokio::signal::ctrl_c().await?;
-    eprintln!("ferry-sandbox: stopping");
+    esay!("ferry-sandbox: stopping");
     if let Some(op) = operator {
         // The operator saw the same Ctrl-C and releases its lease; give it a moment.
         let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
