@@ -59,25 +59,25 @@ fn main() {
         }
         Err(e) => {
             let line = e.to_string().lines().next().unwrap_or_default().to_string();
-            esay!("{line}");
+            eprintln!("{line}");
             std::process::exit(2);
         }
     };
     // The control plane's processes die with the thread that started them: this one.
-    esay!(
+    eprintln!(
         "ferry-sandbox: starting kube-apiserver and etcd (the first run builds them from their Go modules: a few minutes)"
     );
     let cp = match ControlPlane::start(&Options::default()) {
         Ok(cp) => cp,
         Err(err) => {
-            esay!("error: the control plane did not start: {err:#}");
+            eprintln!("error: the control plane did not start: {err:#}");
             std::process::exit(1);
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
-            esay!("error: {err}");
+            eprintln!("error: {err}");
             std::process::exit(1);
         }
     };
@@ -88,9 +88,9 @@ fn main() {
         let _ = std::fs::remove_file(path);
     }
     match result {
-        Ok(()) => esay!("ferry-sandbox: stopped and cleaned up"),
+        Ok(()) => eprintln!("ferry-sandbox: stopped and cleaned up"),
         Err(err) => {
-            esay!("error: {err:#}");
+            eprintln!("error: {err:#}");
             std::process::exit(1);
         }
     }
@@ -179,7 +179,7 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     say!("Ctrl-C stops the sandbox and removes everything it created.");
 
     tokio::signal::ctrl_c().await?;
-    esay!("ferry-sandbox: stopping");
+    eprintln!("ferry-sandbox: stopping");
     if let Some(op) = operator {
         // The operator saw the same Ctrl-C and releases its lease; give it a moment.
         let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
