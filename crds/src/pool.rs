@@ -60,6 +60,20 @@ pub struct LoadBalancerPoolSpec {
     pub ip_mode: Option<IpMode>,
 }
 
+impl LoadBalancerPoolSpec {
+    /// A pool of `addresses` with the defaults a user gets from YAML that names nothing else.
+    pub fn with_addresses(addresses: &[&str]) -> Self {
+        Self {
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            auto_assign: true,
+            avoid_buggy_ips: false,
+            service_selector: None,
+            namespace_selector: None,
+            ip_mode: None,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }

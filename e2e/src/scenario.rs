@@ -93,17 +93,7 @@ pub fn with_annotation(mut svc: Service, key: &str, value: &str) -> Service {
 }
 
 pub fn pool(name: &str, addresses: &[&str]) -> LoadBalancerPool {
-    LoadBalancerPool::new(
-        name,
-        LoadBalancerPoolSpec {
-            addresses: addresses.iter().map(|s| s.to_string()).collect(),
-            auto_assign: true,
-            avoid_buggy_ips: false,
-            service_selector: None,
-            namespace_selector: None,
-            ip_mode: None,
-        },
-    )
+    LoadBalancerPool::new(name, LoadBalancerPoolSpec::with_addresses(addresses))
 }
 
 /// The first ingress address of a Service, once it has one.

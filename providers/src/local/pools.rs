@@ -146,17 +146,7 @@ mod tests {
     };
 
     fn pool(name: &str, age_secs: i64, addresses: &[&str]) -> LoadBalancerPool {
-        let mut p = LoadBalancerPool::new(
-            name,
-            LoadBalancerPoolSpec {
-                addresses: addresses.iter().map(|s| s.to_string()).collect(),
-                auto_assign: true,
-                avoid_buggy_ips: false,
-                service_selector: None,
-                namespace_selector: None,
-                ip_mode: None,
-            },
-        );
+        let mut p = LoadBalancerPool::new(name, LoadBalancerPoolSpec::with_addresses(addresses));
         p.metadata.creation_timestamp = Some(Time(
             jiff::Timestamp::from_second(1_700_000_000 + age_secs).unwrap(),
         ));

@@ -24,17 +24,7 @@ struct Cluster {
 }
 
 fn pool(name: &str, addresses: &[&str]) -> LoadBalancerPool {
-    let mut p = LoadBalancerPool::new(
-        name,
-        LoadBalancerPoolSpec {
-            addresses: addresses.iter().map(|s| s.to_string()).collect(),
-            auto_assign: true,
-            avoid_buggy_ips: false,
-            service_selector: None,
-            namespace_selector: None,
-            ip_mode: None,
-        },
-    );
+    let mut p = LoadBalancerPool::new(name, LoadBalancerPoolSpec::with_addresses(addresses));
     p.metadata.resource_version = Some("1".into());
     p
 }
