@@ -437,22 +437,40 @@ fn jitter(base: Duration, key: &str) -> Duration {
 /// What to do after a failed reconcile.
 pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(err.kind());
-    let uid = svc.uid().unwrap_or_default();
+    match retry_delay(err, &ctx, &svc.uid().unwrap_or_default()) {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    }
+}
+
+/// When to try again after `err` (`None`: when the Service changes); counts consecutive
+/// transient failures of `uid` for its backoff.
+pub fn retry_delay(err: &Error, ctx: &Context, uid: &str) -> Option<Duration> {
+    let uid = uid.to_string();
     match err {
         // Retrying changes nothing until the Service changes (which triggers a reconcile).
-        Error::Invalid(_) | Error::Provider(ProviderError::InvalidInput { .. }) => {
-            Action::await_change()
-        }
+        Error::Invalid(_) | Error::Provider(ProviderError::InvalidInput { .. }) => None,
         // Also retried at once when the provider signals a change (pool edited, address freed).
         Error::Provider(
             ProviderError::Allocation { .. }
             | ProviderError::Conflict { .. }
             | ProviderError::Configuration { .. },
-        ) => Action::requeue(SLOW_RETRY),
+        ) => Some(SLOW_RETRY),
         Error::Provider(ProviderError::Transient {
             retry_after: Some(after),
             ..
-        }) => Action::requeue(*after),
+        }) => Some(*after),
+        // An overloaded API server says when to come back; that is not this Service's fault,
+        // so it does not grow the Service's backoff.
+        Error::Kube(kube::Error::Api(status)) if status.code == 429 => {
+            let after = status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .unwrap_or(1);
+            Some(jitter(Duration::from_secs(u64::from(after)), &uid) + jitter_extra(&uid))
+        }
         Error::Provider(ProviderError::Transient {
             retry_after: None, ..
         })
@@ -463,9 +481,17 @@ pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action
                 *n = n.saturating_add(1);
                 *n
             };
-            Action::requeue(backoff(attempts, &uid))
+            Some(backoff(attempts, &uid))
         }
     }
+}
+
+/// Up to one more second, so that Services throttled together do not return together.
+fn jitter_extra(key: &str) -> Duration {
+    let hash = key
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+    Duration::from_millis(hash % 1000)
 }
 
 /// Exponential backoff from 1 s to 5 min, with up to 10% jitter.

@@ -442,6 +442,25 @@ async fn api_conflicts_are_retried_with_backoff() {
 }
 
 #[tokio::test]
+async fn throttling_by_the_api_server_is_retried_soon_without_growing_the_backoff() {
+    let svc = Arc::new(service("web").lb().port(80, 30080).build());
+    let w = world(&svc, FakeProvider::new(), &[]);
+    for _ in 0..5 {
+        w.api.fail_once(SVC, 429);
+        let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+        let wait = retry_delay(&err, &w.ctx, "uid-web").expect("retried");
+        assert!(wait <= Duration::from_millis(2200), "{wait:?}");
+    }
+    // The next transient failure starts the backoff from the beginning.
+    w.fake.fail_next(ProviderError::transient("503"));
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        error_policy(svc, &err, w.ctx.clone()),
+        Action::requeue(backoff(1, "uid-web"))
+    );
+}
+
+#[tokio::test]
 async fn deletion_removes_the_balancer_then_the_finalizer() {
     let svc = provisioned(
         service("web")
