@@ -335,10 +335,6 @@ impl ControlPlane {
     pub async fn operator_client(&self) -> anyhow::Result<Client> {
         client_from(&self.operator_kubeconfig).await
     }
-
-    pub fn apiserver_log(&self) -> PathBuf {
-        self.dir.join("kube-apiserver.log")
-    }
 }
 
 impl Drop for ControlPlane {

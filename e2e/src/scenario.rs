@@ -2,7 +2,6 @@
 //! and pool objects, waiting for a condition with a deadline, and one test at a time per
 //! control plane (tests share cluster-scoped state such as pools).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -82,14 +81,6 @@ pub fn lb_service(name: &str, ports: &[i32]) -> Service {
         }),
         status: None,
     }
-}
-
-pub fn with_annotation(mut svc: Service, key: &str, value: &str) -> Service {
-    svc.metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(key.into(), value.into());
-    svc
 }
 
 pub fn pool(name: &str, addresses: &[&str]) -> LoadBalancerPool {

@@ -32,8 +32,3 @@ fn build() -> anyhow::Result<PathBuf> {
     }
     Ok(bin)
 }
-
-/// `helm`, built from its Go module.
-pub fn helm() -> anyhow::Result<PathBuf> {
-    Ok(ensure_built()?.join("helm"))
-}

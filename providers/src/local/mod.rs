@@ -204,11 +204,6 @@ impl LocalProvider {
         }));
         Self { inner, tasks }
     }
-
-    /// Test hook: the allocator behind this provider.
-    pub fn with_allocator<T>(&self, f: impl FnOnce(&mut PoolAllocator) -> T) -> T {
-        f(&mut self.inner.lock().allocator)
-    }
 }
 
 impl Inner {
