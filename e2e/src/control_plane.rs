@@ -72,10 +72,9 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
-    let out = fs::File::create(log)?;
-    let err = out.try_clone()?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+/// Makes the child get SIGKILL when the thread that spawned it exits, so test processes never
+/// outlive a failed or killed test run.
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -85,6 +84,13 @@ fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
             Ok(())
         });
     }
+}
+
+fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
+    let out = fs::File::create(log)?;
+    let err = out.try_clone()?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    die_with_parent(&mut cmd);
     cmd.spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))
 }

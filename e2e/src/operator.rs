@@ -3,13 +3,12 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use crate::control_plane::free_port;
+use crate::control_plane::{die_with_parent, free_port};
 
 pub struct OperatorProcess {
     child: Option<Child>,
@@ -86,13 +85,7 @@ impl OperatorProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         self.child = Some(cmd.spawn().context("starting ferry-operator")?);
         Ok(())
     }
