@@ -251,6 +251,20 @@ impl Inner {
         self.status_dirty.notify_one();
     }
 
+    /// What the allocator would be asked for `svc`, if it is ours. A Service whose spec is
+    /// invalid still holds its addresses, exclusively (no sharing key), so nobody else gets them.
+    fn request_of(&self, svc: &Service) -> Option<AllocationRequest> {
+        Some(match (self.lens)(svc)? {
+            Ok(desired) => {
+                allocation_request(&desired, self.namespace_labels(&desired.id.namespace))
+            }
+            Err(id) => AllocationRequest {
+                id,
+                ..AllocationRequest::default()
+            },
+        })
+    }
+
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
         self.namespaces
             .get(&ObjectRef::new(namespace))
@@ -317,15 +331,8 @@ impl Inner {
                 if ips.is_empty() {
                     continue;
                 }
-                let req = match (self.lens)(svc) {
-                    None => continue,
-                    Some(Ok(desired)) => {
-                        allocation_request(&desired, self.namespace_labels(&desired.id.namespace))
-                    }
-                    Some(Err(id)) => AllocationRequest {
-                        id,
-                        ..AllocationRequest::default()
-                    },
+                let Some(req) = self.request_of(svc) else {
+                    continue;
                 };
                 match state.allocator.restore(&req, &ips) {
                     Ok(()) => restored += 1,
@@ -359,15 +366,11 @@ impl Inner {
         let mut live = BTreeMap::new();
         let mut resync = Vec::new();
         for svc in &services.items {
-            let Some(view) = (self.lens)(svc) else {
+            let Some(req) = self.request_of(svc) else {
                 continue;
             };
-            let id = match view {
-                Ok(d) => d.id,
-                Err(id) => id,
-            };
             let shown = status_ips(svc);
-            live.insert(id.uid.clone(), (id, shown));
+            live.insert(req.id.uid.clone(), (req.id, shown));
         }
         let mut leaked = Vec::new();
         {
