@@ -126,19 +126,10 @@ fn provider_triggers(
     let (tx, rx) = futures::channel::mpsc::unbounded();
     if let Some(mut signals) = signals {
         tokio::spawn(async move {
-            while let Some(first) = signals.recv().await {
-                let mut batch = vec![first];
-                let window = tokio::time::sleep(Duration::from_millis(500));
-                tokio::pin!(window);
-                loop {
-                    tokio::select! {
-                        _ = &mut window => break,
-                        next = signals.recv() => match next {
-                            Some(s) => batch.push(s),
-                            None => break,
-                        },
-                    }
-                }
+            let mut signals = futures::stream::poll_fn(move |cx| signals.poll_recv(cx));
+            while let Some(first) = signals.next().await {
+                let batch =
+                    nodes::collect_window(first, &mut signals, Duration::from_millis(500)).await;
                 let all = batch.contains(&ProviderSignal::ConfigurationChanged);
                 let not_ready = batch.contains(&ProviderSignal::CapacityFreed);
                 let uids: std::collections::HashSet<String> = batch

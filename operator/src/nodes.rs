@@ -14,6 +14,30 @@ use tracing::{debug, info};
 
 use crate::reconcile::Context;
 
+/// `first` and whatever else `stream` yields within `window` after it: one batch.
+pub(crate) async fn collect_window<S>(
+    first: S::Item,
+    stream: &mut S,
+    window: Duration,
+) -> Vec<S::Item>
+where
+    S: Stream + Unpin,
+{
+    let mut batch = vec![first];
+    let deadline = tokio::time::sleep(window);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            next = stream.next() => match next {
+                Some(item) => batch.push(item),
+                None => break,
+            },
+        }
+    }
+    batch
+}
+
 /// Turns a stream of "some node changed" ticks into batches of Services to reconcile.
 pub fn node_pass_triggers(
     changes: impl Stream<Item = ()> + Send + 'static,
@@ -26,16 +50,9 @@ pub fn node_pass_triggers(
         let changes = changes.fuse();
         futures::pin_mut!(changes);
         let mut last_targets = None;
-        while changes.next().await.is_some() {
-            // Collect everything that arrives within the window into this one pass.
-            let window = tokio::time::sleep(debounce);
-            tokio::pin!(window);
-            loop {
-                tokio::select! {
-                    _ = &mut window => break,
-                    more = changes.next() => if more.is_none() { break },
-                }
-            }
+        while let Some(first) = changes.next().await {
+            // Everything that arrives within the window is this one pass.
+            collect_window(first, &mut changes, debounce).await;
             let targets = ctx.targets();
             if last_targets.as_ref() == Some(&targets) {
                 debug!("node change does not change the eligible targets");
