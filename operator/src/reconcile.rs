@@ -427,11 +427,16 @@ async fn cleanup(
 
 /// Spreads periodic resyncs so that they do not all land at once.
 fn jitter(base: Duration, key: &str) -> Duration {
+    base + spread(key, base / 10)
+}
+
+/// A duration below `max`, fixed per `key`, so that retries of many Services fan out.
+fn spread(key: &str, max: Duration) -> Duration {
     let hash = key
         .bytes()
         .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    let spread = base.as_millis() as u64 / 10;
-    base + Duration::from_millis(if spread == 0 { 0 } else { hash % spread })
+    let max = max.as_millis() as u64;
+    Duration::from_millis(if max == 0 { 0 } else { hash % max })
 }
 
 /// What to do after a failed reconcile.
@@ -469,7 +474,7 @@ pub fn retry_delay(err: &Error, ctx: &Context, uid: &str) -> Option<Duration> {
                 .map(|d| d.retry_after_seconds)
                 .filter(|s| *s > 0)
                 .unwrap_or(1);
-            Some(jitter(Duration::from_secs(u64::from(after)), &uid) + jitter_extra(&uid))
+            Some(Duration::from_secs(u64::from(after)) + spread(&uid, Duration::from_secs(1)))
         }
         Error::Provider(ProviderError::Transient {
             retry_after: None, ..
@@ -484,14 +489,6 @@ pub fn retry_delay(err: &Error, ctx: &Context, uid: &str) -> Option<Duration> {
             Some(backoff(attempts, &uid))
         }
     }
-}
-
-/// Up to one more second, so that Services throttled together do not return together.
-fn jitter_extra(key: &str) -> Duration {
-    let hash = key
-        .bytes()
-        .fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
-    Duration::from_millis(hash % 1000)
 }
 
 /// Exponential backoff from 1 s to 5 min, with up to 10% jitter.
