@@ -26,15 +26,10 @@ impl ProviderKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use ferry_runtime::LogFormat;
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 10m)"))
-}
+pub use ferry_runtime::ParseOutcome;
+use ferry_runtime::duration;
 
 /// ferry: `type: LoadBalancer` Services on AWS, GCE and clusters without a cloud.
 #[derive(Clone, Debug, Parser)]
@@ -158,35 +153,8 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Config::try_parse_from(args).map_err(|e| match e.kind() {
-            clap::error::ErrorKind::DisplayHelp
-            | clap::error::ErrorKind::DisplayVersion
-            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                ParseOutcome::Print(e.to_string())
-            }
-            _ => ParseOutcome::Error(one_line(&e.to_string())),
-        })
+        ferry_runtime::parse_args(args)
     }
-}
-
-/// What to do instead of running.
-#[derive(Debug)]
-pub enum ParseOutcome {
-    /// `--help` or `--version`: print this and exit 0.
-    Print(String),
-    /// A bad flag: print this single line and exit 2.
-    Error(String),
-}
-
-/// clap's message up to its usage block, on one line.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.trim_start().starts_with("Usage:") && !l.starts_with("For more"))
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

@@ -1,22 +1,20 @@
 //! ferry's operator: watches Services, Nodes and its provider, and keeps one balancer per
 //! LoadBalancer Service it owns. Wiring lives here; each concern has its own module:
-//! `class` (ownership), `desired` and `eligibility` (pure inputs), `reconcile` (one Service),
+//! `class` (ownership), `desired` and `eligibility` (pure inputs, shared with the forwarder
+//! from `ferry-providers`), `reconcile` (one Service),
 //! `nodes` (the batched node pass), `status`, `leader`, `orphans`, `metrics`, `server`.
 
-pub mod class;
 pub mod config;
-pub mod desired;
-pub mod eligibility;
 pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod orphans;
 pub mod reconcile;
-pub mod server;
 pub mod status;
 
 #[cfg(test)]
-pub mod fixtures;
+pub use ferry_providers::fixtures;
+pub use ferry_providers::{class, desired, eligibility};
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -36,25 +34,18 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::class::ClassFilter;
-use crate::config::{Config, LogFormat, ProviderKind};
+use crate::config::{Config, ProviderKind};
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
-use crate::server::Health;
+use ferry_runtime::server::{self, Health, MetricsText};
 
 /// How long in-flight work may run after SIGTERM before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Sets up logging as configured; JSON for log pipelines, text for people.
 pub fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
-        .with_context(|| format!("invalid --log-filter {:?}", config.log_filter))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
+    ferry_runtime::init_logging(&config.log_filter, config.log_format)
 }
 
 /// The Service hash that matters for reconciling: spec, annotations, labels and deletion.
@@ -188,13 +179,17 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
     provider.register_metrics(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
-    let metrics_addr = server::serve(config.metrics_addr, metrics.clone(), health.clone())
+    let metrics_text: MetricsText = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
+    };
+    let metrics_addr = server::serve(config.metrics_addr, metrics_text.clone(), health.clone())
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
     let health_addr = if config.health_addr == config.metrics_addr {
         metrics_addr
     } else {
-        server::serve(config.health_addr, metrics.clone(), health.clone())
+        server::serve(config.health_addr, metrics_text, health.clone())
             .await
             .with_context(|| format!("cannot listen on --health-addr {}", config.health_addr))?
     };
@@ -203,7 +198,7 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        ferry_runtime::shutdown_signal().await;
         let _ = shutdown_tx.send(true);
     });
     let shutdown = {
@@ -402,29 +397,6 @@ async fn run_controllers(
         })
         .await;
     orphans.abort();
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 #[cfg(test)]

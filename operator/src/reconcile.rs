@@ -24,7 +24,7 @@ use crate::eligibility::eligible_targets;
 use crate::metrics::Metrics;
 use crate::status::{self, Readiness, current_ingress, ingress_of, status_patch};
 
-pub const FINALIZER: &str = "ferry.dev/load-balancer";
+pub use ferry_providers::class::FINALIZER;
 const FIELD_MANAGER: &str = "ferry-operator";
 
 /// Waiting time after errors that need an outside change but might also pass (an address

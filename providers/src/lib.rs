@@ -4,11 +4,18 @@
 //! pools): it hands a `DesiredLoadBalancer`, computed purely from a Service and the eligible
 //! Nodes, and gets back an `ObservedLoadBalancer` to publish. Errors are typed so the operator
 //! can decide between backoff, waiting for a change, and honouring a Retry-After. Nothing here
-//! knows about kube-runtime controllers.
+//! knows about kube-runtime controllers. The pure inputs every consumer shares live here too:
+//! `class` (which Services are ferry's), `eligibility` (which nodes are targets) and `desired`
+//! (Service + nodes → `DesiredLoadBalancer`), so the operator and the forwarder agree on them.
 
+pub mod class;
+pub mod desired;
+pub mod eligibility;
 pub mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod local;
 pub mod model;
 

@@ -38,6 +38,24 @@ use ipam::{AllocationRequest, Assigned, PoolAllocator};
 /// Annotation choosing how traffic reaches a Service's address (`Proxy` or `VIP`).
 pub const IP_MODE_ANNOTATION: &str = "ferry.dev/ip-mode";
 
+/// Annotation asking the forwarder to prepend a PROXY protocol header to each forwarded
+/// connection (`v2`), so a backend behind the userspace path learns the client's address.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.dev/proxy-protocol";
+
+/// Whether the Service asks for PROXY protocol v2 on forwarded connections.
+pub fn proxy_protocol_of(annotations: &BTreeMap<String, String>) -> Result<bool, ProviderError> {
+    match annotations.get(PROXY_PROTOCOL_ANNOTATION).map(|s| s.trim()) {
+        None | Some("") | Some("none") => Ok(false),
+        Some("v2") => Ok(true),
+        Some(other) => Err(ProviderError::invalid(
+            "InvalidAnnotation",
+            format!(
+                "annotation {PROXY_PROTOCOL_ANNOTATION}: {other:?} is not \"v2\" (or \"none\")"
+            ),
+        )),
+    }
+}
+
 /// How the operator sees a Service: `None` when it is not this operator's, `Some(Ok)` with its
 /// desired balancer, `Some(Err(id))` when it is ours but its spec is invalid (its addresses
 /// are still held, so nobody else gets them).
@@ -541,6 +559,7 @@ impl LoadBalancerProvider for LocalProvider {
             }
         }
         let ip_mode = ip_mode_of(desired)?;
+        proxy_protocol_of(&desired.annotations)?;
         let req = allocation_request(desired, self.inner.namespace_labels(&desired.id.namespace));
         let (assigned, changed) = {
             let mut state = self.inner.lock();

@@ -211,6 +211,14 @@ async fn bad_input_allocates_nothing_and_leaves_others_alone() {
     assert_eq!(err.reason(), "InvalidAnnotation");
     assert!(err.to_string().contains(IP_MODE_ANNOTATION));
 
+    let mut proxy = desired("proxy");
+    proxy
+        .annotations
+        .insert(PROXY_PROTOCOL_ANNOTATION.into(), "v1".into());
+    let err = p.ensure(&proxy).await.unwrap_err();
+    assert_eq!(err.reason(), "InvalidAnnotation");
+    assert!(err.to_string().contains(PROXY_PROTOCOL_ANNOTATION));
+
     let mut taken = desired("taken");
     taken.requested_ips = vec!["192.0.2.0".parse().unwrap()];
     let err = p.ensure(&taken).await.unwrap_err();

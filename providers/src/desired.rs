@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ferry_providers::{
+use crate::{
     DesiredLoadBalancer, IpFamily, IpFamilyPolicy, LoadBalancerId, NodeTarget, PortSpec, Protocol,
     SessionAffinity, TrafficPolicy,
 };

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ClientIPConfig, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Service, ServicePort,
-    ServiceSpec, SessionAffinityConfig, Taint,
+    ClientIPConfig, LoadBalancerIngress, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus,
+    Service, ServicePort, ServiceSpec, SessionAffinityConfig, Taint,
 };
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 pub struct ServiceBuilder(Service);
@@ -111,7 +112,7 @@ impl ServiceBuilder {
         self
     }
     pub fn finalized(mut self) -> Self {
-        self.0.metadata.finalizers = Some(vec![crate::reconcile::FINALIZER.into()]);
+        self.0.metadata.finalizers = Some(vec![crate::class::FINALIZER.into()]);
         self
     }
     pub fn deleting(mut self) -> Self {
@@ -122,8 +123,55 @@ impl ServiceBuilder {
         self.0.status = Some(status);
         self
     }
+    /// Publishes `ip` in `status.loadBalancer.ingress` with `ip_mode` (`Proxy` or `VIP`).
+    pub fn ingress(mut self, ip: &str, ip_mode: &str) -> Self {
+        let status = self.0.status.get_or_insert_with(Default::default);
+        status
+            .load_balancer
+            .get_or_insert_with(Default::default)
+            .ingress
+            .get_or_insert_with(Vec::new)
+            .push(LoadBalancerIngress {
+                ip: Some(ip.into()),
+                ip_mode: Some(ip_mode.into()),
+                ..LoadBalancerIngress::default()
+            });
+        self
+    }
     pub fn build(self) -> Service {
         self.0
+    }
+}
+
+/// An EndpointSlice of Service `service` in `default`, one endpoint per `(address, node,
+/// ready)`.
+pub fn endpoint_slice(service: &str, endpoints: &[(&str, &str, bool)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-abcde")),
+            namespace: Some("default".into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(address, node, ready)| Endpoint {
+                    addresses: vec![address.to_string()],
+                    node_name: Some(node.to_string()),
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*ready),
+                        ..EndpointConditions::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+        ports: None,
     }
 }
 

@@ -1,6 +1,9 @@
 //! Which Services are this operator's: `type: LoadBalancer` with our `loadBalancerClass`, or
 //! with no class when we are the cluster's default implementation.
 
+/// Held on every Service ferry provisions for, removed once its balancer is gone.
+pub const FINALIZER: &str = "ferry.dev/load-balancer";
+
 use k8s_openapi::api::core::v1::Service;
 
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use ferry_providers::NodeTarget;
+use crate::NodeTarget;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 

@@ -1,0 +1,274 @@
+//! Forwarder heartbeats: each forwarder renews a Lease named for its node, and every forwarder
+//! tracks which of those Leases are fresh. A node whose forwarder stops renewing loses its
+//! VIPs once its Lease expires, which bounds failover time.
+//!
+//! Freshness is judged by this process's own monotonic clock (when did the renew time last
+//! change?), as client-go's leader election does, so clock skew between nodes cannot keep a
+//! dead node alive. Only a Lease seen for the first time is judged by the wall clock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use tracing::{debug, info, warn};
+
+/// Label on every heartbeat Lease, so forwarders watch only those.
+pub const HEARTBEAT_LABEL: &str = "ferry.dev/forwarder-heartbeat";
+const FIELD_MANAGER: &str = "ferry-forwarder";
+
+/// The heartbeat Lease's name for `node`.
+pub fn lease_name(node: &str) -> String {
+    format!("ferry-forwarder-{node}")
+}
+
+/// Which forwarders are alive, from the Leases they renew.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Node → (renew time as last seen, when it was last seen to change, lease duration).
+    seen: HashMap<String, (Option<jiff::Timestamp>, Instant, Duration)>,
+}
+
+fn node_of(lease: &Lease) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()?
+        .holder_identity
+        .as_deref()
+        .filter(|s| !s.is_empty())
+}
+
+impl Liveness {
+    /// Takes in the current Leases; `now` and `wall` are this process's clocks.
+    pub fn observe(&mut self, leases: &[Arc<Lease>], now: Instant, wall: jiff::Timestamp) {
+        let mut present = BTreeSet::new();
+        for lease in leases {
+            let Some(node) = node_of(lease) else { continue };
+            let spec = lease.spec.as_ref();
+            let renew = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
+            let duration = Duration::from_secs(
+                spec.and_then(|s| s.lease_duration_seconds)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0),
+            );
+            present.insert(node.to_string());
+            match self.seen.get_mut(node) {
+                Some((last, changed, d)) => {
+                    if *last != renew {
+                        *last = renew;
+                        *changed = now;
+                    }
+                    *d = duration;
+                }
+                None => {
+                    // First sight: trust the wall clock once, so a Lease left behind by a
+                    // dead node is not taken as fresh for a whole duration after a restart.
+                    // A renew time in our future (a clock ahead of ours) counts as just now.
+                    let age = renew.map_or(duration, |r| {
+                        Duration::try_from(wall.duration_since(r)).unwrap_or(Duration::ZERO)
+                    });
+                    let changed = now.checked_sub(age.min(duration)).unwrap_or(now);
+                    self.seen
+                        .insert(node.to_string(), (renew, changed, duration));
+                }
+            }
+        }
+        self.seen.retain(|node, _| present.contains(node));
+    }
+
+    /// Nodes whose forwarder renewed within its Lease's duration.
+    pub fn live(&self, now: Instant) -> BTreeSet<String> {
+        self.seen
+            .iter()
+            .filter(|(_, (renew, changed, duration))| {
+                renew.is_some() && now.saturating_duration_since(*changed) < *duration
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// When the next live node would expire if it stopped renewing now.
+    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        self.seen
+            .values()
+            .map(|(_, changed, duration)| *changed + *duration)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
+/// Renews this node's heartbeat Lease.
+pub struct Heartbeat {
+    api: Api<Lease>,
+    node: String,
+    duration: Duration,
+}
+
+impl Heartbeat {
+    pub fn new(client: Client, namespace: &str, node: &str, duration: Duration) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            node: node.to_string(),
+            duration,
+        }
+    }
+
+    /// Writes the Lease with a fresh renew time (creating it if needed).
+    pub async fn renew(&self) -> Result<(), kube::Error> {
+        let seconds = i32::try_from(self.duration.as_secs_f64().ceil() as u64)
+            .unwrap_or(i32::MAX)
+            .max(1);
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(&self.node)),
+                labels: Some([(HEARTBEAT_LABEL.to_string(), "true".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.node.clone()),
+                lease_duration_seconds: Some(seconds),
+                renew_time: Some(MicroTime(jiff::Timestamp::now())),
+                ..LeaseSpec::default()
+            }),
+        };
+        let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
+        value["apiVersion"] = "coordination.k8s.io/v1".into();
+        value["kind"] = "Lease".into();
+        self.api
+            .patch(
+                &lease_name(&self.node),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(value),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Renews every `interval` until `stop` fires, logging (not failing) on API errors: a
+    /// missed renewal only costs this node its VIPs, and the next one restores them.
+    pub async fn run(&self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut failing = false;
+        loop {
+            match self.renew().await {
+                Ok(()) if failing => {
+                    info!(node = %self.node, "heartbeat renewed again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(err) if !failing => {
+                    warn!(node = %self.node, error = %err, "cannot renew the heartbeat Lease");
+                    failing = true;
+                }
+                Err(err) => debug!(error = %err, "heartbeat still failing"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Deletes the Lease so other forwarders take this node's VIPs over at once.
+    pub async fn release(&self) {
+        match self
+            .api
+            .delete(&lease_name(&self.node), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => info!(node = %self.node, "heartbeat Lease released"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(err) => warn!(error = %err, "cannot release the heartbeat Lease"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// The node a heartbeat Lease belongs to, for logs.
+pub fn lease_node(lease: &Lease) -> String {
+    node_of(lease)
+        .map(str::to_string)
+        .unwrap_or_else(|| lease.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(node: &str, renew: jiff::Timestamp, seconds: i32) -> Arc<Lease> {
+        Arc::new(Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(node)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                lease_duration_seconds: Some(seconds),
+                renew_time: Some(MicroTime(renew)),
+                ..LeaseSpec::default()
+            }),
+        })
+    }
+
+    #[test]
+    fn a_renewing_node_stays_live_and_a_silent_one_expires() {
+        let t0 = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let mut l = Liveness::default();
+        l.observe(&[lease("a", wall, 2), lease("b", wall, 2)], t0, wall);
+        assert_eq!(l.live(t0).len(), 2);
+        // a renews at +1.5 s, b does not.
+        let t1 = t0 + Duration::from_millis(1500);
+        let w1 = wall + jiff::SignedDuration::from_millis(1500);
+        l.observe(&[lease("a", w1, 2), lease("b", wall, 2)], t1, w1);
+        let t2 = t0 + Duration::from_millis(2100);
+        assert_eq!(l.live(t2), BTreeSet::from(["a".to_string()]));
+        assert_eq!(l.next_expiry(t2), Some(t1 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_stale_lease_seen_at_start_is_not_live() {
+        let t0 = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let mut l = Liveness::default();
+        let old = wall - jiff::SignedDuration::from_secs(30);
+        l.observe(&[lease("dead", old, 2)], t0, wall);
+        assert!(l.live(t0).is_empty());
+    }
+
+    #[test]
+    fn a_skewed_clock_does_not_keep_a_dead_node_alive() {
+        // The dead node's clock ran an hour ahead: its renew time is in our future.
+        let t0 = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let future = wall + jiff::SignedDuration::from_secs(3600);
+        let mut l = Liveness::default();
+        l.observe(&[lease("skewed", future, 2)], t0, wall);
+        assert!(l.live(t0).contains("skewed"));
+        l.observe(
+            &[lease("skewed", future, 2)],
+            t0 + Duration::from_secs(1),
+            wall,
+        );
+        assert!(l.live(t0 + Duration::from_secs(3)).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_lease_is_not_live() {
+        let t0 = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let mut l = Liveness::default();
+        l.observe(&[lease("a", wall, 2)], t0, wall);
+        l.observe(&[], t0, wall);
+        assert!(l.live(t0).is_empty());
+    }
+}

@@ -1,0 +1,448 @@
+//! ferry's forwarder: one per node (a host-network DaemonSet). It watches Services, Nodes,
+//! EndpointSlices, LoadBalancerPools and the forwarders' heartbeat Leases, computes this
+//! node's `plan` (which VIPs it holds, which ports it forwards where), and applies it: VIPs
+//! through `announce` (netlink plus ARP/NDP), traffic through the `kernel` (nftables) or
+//! `userspace` (tokio) data plane, backends kept honest by `health`. It never talks to the
+//! operator: both read and write only the Kubernetes API, so either can restart alone.
+//!
+//! Shutdown withdraws first: VIPs leave the interface and the heartbeat Lease is deleted (so
+//! another node takes over at once), then the data plane is torn down.
+
+pub mod announce;
+pub mod balance;
+pub mod config;
+pub mod health;
+pub mod heartbeat;
+pub mod kernel;
+pub mod metrics;
+pub mod neighbour;
+pub mod ownership;
+pub mod plan;
+pub mod proxy_protocol;
+pub mod userspace;
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ferry_crds::LoadBalancerPool;
+use ferry_providers::class::ClassFilter;
+use ferry_providers::eligibility::target_of;
+use ferry_providers::local::pools;
+use ferry_runtime::server::{self, Health, MetricsText};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+
+use crate::announce::Announcer;
+use crate::config::{Announce, Config, Mode};
+use crate::health::HealthChecker;
+use crate::heartbeat::{HEARTBEAT_LABEL, Heartbeat, Liveness};
+use crate::kernel::Kernel;
+use crate::metrics::Metrics;
+use crate::plan::{ClusterView, Frontend, NodePlan, Notice};
+use crate::userspace::{Limits, Userspace, relay::Timeouts};
+
+/// How often the node's state is re-checked even when nothing was reported (an address
+/// removed by hand comes back within this).
+const RESYNC: Duration = Duration::from_secs(10);
+/// Changes arriving within this window are applied together.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Sets up logging as configured.
+pub fn init_logging(config: &Config) -> anyhow::Result<()> {
+    ferry_runtime::init_logging(&config.log_filter, config.log_format)
+}
+
+/// Runs the forwarder until SIGTERM/Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        ferry_runtime::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    run_with_client(config, client, stop_rx).await
+}
+
+/// Keeps a reflector store of `api` current, poking `changed` on every event.
+fn watch_into<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    what: &'static str,
+) -> Store<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    tokio::spawn(async move {
+        let events = reflector::reflector(writer, watcher(api, config).default_backoff());
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(err) => warn!(error = %err, "watching {what}"),
+            }
+        }
+    });
+    store
+}
+
+/// The data plane chosen at start.
+enum Dataplane {
+    /// nftables, with a userspace side for Services that want PROXY protocol.
+    Kernel(Kernel, Userspace),
+    Userspace(Userspace),
+}
+
+impl Dataplane {
+    async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<()> {
+        let (userspace, rest) = match self {
+            Dataplane::Kernel(kernel, userspace) => {
+                let (proxied, kernel_side): (Vec<Frontend>, Vec<Frontend>) =
+                    frontends.iter().cloned().partition(|f| f.proxy_protocol);
+                kernel.apply(&kernel_side).await?;
+                (userspace, proxied)
+            }
+            Dataplane::Userspace(userspace) => (userspace, frontends.to_vec()),
+        };
+        let failed = userspace.apply(&rest);
+        if let Some((f, err)) = failed.first() {
+            anyhow::bail!(
+                "cannot listen on {}:{}/{} for {} ({} listener(s) failed): {err}",
+                f.vip,
+                f.port,
+                f.protocol,
+                f.service,
+                failed.len()
+            );
+        }
+        Ok(())
+    }
+
+    async fn clear(&mut self) {
+        match self {
+            Dataplane::Kernel(kernel, userspace) => {
+                if let Err(err) = kernel.clear().await {
+                    warn!(error = %err, "removing the nftables table");
+                }
+                userspace.apply(&[]);
+            }
+            Dataplane::Userspace(userspace) => {
+                userspace.apply(&[]);
+            }
+        }
+    }
+}
+
+/// The pools the operator allocates from (the same validation, so both agree on them).
+fn valid_pools(store: &Store<LoadBalancerPool>) -> Vec<ferry_providers::local::ipam::Pool> {
+    let all: Vec<LoadBalancerPool> = store.state().iter().map(|p| (**p).clone()).collect();
+    pools::validate(&all).valid
+}
+
+fn ip_forwarding_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|s| s.trim() == "1")
+}
+
+async fn choose_dataplane(
+    config: &Config,
+    limits: Limits,
+    metrics: &Metrics,
+) -> anyhow::Result<Dataplane> {
+    let userspace = Userspace::new(limits, metrics.dataplane.clone());
+    match config.mode {
+        Mode::Userspace => {
+            info!("data plane: userspace (as configured)");
+            Ok(Dataplane::Userspace(userspace))
+        }
+        Mode::Kernel => {
+            Kernel::probe()
+                .await
+                .context("--mode kernel, but nftables cannot be programmed here")?;
+            if !ip_forwarding_enabled() {
+                warn!(
+                    "net.ipv4.ip_forward is 0: traffic for other nodes' NodePorts will not be forwarded"
+                );
+            }
+            info!("data plane: kernel (nftables, as configured)");
+            Ok(Dataplane::Kernel(Kernel::default(), userspace))
+        }
+        Mode::Auto => match Kernel::probe().await {
+            Ok(()) if ip_forwarding_enabled() => {
+                info!("data plane: kernel (nftables works and IP forwarding is on)");
+                Ok(Dataplane::Kernel(Kernel::default(), userspace))
+            }
+            Ok(()) => {
+                info!("data plane: userspace (nftables works, but net.ipv4.ip_forward is 0)");
+                Ok(Dataplane::Userspace(userspace))
+            }
+            Err(err) => {
+                info!(reason = %err, "data plane: userspace (nftables cannot be programmed here)");
+                Ok(Dataplane::Userspace(userspace))
+            }
+        },
+    }
+}
+
+/// Lets the process hold as many sockets as the hard limit allows: every relayed TCP
+/// connection costs two.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit on a stack value.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Runs the forwarder with `client` until `stop` turns true.
+pub async fn run_with_client(
+    config: Config,
+    client: Client,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    raise_open_files_limit();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let metrics_text: MetricsText = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.encode())
+    };
+    let metrics_addr = server::serve(config.metrics_addr, metrics_text.clone(), health.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
+    if config.health_addr != config.metrics_addr {
+        server::serve(config.health_addr, metrics_text, health.clone())
+            .await
+            .with_context(|| format!("cannot listen on --health-addr {}", config.health_addr))?;
+    }
+    let class = ClassFilter {
+        class: config.load_balancer_class.clone(),
+        default_class: config.default_class,
+    };
+    info!(node = %config.node_name, class = %class.class, %metrics_addr, "ferry-forwarder starting");
+
+    let changed = Arc::new(Notify::new());
+    let services = watch_into(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+        "Services",
+    );
+    let nodes = watch_into(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+        "Nodes",
+    );
+    let slices = watch_into(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+        "EndpointSlices",
+    );
+    let leases = watch_into(
+        Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+        watcher::Config::default().labels(HEARTBEAT_LABEL),
+        changed.clone(),
+        "heartbeat Leases",
+    );
+    let pool_store = watch_into(
+        Api::<LoadBalancerPool>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+        "LoadBalancerPools",
+    );
+    for (ready, what) in [
+        (services.wait_until_ready().await.is_ok(), "Services"),
+        (nodes.wait_until_ready().await.is_ok(), "Nodes"),
+        (slices.wait_until_ready().await.is_ok(), "EndpointSlices"),
+        (leases.wait_until_ready().await.is_ok(), "Leases"),
+        (
+            pool_store.wait_until_ready().await.is_ok(),
+            "LoadBalancerPools",
+        ),
+    ] {
+        if !ready {
+            anyhow::bail!("the {what} watch ended before it was ready");
+        }
+    }
+
+    // The node's own addresses: where VIPs go, and what is never withdrawn.
+    let node_ips: Vec<IpAddr> = loop {
+        let me = nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()));
+        if let Some(ips) = me.as_deref().and_then(target_of).map(|t| t.internal_ips) {
+            break ips;
+        }
+        warn!(node = %config.node_name, "waiting for this Node (with an InternalIP) to exist");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    };
+    let announcer = match config.announce {
+        Announce::Netlink => Some(
+            Announcer::new(config.interface.as_deref(), &node_ips)
+                .await
+                .context("cannot set up VIP announcement")?,
+        ),
+        Announce::None => None,
+    };
+    if let Some(a) = &announcer {
+        info!(interface = %a.interface.name, "VIPs go on this interface");
+    }
+    let limits = Limits {
+        connect_timeout: config.connect_timeout,
+        timeouts: Timeouts {
+            idle: config.idle_timeout,
+            half_close: config.half_close_timeout,
+        },
+        max_connections: config.max_connections as usize,
+        udp_max_flows: config.udp_max_flows as usize,
+        udp_idle_timeout: config.udp_idle_timeout,
+    };
+    let mut dataplane = choose_dataplane(&config, limits, &metrics).await?;
+
+    let heartbeat = Arc::new(Heartbeat::new(
+        client.clone(),
+        &config.lease_namespace,
+        &config.node_name,
+        config.lease_duration,
+    ));
+    let heartbeat_task = {
+        let (heartbeat, interval, stop) =
+            (heartbeat.clone(), config.lease_renew_interval, stop.clone());
+        tokio::spawn(async move { heartbeat.run(interval, stop).await })
+    };
+
+    let mut checker = HealthChecker::new(health::Settings {
+        interval: config.health_check_interval,
+        timeout: config.health_check_timeout,
+    });
+    let health_changed = checker.changed();
+    let mut liveness = Liveness::default();
+    let mut last_plan: Option<NodePlan> = None;
+    let mut last_effective: Option<Vec<Frontend>> = None;
+    let mut logged: BTreeSet<Notice> = BTreeSet::new();
+    let mut last_sync = Instant::now() - RESYNC;
+    health.set_ready(true);
+
+    loop {
+        let now = Instant::now();
+        liveness.observe(&leases.state(), now, jiff::Timestamp::now());
+        let live = liveness.live(now);
+        let valid_pools = valid_pools(&pool_store);
+        let (services_now, nodes_now, slices_now) =
+            (services.state(), nodes.state(), slices.state());
+        let (plan, notices) = plan::plan(&ClusterView {
+            node_name: &config.node_name,
+            class: &class,
+            services: &services_now,
+            nodes: &nodes_now,
+            slices: &slices_now,
+            pools: &valid_pools,
+            live: &live,
+        });
+        metrics.live_forwarders.set(live.len() as i64);
+        let notices: BTreeSet<Notice> = notices.into_iter().collect();
+        for n in notices.difference(&logged) {
+            info!(service = %n.service, "{}", n.message);
+        }
+        logged = notices;
+
+        let announce_changed = last_plan.as_ref().map(|p| &p.announce) != Some(&plan.announce);
+        if let Some(a) = &announcer
+            && (announce_changed || last_sync.elapsed() >= RESYNC)
+        {
+            last_sync = Instant::now();
+            match a.sync(&plan.announce, &valid_pools).await {
+                Ok(added) => {
+                    let counter = metrics.announcements.clone();
+                    a.announce(added, move |n| {
+                        counter.inc_by(n as u64);
+                    });
+                }
+                Err(err) => error!(error = %err, "cannot hold or withdraw VIPs"),
+            }
+        }
+        if announce_changed {
+            for (vip, owner) in &plan.owners {
+                if last_plan.as_ref().and_then(|p| p.owners.get(vip)) != Some(owner) {
+                    info!(%vip, %owner, held_here = (*owner == config.node_name), "VIP owner");
+                }
+            }
+        }
+        metrics.vips_held.set(plan.announce.len() as i64);
+        checker.set_probes(&health::probes(&plan.frontends));
+        let effective = health::effective(&plan.frontends, |p| checker.healthy(p));
+        if last_effective.as_ref() != Some(&effective) {
+            match dataplane.apply(&effective).await {
+                Ok(()) => {
+                    metrics.applied("ok");
+                    metrics.frontends.set(effective.len() as i64);
+                    last_effective = Some(effective);
+                }
+                Err(err) => {
+                    metrics.applied("error");
+                    error!(error = %err, "cannot program the data plane; retrying");
+                    last_effective = None;
+                }
+            }
+        }
+        last_plan = Some(plan);
+
+        // Wake on a change, a health verdict, the next Lease expiry, or the resync.
+        let next_expiry = liveness
+            .next_expiry(Instant::now())
+            .map(|at| at + Duration::from_millis(5));
+        let retry = if last_effective.is_none() {
+            Some(Instant::now() + Duration::from_secs(1))
+        } else {
+            None
+        };
+        let deadline = [next_expiry, retry, Some(Instant::now() + RESYNC)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + RESYNC);
+        tokio::select! {
+            _ = changed.notified() => tokio::time::sleep(SETTLE).await,
+            _ = health_changed.notified() => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+
+    info!("shutting down: withdrawing VIPs first");
+    health.set_ready(false);
+    if let Some(a) = &announcer
+        && let Err(err) = a.sync(&BTreeSet::new(), &valid_pools(&pool_store)).await
+    {
+        error!(error = %err, "cannot withdraw VIPs");
+    }
+    heartbeat_task.abort();
+    heartbeat.release().await;
+    dataplane.clear().await;
+    info!("ferry-forwarder stopped");
+    Ok(())
+}

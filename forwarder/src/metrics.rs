@@ -1,0 +1,198 @@
+//! The forwarder's Prometheus metrics: what it holds (VIPs, live forwarders), how its plan is
+//! applied, and per Service what its data plane does (connections, refusals, timeouts, UDP
+//! flows). Labels are Service keys, never client addresses: cardinality stays with the
+//! cluster's size, not its traffic.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::plan::Frontend;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Counters the data planes update, by Service.
+#[derive(Default)]
+pub struct DataplaneMetrics {
+    connections: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    connect_failures: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    timeouts: Family<Labels, Counter>,
+    udp_flows: Family<Labels, Gauge>,
+    udp_dropped: Family<Labels, Counter>,
+}
+
+fn service(f: &Frontend) -> Labels {
+    vec![("service", f.service.clone())]
+}
+
+impl DataplaneMetrics {
+    pub fn opened(&self, f: &Frontend) {
+        self.connections.get_or_create(&service(f)).inc();
+        self.active.get_or_create(&service(f)).inc();
+    }
+    pub fn closed(&self, f: &Frontend) {
+        self.active.get_or_create(&service(f)).dec();
+    }
+    pub fn connect_failed(&self, f: &Frontend) {
+        self.connect_failures.get_or_create(&service(f)).inc();
+    }
+    pub fn refused(&self, f: &Frontend) {
+        self.refused.get_or_create(&service(f)).inc();
+    }
+    pub fn timed_out(&self, f: &Frontend) {
+        self.timeouts.get_or_create(&service(f)).inc();
+    }
+    pub fn udp_flows_changed(&self, f: &Frontend, by: i64) {
+        self.udp_flows.get_or_create(&service(f)).inc_by(by);
+    }
+    pub fn udp_flow_dropped(&self, f: &Frontend) {
+        self.udp_dropped.get_or_create(&service(f)).inc();
+    }
+    /// Active UDP flows of `service` (`namespace/name`), for tests.
+    pub fn udp_flows(&self, service: &str) -> i64 {
+        self.udp_flows
+            .get_or_create(&vec![("service", service.to_string())])
+            .get()
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub dataplane: std::sync::Arc<DataplaneMetrics>,
+    pub vips_held: Gauge,
+    pub live_forwarders: Gauge,
+    pub frontends: Gauge,
+    pub applies: Family<Labels, Counter>,
+    pub announcements: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let d = DataplaneMetrics::default();
+        r.register(
+            "ferry_forwarder_connections",
+            "TCP connections relayed (userspace path), by Service",
+            d.connections.clone(),
+        );
+        r.register(
+            "ferry_forwarder_active_connections",
+            "TCP connections being relayed now (userspace path), by Service",
+            d.active.clone(),
+        );
+        r.register(
+            "ferry_forwarder_backend_connect_failures",
+            "Connects to a backend that failed or timed out, by Service",
+            d.connect_failures.clone(),
+        );
+        r.register(
+            "ferry_forwarder_refused",
+            "Connections and datagrams refused by loadBalancerSourceRanges, by Service",
+            d.refused.clone(),
+        );
+        r.register(
+            "ferry_forwarder_timeouts",
+            "Connections closed for being idle or half-closed too long, by Service",
+            d.timeouts.clone(),
+        );
+        r.register(
+            "ferry_forwarder_udp_flows",
+            "UDP flows in the flow table now, by Service",
+            d.udp_flows.clone(),
+        );
+        r.register(
+            "ferry_forwarder_udp_flows_dropped",
+            "New UDP flows dropped because the flow table was full, by Service",
+            d.udp_dropped.clone(),
+        );
+        let m = Self {
+            dataplane: std::sync::Arc::new(d),
+            vips_held: Gauge::default(),
+            live_forwarders: Gauge::default(),
+            frontends: Gauge::default(),
+            applies: Family::default(),
+            announcements: Counter::default(),
+            registry: r,
+        };
+        let mut m = m;
+        m.registry.register(
+            "ferry_forwarder_vips_held",
+            "VIPs this node holds and announces",
+            m.vips_held.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_live_forwarders",
+            "Forwarders with a fresh heartbeat, this one included",
+            m.live_forwarders.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_frontends",
+            "VIP ports this node forwards",
+            m.frontends.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_plan_applies",
+            "Changed plans applied to the node, by result (ok, error)",
+            m.applies.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_announcements",
+            "Gratuitous ARPs and unsolicited neighbour advertisements sent",
+            m.announcements.clone(),
+        );
+        m
+    }
+
+    pub fn applied(&self, result: &str) {
+        self.applies
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_series() {
+        let m = Metrics::new();
+        m.vips_held.set(2);
+        m.applied("ok");
+        let f = Frontend {
+            service: "default/web".into(),
+            vip: "192.0.2.10".parse().unwrap(),
+            port: 80,
+            protocol: ferry_providers::Protocol::Tcp,
+            backends: vec![],
+            health: crate::plan::HealthCheck::Connect,
+            affinity: None,
+            proxy_protocol: false,
+            source_ranges: vec![],
+            local: false,
+        };
+        m.dataplane.opened(&f);
+        let text = m.encode();
+        assert!(text.contains("ferry_forwarder_vips_held 2"), "{text}");
+        assert!(text.contains("ferry_forwarder_plan_applies_total{result=\"ok\"} 1"));
+        assert!(text.contains("ferry_forwarder_connections_total{service=\"default/web\"} 1"));
+        assert!(text.contains("ferry_forwarder_active_connections{service=\"default/web\"} 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,193 @@
+//! The userspace data plane: a tokio listener per VIP port, relaying TCP connections and UDP
+//! flows to the backends the plan names. Used where the node cannot be programmed with
+//! nftables, and in the sandbox (where announcing a loopback VIP is binding it).
+//!
+//! Bounded everywhere: a connection limit shared by all frontends (accepting pauses at the
+//! limit), connect, idle and half-close timeouts, and a UDP flow table per frontend with idle
+//! expiry. Changing a frontend's backends keeps its listener and its connections; removing a
+//! frontend closes its listener and its connections.
+
+pub mod relay;
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ferry_providers::Protocol;
+use socket2::{Domain, Socket, Type};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::balance::Balancer;
+use crate::metrics::DataplaneMetrics;
+use crate::plan::Frontend;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub connect_timeout: Duration,
+    pub timeouts: relay::Timeouts,
+    /// TCP connections relayed at once, over all frontends.
+    pub max_connections: usize,
+    /// UDP flows per frontend.
+    pub udp_max_flows: usize,
+    pub udp_idle_timeout: Duration,
+}
+
+/// What a frontend's tasks read; replaced as a whole when the plan changes.
+pub(crate) struct Shared {
+    frontend: RwLock<Arc<Frontend>>,
+    balancer: Balancer,
+    stop: watch::Receiver<bool>,
+    metrics: Arc<DataplaneMetrics>,
+    limits: Limits,
+}
+
+impl Shared {
+    fn frontend(&self) -> Arc<Frontend> {
+        self.frontend
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+struct Listener {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+pub struct Userspace {
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    metrics: Arc<DataplaneMetrics>,
+    listeners: HashMap<(IpAddr, u16, Protocol), Listener>,
+}
+
+/// A socket bound to `addr` even before the address is on an interface (IP_FREEBIND), so a
+/// listener can be ready the moment the VIP arrives.
+fn bind_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+impl Userspace {
+    pub fn new(limits: Limits, metrics: Arc<DataplaneMetrics>) -> Self {
+        Self {
+            limits,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            metrics,
+            listeners: HashMap::new(),
+        }
+    }
+
+    /// Makes the listeners match `frontends`; returns the frontends that could not be bound.
+    pub fn apply(&mut self, frontends: &[Frontend]) -> Vec<(Frontend, io::Error)> {
+        let wanted: HashMap<_, _> = frontends.iter().map(|f| (f.key(), f)).collect();
+        self.listeners.retain(|key, _| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                info!(vip = %key.0, port = key.1, protocol = %key.2, "stopped forwarding");
+            }
+            keep
+        });
+        let mut failed = Vec::new();
+        for (key, frontend) in wanted {
+            if let Some(listener) = self.listeners.get(&key) {
+                let current = listener.shared.frontend();
+                // Affinity lives in the balancer: a changed timeout needs a new one.
+                if current.affinity == frontend.affinity {
+                    if *current != *frontend {
+                        *listener
+                            .shared
+                            .frontend
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner()) = Arc::new(frontend.clone());
+                    }
+                    continue;
+                }
+                self.listeners.remove(&key);
+            }
+            match self.start(frontend) {
+                Ok(listener) => {
+                    info!(service = %frontend.service, vip = %frontend.vip, port = frontend.port,
+                          protocol = %frontend.protocol, backends = frontend.backends.len(),
+                          "forwarding");
+                    self.listeners.insert(key, listener);
+                }
+                Err(err) => failed.push((frontend.clone(), err)),
+            }
+        }
+        failed
+    }
+
+    fn start(&self, frontend: &Frontend) -> io::Result<Listener> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            frontend: RwLock::new(Arc::new(frontend.clone())),
+            balancer: Balancer::new(frontend.affinity),
+            stop: stop_rx,
+            metrics: self.metrics.clone(),
+            limits: self.limits,
+        });
+        let addr = SocketAddr::new(frontend.vip, frontend.port);
+        let task = match frontend.protocol {
+            Protocol::Tcp => {
+                let socket = bind_socket(addr, Type::STREAM)?;
+                socket.listen(4096)?;
+                let listener = tokio::net::TcpListener::from_std(socket.into())?;
+                tokio::spawn(tcp::serve(
+                    listener,
+                    shared.clone(),
+                    self.connections.clone(),
+                ))
+            }
+            Protocol::Udp => {
+                let socket = bind_socket(addr, Type::DGRAM)?;
+                let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+                tokio::spawn(udp::serve(socket, shared.clone()))
+            }
+            Protocol::Sctp => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "SCTP is not forwarded",
+                ));
+            }
+        };
+        Ok(Listener {
+            shared,
+            stop: stop_tx,
+            task,
+        })
+    }
+
+    /// Frontends being served now.
+    pub fn len(&self) -> usize {
+        self.listeners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+}
