@@ -1,8 +1,8 @@
 //! A real Kubernetes control plane for tests: etcd and kube-apiserver built from their Go
 //! modules (see `tools`), started on free loopback ports with generated certificates, a
 //! service-account signing key and RBAC authorization, the way controller-runtime's envtest
-//! starts them. Two identities: an admin (`system:masters`) and the operator's service
-//! account, which has exactly the permissions of ferry's RBAC manifest.
+//! starts them. Three identities: an admin (`system:masters`), and the operator's and the
+//! forwarders' service accounts, which have exactly the permissions of ferry's RBAC manifest.
 //!
 //! Processes get `PR_SET_PDEATHSIG`, so they die with the test process even when a test
 //! panics or the binary is killed; the working directory is removed on drop, and stale ones
@@ -28,6 +28,8 @@ use crate::{pki, repo_root, tools};
 
 /// The operator's identity, bound by ferry's RBAC manifest.
 pub const OPERATOR_USER: &str = "system:serviceaccount:ferry-system:ferry-operator";
+/// The forwarders' identity, bound by the same manifest.
+pub const FORWARDER_USER: &str = "system:serviceaccount:ferry-system:ferry-forwarder";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -62,6 +64,8 @@ pub struct ControlPlane {
     pub admin_kubeconfig: PathBuf,
     pub operator_kubeconfig: PathBuf,
     pub operator_token: String,
+    /// The forwarders' token (use with `kubeconfig_via`).
+    pub forwarder_token: String,
     ca_pem: String,
     etcd: Child,
     apiserver: Child,
@@ -147,6 +151,7 @@ impl ControlPlane {
         fs::write(dir.join("sa.pub"), &pki.service_account_public_pem)?;
         let admin_token = format!("admin-{}", jiff::Timestamp::now().as_nanosecond());
         let operator_token = format!("operator-{}", jiff::Timestamp::now().as_nanosecond());
+        let forwarder_token = format!("forwarder-{}", jiff::Timestamp::now().as_nanosecond());
         let mut tokens = fs::File::create(dir.join("tokens.csv"))?;
         writeln!(
             tokens,
@@ -155,6 +160,10 @@ impl ControlPlane {
         writeln!(
             tokens,
             "{operator_token},{OPERATOR_USER},ferry-operator,\"system:serviceaccounts,system:serviceaccounts:ferry-system\""
+        )?;
+        writeln!(
+            tokens,
+            "{forwarder_token},{FORWARDER_USER},ferry-forwarder,\"system:serviceaccounts,system:serviceaccounts:ferry-system\""
         )?;
 
         let etcd_port = free_port()?;
@@ -239,6 +248,7 @@ impl ControlPlane {
             admin_kubeconfig,
             operator_kubeconfig,
             operator_token,
+            forwarder_token,
             ca_pem: pki.ca_pem,
             etcd,
             apiserver,

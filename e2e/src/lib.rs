@@ -1,13 +1,17 @@
 //! ferry's test substrate: a real kube-apiserver and etcd (`control_plane`), simulated nodes
 //! with NodePort responders (`nodes`), a TCP fault proxy (`fault_proxy`), the operator as a
-//! process that can be killed (`operator`), and the sandbox that puts them together.
+//! process that can be killed (`operator`), forwarders in network namespaces (`netns`,
+//! `forwarder`), and the sandbox that puts them together.
 //! Test-only: nothing here ships.
 
 pub mod control_plane;
 pub mod fault_proxy;
+pub mod forwarder;
+pub mod netns;
 pub mod nodes;
 pub mod operator;
 pub mod pki;
+pub mod process;
 pub mod scenario;
 pub mod tools;
 

@@ -199,13 +199,26 @@ async fn choose_dataplane(
     }
 }
 
-/// Lets the process hold as many sockets as the hard limit allows: every relayed TCP
-/// connection costs two.
-fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit on a stack value.
+/// Lets the process hold as many sockets as the kernel allows (as root, past the hard limit up
+/// to `fs.nr_open`, at most 2^20): every relayed TCP connection costs two.
+pub fn raise_open_files_limit() {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    // SAFETY: getrlimit/setrlimit on stack values.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let up = ceiling.max(lim.rlim_max);
+        let want = libc::rlimit {
+            rlim_cur: up,
+            rlim_max: up,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
