@@ -107,6 +107,22 @@ impl Netns {
         }
     }
 
+    /// Runs `f` on a new thread inside this namespace and returns at once.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+            f()
+        }))
+    }
+
     /// Addresses on `dev` inside the namespace (`ip -o addr show dev`).
     pub fn addresses(&self, dev: &str) -> anyhow::Result<String> {
         self.ip(&["-o", "addr", "show", "dev", dev])

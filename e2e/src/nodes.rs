@@ -48,11 +48,16 @@ pub async fn register_nodes(
     prefix: &str,
     count: usize,
 ) -> anyhow::Result<Vec<SimulatedNode>> {
+    let nodes: Vec<SimulatedNode> = (0..count).map(|i| simulated_node(prefix, i)).collect();
+    register(client, &nodes).await?;
+    Ok(nodes)
+}
+
+/// Registers `nodes` as Ready Node objects with their InternalIP (idempotent).
+pub async fn register(client: &Client, nodes: &[SimulatedNode]) -> anyhow::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let params = PatchParams::apply("ferry-sandbox").force();
-    let mut nodes = Vec::new();
-    for i in 0..count {
-        let node = simulated_node(prefix, i);
+    for node in nodes {
         let obj = Node {
             metadata: ObjectMeta {
                 name: Some(node.name.clone()),
@@ -96,9 +101,8 @@ pub async fn register_nodes(
             &Patch::Apply(&json!({ "apiVersion": "v1", "kind": "Node", "status": status })),
         )
         .await?;
-        nodes.push(node);
     }
-    Ok(nodes)
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

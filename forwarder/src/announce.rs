@@ -1,8 +1,10 @@
 //! Holding VIPs on the node's interface over netlink: the owner adds each VIP it holds as a
 //! host address (/32 or /128, IPv6 without duplicate address detection, so it is usable at
-//! once) and announces it on the link; every other pool address with a host prefix on the
-//! interface is removed, which is how a node that lost a VIP (or restarted after a crash)
-//! stops answering for it. The node's own addresses are never touched.
+//! once), marked with ferry's address protocol number, and announces it on the link. Every
+//! other ferry address on the interface is removed — marked ones, and host addresses inside a
+//! pool (for kernels that drop the mark) — which is how a node that lost a VIP, restarted
+//! after a crash, or saw its pool deleted stops answering for it. The node's own addresses
+//! are never touched.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -12,7 +14,7 @@ use ferry_providers::local::ipam::Pool;
 use futures::TryStreamExt;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
 };
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -87,6 +89,19 @@ fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
         })
 }
 
+/// `IFA_PROTO` of the addresses ferry adds (`ip addr` shows `proto 102`): user-defined
+/// values are free, and 102 is `f`.
+const FERRY_ADDRESS_PROTOCOL: u8 = 102;
+
+fn is_ferrys(msg: &AddressMessage) -> bool {
+    msg.attributes.iter().any(|a| {
+        matches!(
+            a,
+            AddressAttribute::Protocol(AddressProtocol::Other(FERRY_ADDRESS_PROTOCOL))
+        )
+    })
+}
+
 fn host_prefix(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
@@ -146,7 +161,8 @@ impl Announcer {
         })
     }
 
-    /// Host addresses on the interface that lie in a pool (the ones ferry may hold).
+    /// Addresses on the interface that are ferry's: marked as such, or host addresses in a
+    /// pool.
     async fn held(&self, pools: &[Pool]) -> Result<Vec<(IpAddr, AddressMessage)>, AnnounceError> {
         let msgs: Vec<AddressMessage> = self
             .handle
@@ -161,13 +177,13 @@ impl Announcer {
             .filter_map(|m| Some((address_of(&m)?, m)))
             .filter(|(ip, m)| {
                 m.header.prefix_len == host_prefix(ip)
-                    && pools.iter().any(|p| p.contains(ip))
+                    && (is_ferrys(m) || pools.iter().any(|p| p.contains(ip)))
                     && !self.protected.contains(ip)
             })
             .collect())
     }
 
-    /// Makes the interface hold exactly `want` among pool addresses; returns the VIPs added.
+    /// Makes the interface hold exactly `want` among ferry's addresses; returns the VIPs added.
     pub async fn sync(
         &self,
         want: &BTreeSet<IpAddr>,
@@ -189,6 +205,11 @@ impl Announcer {
                 .handle
                 .address()
                 .add(self.interface.index, *ip, host_prefix(ip));
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Protocol(AddressProtocol::Other(
+                    FERRY_ADDRESS_PROTOCOL,
+                )));
             if ip.is_ipv6() {
                 let msg = req.message_mut();
                 msg.header.flags |= AddressHeaderFlags::Nodad;

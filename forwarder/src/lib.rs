@@ -199,9 +199,10 @@ async fn choose_dataplane(
     }
 }
 
-/// Lets the process hold as many sockets as the kernel allows (as root, past the hard limit up
-/// to `fs.nr_open`, at most 2^20): every relayed TCP connection costs two.
-pub fn raise_open_files_limit() {
+/// Lets the process hold as many sockets as it may (as root with CAP_SYS_RESOURCE, past the
+/// hard limit up to `fs.nr_open`, at most 2^20; else up to the hard limit): every relayed TCP
+/// connection costs two. Returns the open-file limit in force afterwards.
+pub fn raise_open_files_limit() -> u64 {
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -211,18 +212,27 @@ pub fn raise_open_files_limit() {
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
+            return 1024;
         }
         let up = ceiling.max(lim.rlim_max);
         let want = libc::rlimit {
             rlim_cur: up,
             rlim_max: up,
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return up;
         }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
     }
+}
+
+/// The connection limit the open-file limit allows: two sockets per connection, with room
+/// kept for watches, listeners, health checks and UDP flows.
+fn connection_limit(configured: u32, open_files: u64) -> usize {
+    let affordable = open_files.saturating_sub(1024) / 2;
+    (configured as u64).min(affordable).max(1) as usize
 }
 
 /// Runs the forwarder with `client` until `stop` turns true.
@@ -231,7 +241,7 @@ pub async fn run_with_client(
     client: Client,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let metrics_text: MetricsText = {
@@ -330,18 +340,41 @@ pub async fn run_with_client(
             idle: config.idle_timeout,
             half_close: config.half_close_timeout,
         },
-        max_connections: config.max_connections as usize,
+        max_connections: connection_limit(config.max_connections, open_files),
         udp_max_flows: config.udp_max_flows as usize,
         udp_idle_timeout: config.udp_idle_timeout,
     };
+    if limits.max_connections < config.max_connections as usize {
+        warn!(
+            configured = config.max_connections,
+            effective = limits.max_connections,
+            open_files,
+            "the open-file limit caps relayed TCP connections below --max-connections"
+        );
+    }
     let mut dataplane = choose_dataplane(&config, limits, &metrics).await?;
 
+    let mut liveness = Liveness::default();
     let heartbeat = Arc::new(Heartbeat::new(
         client.clone(),
         &config.lease_namespace,
         &config.node_name,
         config.lease_duration,
     ));
+    // Be live before planning: otherwise a restarted forwarder would first withdraw the VIPs
+    // it is about to own again (its old Lease has expired), then take them back.
+    if let Err(err) = heartbeat.renew().await {
+        warn!(error = %err, "cannot write the heartbeat Lease yet");
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            liveness.observe(&leases.state(), Instant::now(), jiff::Timestamp::now());
+            if liveness.live(Instant::now()).contains(&config.node_name) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let heartbeat_task = {
         let (heartbeat, interval, stop) =
             (heartbeat.clone(), config.lease_renew_interval, stop.clone());
@@ -353,7 +386,6 @@ pub async fn run_with_client(
         timeout: config.health_check_timeout,
     });
     let health_changed = checker.changed();
-    let mut liveness = Liveness::default();
     let mut last_plan: Option<NodePlan> = None;
     let mut last_effective: Option<Vec<Frontend>> = None;
     let mut logged: BTreeSet<Notice> = BTreeSet::new();
@@ -458,4 +490,17 @@ pub async fn run_with_client(
     dataplane.clear().await;
     info!("ferry-forwarder stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_limit_fits_the_open_file_limit() {
+        assert_eq!(connection_limit(65_536, 1 << 20), 65_536);
+        assert_eq!(connection_limit(65_536, 20_000), 9_488);
+        assert_eq!(connection_limit(100, 20_000), 100);
+        assert_eq!(connection_limit(100, 512), 1);
+    }
 }

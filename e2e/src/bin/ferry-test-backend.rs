@@ -147,7 +147,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    ferry_forwarder::raise_open_files_limit();
+    let _ = ferry_forwarder::raise_open_files_limit();
     let mut tasks = tokio::task::JoinSet::new();
     for port in args.tcp {
         tasks.spawn(tcp(port, args.name.clone()));

@@ -1,0 +1,804 @@
+//! The forwarder on a real network: three node namespaces and a client on a bridge, the real
+//! control plane and operator, one `ferry-forwarder` per node (as a process inside its
+//! namespace, under the forwarders' RBAC) and NodePort backends that answer with their node's
+//! name and the client address they saw. Traffic goes from the client namespace to the VIP;
+//! ownership is checked with `ip addr` in every node and `arping` from the client.
+//!
+//! Needs root. Everything created is removed at the end, also when a test fails.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use ferry_crds::LoadBalancerPool;
+use ferry_e2e::control_plane::{ControlPlane, shared};
+use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
+use ferry_e2e::netns::Topology;
+use ferry_e2e::nodes::{SimulatedNode, register};
+use ferry_e2e::operator::OperatorProcess;
+use ferry_e2e::process::ProcessUnderTest;
+use ferry_e2e::scenario::*;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const NODES: [&str; 3] = ["fwd-node-1", "fwd-node-2", "fwd-node-3"];
+const POOL: &str = "10.213.0.200/29";
+const WAIT: Duration = Duration::from_secs(30);
+/// NodePorts every backend serves (TCP), and UDP ones, and the Local health-check port.
+const TCP_PORTS: [u16; 5] = [30080, 30081, 30053, 30090, 30091];
+const UDP_PORTS: [u16; 2] = [30053, 30054];
+const HEALTH_PORT: u16 = 31999;
+
+struct Cluster {
+    cp: &'static ControlPlane,
+    admin: Client,
+    topo: Topology,
+    _operator: OperatorProcess,
+    forwarders: Vec<Option<ForwarderProcess>>,
+    backends: Vec<Option<ProcessUnderTest>>,
+    svcs: Api<Service>,
+    namespace: String,
+}
+
+async fn clean_cluster_state(admin: &Client) {
+    // Services a failed run left behind hold the NodePorts the backends serve; no operator
+    // runs to release their finalizers, so they go by hand.
+    let all: Api<Service> = Api::all(admin.clone());
+    if let Ok(list) = all.list(&ListParams::default()).await {
+        for svc in list {
+            let ports = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default();
+            let ours = ports.iter().any(|p| {
+                p.node_port.is_some_and(|n| {
+                    TCP_PORTS.contains(&(n as u16)) || UDP_PORTS.contains(&(n as u16))
+                })
+            });
+            if !ours {
+                continue;
+            }
+            let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+            let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
+            let _ = api
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+                )
+                .await;
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    delete_pools(admin).await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for name in NODES {
+        let _ = nodes.delete(name, &DeleteParams::default()).await;
+    }
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "ferry-system");
+    let _ = leases
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("ferry.dev/forwarder-heartbeat"),
+        )
+        .await;
+}
+
+impl Cluster {
+    async fn start(test: &str, forwarder_args: &[&str]) -> Cluster {
+        let cp = shared();
+        let admin = cp.admin_client().await.unwrap();
+        clean_cluster_state(&admin).await;
+        let topo = Topology::new(&NODES).expect("creating network namespaces (needs root)");
+        let simulated: Vec<SimulatedNode> = topo
+            .nodes
+            .iter()
+            .map(|h| SimulatedNode {
+                name: h.name.clone(),
+                ip: h.ip,
+            })
+            .collect();
+        register(&admin, &simulated).await.unwrap();
+        Api::<LoadBalancerPool>::all(admin.clone())
+            .create(&PostParams::default(), &pool("fwd", &[POOL]))
+            .await
+            .unwrap();
+        let operator = OperatorProcess::start(&cp.operator_kubeconfig, &cp.dir, &[]).unwrap();
+        let backends = topo
+            .nodes
+            .iter()
+            .map(|h| {
+                Some(
+                    start_backend(
+                        &cp.dir,
+                        h.ns(),
+                        &h.name,
+                        &TCP_PORTS,
+                        &UDP_PORTS,
+                        Some(HEALTH_PORT),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        let forwarders = topo
+            .nodes
+            .iter()
+            .map(|h| Some(ForwarderProcess::start(cp, h.ns(), &h.name, forwarder_args).unwrap()))
+            .collect();
+        let namespace = namespace(&admin, test).await.unwrap();
+        let svcs = Api::namespaced(admin.clone(), &namespace);
+        let c = Cluster {
+            cp,
+            admin,
+            topo,
+            _operator: operator,
+            forwarders,
+            backends,
+            svcs,
+            namespace,
+        };
+        c.wait_for_live_forwarders(3).await;
+        c
+    }
+
+    async fn wait_for_live_forwarders(&self, n: usize) {
+        let leases: Api<Lease> = Api::namespaced(self.admin.clone(), "ferry-system");
+        eventually(WAIT, &format!("{n} forwarder heartbeats"), || async {
+            let list = leases
+                .list(&ListParams::default().labels("ferry.dev/forwarder-heartbeat"))
+                .await
+                .ok()?;
+            (list.items.len() >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Creates a Service from JSON (`spec` only) and waits for its address.
+    async fn service(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+        annotations: serde_json::Value,
+    ) -> String {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": name, "annotations": annotations },
+            "spec": spec,
+        }))
+        .unwrap();
+        self.svcs
+            .create(&PostParams::default(), &svc)
+            .await
+            .unwrap();
+        wait_for_ingress(&self.svcs, name, WAIT).await
+    }
+
+    fn holders(&self, ip: &str) -> Vec<String> {
+        self.topo.holders(ip)
+    }
+
+    /// Waits until exactly one node holds `ip` and it alone answers ARP for it (checked
+    /// twice, so a handover in flight does not count); returns that node.
+    async fn wait_for_single_owner(&self, ip: &str) -> String {
+        eventually(
+            WAIT,
+            &format!("one node holding {ip} and answering ARP"),
+            || async {
+                let h = self.holders(ip);
+                if h.len() != 1 {
+                    return None;
+                }
+                let arp = self.topo.arp_owners(ip).ok()?;
+                (arp == h && self.holders(ip) == h).then(|| h[0].clone())
+            },
+        )
+        .await
+    }
+
+    fn node_index(&self, name: &str) -> usize {
+        NODES.iter().position(|n| *n == name).unwrap()
+    }
+
+    /// `GET path` from the client; the body (`<node> <client address seen>`).
+    fn get(&self, ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
+        self.topo.client.ns().exec(
+            "curl",
+            &[
+                "-sf",
+                "--max-time",
+                "3",
+                &format!("http://{ip}:{port}{path}"),
+            ],
+        )
+    }
+
+    /// Waits until `GET /` through `ip:port` answers.
+    async fn wait_for_traffic(&self, ip: &str, port: u16) -> String {
+        eventually(WAIT, &format!("traffic through {ip}:{port}"), || async {
+            self.get(ip, port, "/").ok()
+        })
+        .await
+    }
+
+    /// One UDP exchange from the client; the reply.
+    fn udp(&self, ip: &str, port: u16) -> anyhow::Result<String> {
+        let target: SocketAddr = format!("{ip}:{port}").parse()?;
+        self.topo.client.ns().enter(move || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"ping", target)?;
+            let mut buf = [0u8; 512];
+            let n = s.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    }
+
+    /// The nodes that answered `n` requests.
+    fn spread(&self, ip: &str, port: u16, n: usize) -> BTreeSet<String> {
+        (0..n)
+            .filter_map(|_| self.get(ip, port, "/").ok())
+            .filter_map(|body| body.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    async fn endpoints_on(&self, service: &str, node: &str) {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {
+                "name": format!("{service}-1"),
+                "labels": { "kubernetes.io/service-name": service },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{ "addresses": ["10.244.9.9"], "nodeName": node, "conditions": { "ready": true } }],
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        }))
+        .unwrap();
+        Api::<EndpointSlice>::namespaced(self.admin.clone(), &self.namespace)
+            .create(&PostParams::default(), &slice)
+            .await
+            .unwrap();
+    }
+
+    fn forwarder(&self, node: &str) -> &ForwarderProcess {
+        self.forwarders[self.node_index(node)].as_ref().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Processes first (they hold the namespaces), then the namespaces with the topology.
+        for f in self.forwarders.iter_mut().flatten() {
+            f.kill();
+        }
+        for b in self.backends.iter_mut().flatten() {
+            b.kill();
+        }
+        let _ = self.cp;
+    }
+}
+
+fn body_node(body: &str) -> String {
+    body.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn body_client(body: &str) -> String {
+    body.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What both data planes must do: answer, spread, UDP, TCP and UDP on one port, affinity,
+/// exactly one owner, Local only where endpoints are, and withdrawal on delete.
+async fn serves_traffic(c: &Cluster, kernel: bool) {
+    let web = c
+        .service(
+            "web",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    c.wait_for_single_owner(&web).await;
+    let body = c.wait_for_traffic(&web, 80).await;
+    assert!(NODES.contains(&body_node(&body).as_str()), "{body}");
+    let nodes = c.spread(&web, 80, 30);
+    assert_eq!(nodes.len(), 3, "requests reached {nodes:?}");
+
+    let dns = c
+        .service(
+            "dns",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "dns-udp", "port": 53, "nodePort": 30053, "protocol": "UDP" },
+                { "name": "dns-tcp", "port": 53, "nodePort": 30053, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    c.wait_for_single_owner(&dns).await;
+    let reply = eventually(WAIT, "a UDP answer", || async { c.udp(&dns, 53).ok() }).await;
+    assert!(NODES.contains(&body_node(&reply).as_str()), "{reply}");
+    c.wait_for_traffic(&dns, 53).await;
+
+    let sticky = c
+        .service(
+            "sticky",
+            json!({ "type": "LoadBalancer", "sessionAffinity": "ClientIP", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    c.wait_for_single_owner(&sticky).await;
+    c.wait_for_traffic(&sticky, 80).await;
+    let stuck = c.spread(&sticky, 80, 12);
+    assert_eq!(stuck.len(), 1, "ClientIP affinity spread over {stuck:?}");
+
+    // Local: only fwd-node-2 has endpoints, so only it may hold the VIP, and only it serves.
+    c.endpoints_on("local", "fwd-node-2").await;
+    let annotations = if kernel {
+        json!({})
+    } else {
+        // The userspace path keeps the client's address through PROXY protocol v2.
+        json!({ "ferry.dev/proxy-protocol": "v2" })
+    };
+    let local = c
+        .service(
+            "local",
+            json!({ "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                    "healthCheckNodePort": HEALTH_PORT, "ports": [
+                { "name": "http", "port": 8080, "nodePort": 30090, "protocol": "TCP" } ] }),
+            annotations,
+        )
+        .await;
+    assert_eq!(c.wait_for_single_owner(&local).await, "fwd-node-2");
+    c.wait_for_traffic(&local, 8080).await;
+    for _ in 0..5 {
+        let body = c.get(&local, 8080, "/").unwrap();
+        assert_eq!(body_node(&body), "fwd-node-2");
+        assert_eq!(
+            body_client(&body),
+            c.topo.client.ip.to_string(),
+            "client address kept"
+        );
+    }
+
+    // Deleting a Service withdraws its VIP everywhere.
+    delete_and_wait(&c.svcs, "web", WAIT).await;
+    eventually(WAIT, "the VIP withdrawn", || async {
+        c.holders(&web).is_empty().then_some(())
+    })
+    .await;
+    assert!(c.topo.arp_owners(&web).unwrap().is_empty());
+    assert!(c.get(&web, 80, "/").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_mode_serves_a_vip_from_one_node() {
+    let _serial = serial().await;
+    let c = Cluster::start("kernel", &["--mode", "kernel"]).await;
+    serves_traffic(&c, true).await;
+    let log = c.forwarder("fwd-node-1").log_text();
+    assert!(log.contains("data plane: kernel"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_mode_serves_a_vip_from_one_node() {
+    let _serial = serial().await;
+    let c = Cluster::start("userspace", &["--mode", "userspace"]).await;
+    serves_traffic(&c, false).await;
+
+    // An address no pool holds any more is left alone, with a log line.
+    let orphan = c
+        .service(
+            "orphan",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30091, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    let owner = c.wait_for_single_owner(&orphan).await;
+    delete_pools(&c.admin).await;
+    eventually(WAIT, "the out-of-pool VIP withdrawn", || async {
+        c.holders(&orphan).is_empty().then_some(())
+    })
+    .await;
+    let log = c.forwarder(&owner).log_text();
+    assert!(
+        log.contains("is in no local LoadBalancerPool; ignored"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vip_moves_when_its_owner_fails() {
+    let _serial = serial().await;
+    let mut c = Cluster::start("failover", &[]).await;
+    let web = c
+        .service(
+            "web",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    let first = c.wait_for_single_owner(&web).await;
+    c.wait_for_traffic(&web, 80).await;
+
+    // The owner's forwarder is killed (no withdrawal, no Lease release).
+    let i = c.node_index(&first);
+    let killed = Instant::now();
+    c.forwarders[i].as_mut().unwrap().kill();
+    let second = eventually(WAIT, "another node holding the VIP", || async {
+        let h = c.holders(&web);
+        let others: Vec<String> = h.into_iter().filter(|n| *n != first).collect();
+        (others.len() == 1).then(|| others[0].clone())
+    })
+    .await;
+    eventually(WAIT, "traffic after the forwarder was killed", || async {
+        let arp = c.topo.arp_owners(&web).ok()?;
+        (arp.contains(&second) && c.get(&web, 80, "/").is_ok()).then_some(())
+    })
+    .await;
+    eprintln!(
+        "forwarder killed: traffic again after {:?}",
+        killed.elapsed()
+    );
+
+    // Restarted (as its DaemonSet would), the forwarder takes its VIP back and the stand-in
+    // lets go: one owner again.
+    c.forwarders[i].as_mut().unwrap().restart().unwrap();
+    let back = c.wait_for_single_owner(&web).await;
+    assert_eq!(
+        back, first,
+        "rendezvous hashing gives the VIP back to its first owner"
+    );
+    c.wait_for_traffic(&web, 80).await;
+
+    // The owner's whole node goes away: cut from the switch, its processes gone.
+    let unplugged = Instant::now();
+    c.forwarders[i].as_mut().unwrap().kill();
+    c.backends[i].as_mut().unwrap().kill();
+    drop(c.topo.unplug(i).unwrap());
+    eventually(WAIT, "traffic after the node was unplugged", || async {
+        c.get(&web, 80, "/").ok()
+    })
+    .await;
+    let recovered = unplugged.elapsed();
+    let third = c.wait_for_single_owner(&web).await;
+    assert_ne!(third, first);
+    eprintln!("node unplugged: traffic again after {recovered:?} (now on {third})");
+}
+
+/// Opens `n` connections from the client to each of `targets`, each answered once, and holds
+/// them until `release` is dropped; reports how many were answered through `opened`.
+fn hold_connections(
+    c: &Cluster,
+    targets: Vec<SocketAddr>,
+    n: usize,
+    opened: std::sync::mpsc::Sender<usize>,
+    release: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<anyhow::Result<usize>> {
+    c.topo
+        .client
+        .ns()
+        .spawn(move || {
+            let _ = ferry_forwarder::raise_open_files_limit();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+                let mut tasks = tokio::task::JoinSet::new();
+                for target in targets.iter().flat_map(|t| std::iter::repeat_n(*t, n)) {
+                    let permit = limit.clone().acquire_owned().await?;
+                    tasks.spawn(async move {
+                        let mut s = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            tokio::net::TcpStream::connect(target),
+                        )
+                        .await??;
+                        s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").await?;
+                        let mut buf = [0u8; 512];
+                        let mut got = 0;
+                        while got < 20 || !buf[..got].ends_with(b"\n") {
+                            let n = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                s.read(&mut buf[got..]),
+                            )
+                            .await??;
+                            if n == 0 {
+                                anyhow::bail!("closed before an answer");
+                            }
+                            got += n;
+                        }
+                        drop(permit);
+                        anyhow::Ok(s)
+                    });
+                }
+                let mut streams = Vec::new();
+                while let Some(r) = tasks.join_next().await {
+                    if let Ok(Ok(s)) = r {
+                        streams.push(s);
+                    }
+                }
+                let answered = streams.len();
+                let _ = opened.send(answered);
+                let _ = release.recv();
+                drop(streams);
+                Ok(answered)
+            })
+        })
+        .unwrap()
+}
+
+/// 10,000 concurrent connections through the userspace path. One process here may hold at
+/// most 20,000 descriptors (the hard limit, which needs CAP_SYS_RESOURCE to raise), and a
+/// relayed connection costs a forwarder two, so the load goes to two VIPs owned by two nodes:
+/// 5,000 connections each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
+    let _serial = serial().await;
+    let _ = ferry_forwarder::raise_open_files_limit();
+    let c = Cluster::start("load", &["--mode", "userspace"]).await;
+    let mut vips: Vec<(String, String)> = Vec::new();
+    for i in 0..TCP_PORTS.len() {
+        let ip = c
+            .service(
+                &format!("web{i}"),
+                json!({ "type": "LoadBalancer", "ports": [
+                    { "name": "http", "port": 80, "nodePort": TCP_PORTS[i], "protocol": "TCP" } ] }),
+                json!({}),
+            )
+            .await;
+        let owner = c.wait_for_single_owner(&ip).await;
+        if vips.iter().all(|(_, o)| *o != owner) {
+            vips.push((ip, owner));
+        }
+        if vips.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(vips.len(), 2, "two VIPs on two nodes: {vips:?}");
+    for (ip, _) in &vips {
+        c.wait_for_traffic(ip, 80).await;
+    }
+    let before: Vec<u64> = vips
+        .iter()
+        .map(|(_, o)| c.forwarder(o).rss_kib().unwrap())
+        .collect();
+
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let targets = vips
+        .iter()
+        .map(|(ip, _)| format!("{ip}:80").parse().unwrap())
+        .collect();
+    let holder = hold_connections(&c, targets, 5_000, opened_tx, release_rx);
+    let answered =
+        tokio::task::spawn_blocking(move || opened_rx.recv_timeout(Duration::from_secs(180)))
+            .await
+            .unwrap()
+            .expect("the client never finished opening connections");
+    let mut active = 0.0;
+    let mut grown = Vec::new();
+    for (i, (_, owner)) in vips.iter().enumerate() {
+        let f = c.forwarder(owner);
+        active += f
+            .metrics()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("ferry_forwarder_active_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        grown.push(f.rss_kib().unwrap().saturating_sub(before[i]));
+    }
+    drop(release_tx);
+    holder.join().unwrap().unwrap();
+    eprintln!(
+        "10,000 connections: {answered} answered, {active} active in the forwarders, RSS before {before:?} KiB, growth {grown:?} KiB"
+    );
+    assert_eq!(answered, 10_000);
+    assert!(active >= 9_900.0, "the forwarders relayed {active}");
+    // Idle connections hold no buffers: well under 10 KiB each.
+    for g in &grown {
+        assert!(*g < 50 * 1024, "RSS grew by {g} KiB for 5,000 connections");
+    }
+    for (_, owner) in &vips {
+        eventually(WAIT, "connections closed in the forwarder", || async {
+            let text = c.forwarder(owner).metrics().ok()?;
+            text.lines()
+                .filter(|l| l.starts_with("ferry_forwarder_active_connections{"))
+                .all(|l| l.ends_with(" 0"))
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_bounds_time_and_flows_and_isolates_backend_failures() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(
+        "limits",
+        &[
+            "--mode",
+            "userspace",
+            "--idle-timeout",
+            "2s",
+            "--half-close-timeout",
+            "2s",
+            "--udp-max-flows",
+            "300",
+            "--udp-idle-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let web = c
+        .service(
+            "web",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" },
+                { "name": "dns", "port": 54, "nodePort": 30054, "protocol": "UDP" } ] }),
+            json!({}),
+        )
+        .await;
+    let owner = c.wait_for_single_owner(&web).await;
+    c.wait_for_traffic(&web, 80).await;
+    let target: SocketAddr = format!("{web}:80").parse().unwrap();
+
+    // An idle connection is closed after the idle timeout.
+    let idle_closed = c
+        .topo
+        .client
+        .ns()
+        .enter(move || {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let started = Instant::now();
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf)?;
+            Ok((n, started.elapsed()))
+        })
+        .unwrap();
+    assert_eq!(idle_closed.0, 0);
+    assert!(
+        idle_closed.1 >= Duration::from_millis(1500) && idle_closed.1 < Duration::from_secs(8),
+        "idle connection closed after {:?}",
+        idle_closed.1
+    );
+
+    // A half-closed connection whose backend never finishes is closed after the half-close
+    // timeout.
+    let half_closed = c
+        .topo
+        .client
+        .ns()
+        .enter(move || {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf)?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let started = Instant::now();
+            while s.read(&mut buf)? > 0 {}
+            Ok(started.elapsed())
+        })
+        .unwrap();
+    assert!(
+        half_closed < Duration::from_secs(8),
+        "half-closed for {half_closed:?}"
+    );
+
+    // A UDP flood from many source ports keeps the flow table within its bound.
+    let udp_target: SocketAddr = format!("{web}:54").parse().unwrap();
+    c.topo
+        .client
+        .ns()
+        .enter(move || {
+            // Paced, so the kernel's receive queue does not drop datagrams before the
+            // forwarder sees them: the test is about the flow table.
+            for i in 0..2000 {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.send_to(b"flood", udp_target)?;
+                if i % 20 == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let service = format!("{}/web", c.namespace);
+    let series = |name: &str| format!("{name}{{service=\"{service}\"}}");
+    // A few datagrams may be lost in the kernel's queue before the forwarder reads them.
+    let (flows, dropped) = eventually(WAIT, "the flood counted", || async {
+        let f = c.forwarder(&owner);
+        let flows = f.metric(&series("ferry_forwarder_udp_flows"))?;
+        let dropped = f.metric(&series("ferry_forwarder_udp_flows_dropped_total"))?;
+        (dropped >= 1500.0).then_some((flows, dropped))
+    })
+    .await;
+    eprintln!("UDP flood of 2000 flows: {flows} in the table, {dropped} dropped");
+    assert!(flows <= 300.0, "{flows} flows for a bound of 300");
+    // Quiet flows leave the table after the UDP idle timeout.
+    eventually(WAIT, "idle UDP flows expired", || async {
+        let flows = c
+            .forwarder(&owner)
+            .metric(&series("ferry_forwarder_udp_flows"))?;
+        (flows == 0.0).then_some(())
+    })
+    .await;
+
+    // A backend that dies mid-stream ends only its own connections.
+    let streams = c
+        .topo
+        .client
+        .ns()
+        .enter(move || {
+            let mut out = Vec::new();
+            for _ in 0..6 {
+                let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.write_all(b"GET /stream HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+                // The head may come before the first line naming the node.
+                let mut text = String::new();
+                let node = loop {
+                    let mut buf = [0u8; 256];
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        return Err(std::io::Error::other("stream closed at once"));
+                    }
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if let Some(node) = NODES.iter().find(|n| text.contains(*n)) {
+                        break node.to_string();
+                    }
+                };
+                out.push((node, s));
+            }
+            Ok(out)
+        })
+        .unwrap();
+    let victim = streams[0].0.clone();
+    let vi = c.node_index(&victim);
+    c.backends[vi].as_mut().unwrap().kill();
+    let results = tokio::task::spawn_blocking(move || {
+        streams
+            .into_iter()
+            .map(|(node, mut s)| {
+                // Drain what is buffered, then see whether the stream still flows.
+                let deadline = Instant::now() + Duration::from_millis(1500);
+                let mut buf = [0u8; 4096];
+                let mut alive = true;
+                while Instant::now() < deadline {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            alive = false;
+                            break;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                (node, alive)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(results.iter().any(|(n, _)| *n != victim), "{results:?}");
+    for (node, alive) in &results {
+        assert_eq!(
+            *alive,
+            *node != victim,
+            "stream via {node}: alive={alive} ({results:?})"
+        );
+    }
+}
