@@ -549,12 +549,12 @@ async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
     let _ = ferry_forwarder::raise_open_files_limit();
     let c = Cluster::start("load", &["--mode", "userspace"]).await;
     let mut vips: Vec<(String, String)> = Vec::new();
-    for i in 0..TCP_PORTS.len() {
+    for (i, node_port) in TCP_PORTS.iter().enumerate() {
         let ip = c
             .service(
                 &format!("web{i}"),
                 json!({ "type": "LoadBalancer", "ports": [
-                    { "name": "http", "port": 80, "nodePort": TCP_PORTS[i], "protocol": "TCP" } ] }),
+                    { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
                 json!({}),
             )
             .await;
