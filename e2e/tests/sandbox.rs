@@ -61,12 +61,18 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The whole answer to `GET /`, or an empty string when nothing answers.
 fn http_get(addr: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return String::new();
+    }
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -144,6 +150,21 @@ fn kubectl_sees_an_external_ip_within_seconds() {
         reply.contains("node=sandbox-node-2 service=default/web port=80"),
         "{reply}"
     );
+
+    // The EXTERNAL-IP itself answers, through the VIP's owner, from one of the nodes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let reply = http_get("127.241.0.1:80");
+        if reply.contains("service=default/web port=80") {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "EXTERNAL-IP does not answer: {reply}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reply.contains("node=sandbox-node-"), "{reply}");
 
     kubectl(
         &kc,

@@ -166,7 +166,7 @@ impl Heartbeat {
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = crate::stopped(&mut stop) => return,
             }
         }
     }

@@ -59,6 +59,12 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// Changes arriving within this window are applied together.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// Resolves once `stop` turns true (or its sender is gone). The borrow `wait_for` returns is
+/// dropped here, so futures selecting on this stay `Send`.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Sets up logging as configured.
 pub fn init_logging(config: &Config) -> anyhow::Result<()> {
     ferry_runtime::init_logging(&config.log_filter, config.log_format)
@@ -320,7 +326,7 @@ pub async fn run_with_client(
         warn!(node = %config.node_name, "waiting for this Node (with an InternalIP) to exist");
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = crate::stopped(&mut stop) => return Ok(()),
         }
     };
     let announcer = match config.announce {
@@ -474,7 +480,7 @@ pub async fn run_with_client(
             _ = changed.notified() => tokio::time::sleep(SETTLE).await,
             _ = health_changed.notified() => {}
             _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            _ = crate::stopped(&mut stop) => break,
         }
     }
 

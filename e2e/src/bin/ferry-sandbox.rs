@@ -1,7 +1,10 @@
 //! `ferry-sandbox`: a whole ferry cluster on one machine, in one command. A real
 //! kube-apiserver and etcd, simulated nodes on loopback addresses with NodePort responders,
-//! a default address pool, and the operator (with exactly ferry's RBAC). Prints the
-//! kubeconfig to use; Ctrl-C stops everything and removes what it created.
+//! a default address pool, the operator and one forwarder per node (each with exactly
+//! ferry's RBAC). The forwarders run in userspace mode without touching interfaces: every
+//! loopback address is already local, so holding a VIP is binding it, and `curl` to an
+//! EXTERNAL-IP reaches the NodePorts through the VIP's owner. Prints the kubeconfig to use;
+//! Ctrl-C stops everything and removes what it created.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, Options, client_from};
 use ferry_e2e::nodes::{register_nodes, start_responders};
 use ferry_e2e::scenario::pool;
+use ferry_forwarder::config::Config as ForwarderConfig;
 use ferry_operator::config::Config as OperatorConfig;
 use kube::api::{Api, Patch, PatchParams};
 
@@ -44,6 +48,10 @@ struct Args {
     /// Do not run the operator: run your own against the printed operator kubeconfig.
     #[arg(long)]
     no_operator: bool,
+
+    /// Do not run the forwarders (EXTERNAL-IPs then do not answer; NodePorts still do).
+    #[arg(long)]
+    no_forwarders: bool,
 
     /// Also copy the admin kubeconfig here (it always lives in the sandbox's own folder).
     #[arg(long, env = "FERRY_SANDBOX_KUBECONFIG")]
@@ -96,6 +104,13 @@ fn main() {
     }
 }
 
+/// The forwarders' kubeconfig (their own identity), next to the others.
+fn write_forwarder_kubeconfig(cp: &ControlPlane) -> anyhow::Result<PathBuf> {
+    let path = cp.dir.join("forwarder.kubeconfig");
+    std::fs::write(&path, cp.kubeconfig_via(&cp.url, &cp.forwarder_token))?;
+    Ok(path)
+}
+
 async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     let log_path = cp.dir.join("operator.log");
     let log_file = std::fs::File::create(&log_path)?;
@@ -146,6 +161,35 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
         )))
     };
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut forwarders = Vec::new();
+    if !args.no_forwarders {
+        let client = client_from(&write_forwarder_kubeconfig(cp)?).await?;
+        for node in &nodes {
+            let config = ForwarderConfig::parse_args([
+                "ferry-forwarder",
+                "--node-name",
+                &node.name,
+                "--mode",
+                "userspace",
+                "--announce",
+                "none",
+                "--lease-namespace",
+                "ferry-system",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--health-addr",
+                "127.0.0.1:0",
+            ])
+            .map_err(|e| anyhow::anyhow!("forwarder flags: {e:?}"))?;
+            forwarders.push(tokio::spawn(ferry_forwarder::run_with_client(
+                config,
+                client.clone(),
+                stop_rx.clone(),
+            )));
+        }
+    }
+
     let kubeconfig = match &args.kubeconfig {
         Some(path) => {
             std::fs::copy(&cp.admin_kubeconfig, path)?;
@@ -167,6 +211,9 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     } else {
         say!("  operator:    running, log in {}", log_path.display());
     }
+    if !args.no_forwarders {
+        say!("  forwarders:  one per node (userspace), same log");
+    }
     say!("kubeconfig: {}", kubeconfig.display());
     say!();
     say!("Try:");
@@ -174,12 +221,20 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     say!("  kubectl apply -f examples/web.yaml");
     say!("  kubectl get svc web          # EXTERNAL-IP from the pool within a second");
     say!(
+        "  curl http://$(kubectl get svc web -o jsonpath='{{.status.loadBalancer.ingress[0].ip}}')/   # through the forwarder"
+    );
+    say!(
         "  curl http://{first}:$(kubectl get svc web -o jsonpath='{{.spec.ports[0].nodePort}}')   # a node's NodePort"
     );
     say!("Ctrl-C stops the sandbox and removes everything it created.");
 
     tokio::signal::ctrl_c().await?;
     eprintln!("ferry-sandbox: stopping");
+    let _ = stop_tx.send(true);
+    for f in forwarders {
+        // Each withdraws and releases its heartbeat Lease.
+        let _ = tokio::time::timeout(Duration::from_secs(5), f).await;
+    }
     if let Some(op) = operator {
         // The operator saw the same Ctrl-C and releases its lease; give it a moment.
         let _ = tokio::time::timeout(Duration::from_secs(5), op).await;

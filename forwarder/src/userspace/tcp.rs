@@ -28,11 +28,11 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = stop.wait_for(|s| *s) => return,
+            _ = crate::stopped(&mut stop) => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = crate::stopped(&mut stop) => return,
         };
         let (client, peer) = match accepted {
             Ok(conn) => {
@@ -61,7 +61,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
             let mut stop = shared.stop.clone();
             tokio::select! {
                 _ = connection(client, peer, &shared) => {}
-                _ = stop.wait_for(|s| *s) => {}
+                _ = crate::stopped(&mut stop) => {}
             }
         });
     }

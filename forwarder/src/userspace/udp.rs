@@ -52,7 +52,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     loop {
         let received = tokio::select! {
             r = socket.recv_from(&mut buf) => r,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = crate::stopped(&mut stop) => return,
         };
         let (n, client) = match received {
             Ok(r) => r,
@@ -138,7 +138,7 @@ async fn replies(
         }
         let ready = tokio::select! {
             r = tokio::time::timeout(wait, flow.upstream.readable()) => r,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = crate::stopped(&mut stop) => break,
         };
         match ready {
             Err(_) => continue,
