@@ -20,6 +20,22 @@ if ! need_cmd kubectl; then
     exit 1
 fi
 
+# The forwarder's tests build a network-namespace cluster (as root) and use these tools.
+missing=()
+need_cmd ip || missing+=(iproute2)
+need_cmd nft || missing+=(nftables)
+need_cmd arping || missing+=(arping)
+need_cmd curl || missing+=(curl)
+if ((${#missing[@]})); then
+    echo "==> apt-get install ${missing[*]}"
+    if [ "$(id -u)" != 0 ]; then
+        echo "error: installing ${missing[*]} needs root (the forwarder tests need root as well)" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 # The real kube-apiserver, etcd and helm, built from their Go modules (a no-op when current).
 echo "==> e2e/tools/build.sh"
 tools_start=$(date +%s)
