@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The forwarder's data plane against direct, nftables by hand, HAProxy, nginx stream and socat,
+# and VIP failover time, on network namespaces; writes docs/results.md. Needs root.
+# Usage: e2e/bench/forwarder.sh [--runs N] [--seconds N] [--failovers N]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+missing=()
+for pair in iperf3:iperf3 wrk:wrk haproxy:haproxy nginx:nginx-light socat:socat nft:nftables \
+    arping:arping curl:curl ip:iproute2; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || missing+=(libnginx-mod-stream)
+if ((${#missing[@]})); then
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+bash e2e/tools/build.sh
+cargo build --release --locked -p ferry-operator -p ferry-forwarder -p ferry-e2e --bins
+
+table="$(target/release/ferry-bench-forwarder "$@")"
+echo "$table"
+
+section="$(cat <<MD
+<!-- forwarder-bench:start -->
+## Forwarder: data plane and failover on network namespaces
+
+Command: \`e2e/bench/forwarder.sh $*\` — $(date -u +%Y-%m-%d), $(nproc) cores, release build,
+$(uname -r). A client namespace and a node namespace on a bridge (its own namespace); the
+backends (iperf3, and nginx with one worker answering a 3-byte body) listen on the node's
+NodePorts; every path forwards to them on the node itself. HAProxy $(haproxy -v | head -1 | awk '{print $3}')
+(TCP mode, 2 threads), nginx $(nginx -v 2>&1 | sed 's|.*/||') stream (auto workers), socat (fork),
+ferry-forwarder (2 tokio workers) driven by the real control plane and operator. All paths in
+one run, medians of the runs; wrk: 2 threads, 32 connections.
+
+$table
+<!-- forwarder-bench:end -->
+MD
+)"
+
+mkdir -p docs
+results=docs/results.md
+[[ -f "$results" ]] || printf '# Benchmark results\n\nFigures measured on our machines; each section names the command that produced it.\n' >"$results"
+python3 - "$results" "$section" <<'PY'
+import re, sys
+path, section = sys.argv[1], sys.argv[2]
+text = open(path).read()
+pattern = re.compile(r"<!-- forwarder-bench:start -->.*?<!-- forwarder-bench:end -->", re.S)
+text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+open(path, "w").write(text)
+PY
+echo "written to $results"

@@ -1,0 +1,589 @@
+//! `ferry-bench-forwarder`: the forwarder's data plane against what users run today, in one
+//! run so the ratios compare like with like. A client namespace and a node namespace on the
+//! test switch; the backends (iperf3, and nginx answering a small HTTP body) listen on the
+//! node's NodePorts; each variant puts something between the client and them:
+//!
+//! direct (no proxy), nftables DNAT written by hand, HAProxy (TCP mode), nginx stream, socat,
+//! ferry's kernel path and ferry's userspace path (the real forwarder, driven by the real
+//! control plane and operator). Figures: single-stream iperf3 throughput, wrk requests/s on 32
+//! keep-alive connections, and new connections/s (wrk with `Connection: close`).
+//!
+//! Then VIP failover: three nodes with forwarders at default settings, the owner cut off the
+//! switch and its forwarder killed; the time until a client's requests succeed again.
+//! Run through `e2e/bench/forwarder.sh`, which writes the results into `docs/results.md`.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use ferry_crds::LoadBalancerPool;
+use ferry_e2e::control_plane::{ControlPlane, Options, start_in_keeper_thread};
+use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
+use ferry_e2e::netns::{Netns, Topology};
+use ferry_e2e::nodes::{SimulatedNode, register};
+use ferry_e2e::operator::OperatorProcess;
+use ferry_e2e::process::ProcessUnderTest;
+use ferry_e2e::scenario::{ingress_ip, pool};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Runs of every measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Failovers measured.
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+}
+
+const IPERF_PORT: u16 = 30201;
+const HTTP_PORT: u16 = 30280;
+/// The address nftables-by-hand DNATs from (outside ferry's pool, so no forwarder touches it).
+const HAND_VIP: &str = "10.213.0.150";
+const POOL: &str = "10.213.0.200/29";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Direct,
+    Nftables,
+    Haproxy,
+    Nginx,
+    Socat,
+    FerryKernel,
+    FerryUserspace,
+}
+
+impl Variant {
+    const ALL: [Variant; 7] = [
+        Variant::Direct,
+        Variant::Nftables,
+        Variant::Haproxy,
+        Variant::Nginx,
+        Variant::Socat,
+        Variant::FerryKernel,
+        Variant::FerryUserspace,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Nftables => "nftables DNAT (by hand)",
+            Variant::Haproxy => "HAProxy",
+            Variant::Nginx => "nginx stream",
+            Variant::Socat => "socat",
+            Variant::FerryKernel => "ferry kernel",
+            Variant::FerryUserspace => "ferry userspace",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    gbits: f64,
+    rps: f64,
+    cps: f64,
+}
+
+fn in_ns(
+    dir: &Path,
+    ns: &Netns,
+    what: &str,
+    program: &str,
+    args: Vec<String>,
+) -> anyhow::Result<ProcessUnderTest> {
+    let (ns_name, program) = (ns.name.clone(), program.to_string());
+    ProcessUnderTest::start(what, dir.join(format!("{what}.log")), move || {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns_name])
+            .arg(&program)
+            .args(&args);
+        Ok(cmd)
+    })
+}
+
+fn wait_port(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = ns
+            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_millis(300)).map(drop));
+        if ok.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing answers on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    client: &'a Netns,
+}
+
+impl Bench<'_> {
+    fn iperf(&self, ip: &str, port: u16) -> anyhow::Result<f64> {
+        let out = self.client.exec(
+            "iperf3",
+            &[
+                "-c",
+                ip,
+                "-p",
+                &port.to_string(),
+                "-t",
+                &self.args.seconds.to_string(),
+                "-J",
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .context("iperf3 printed no throughput")
+    }
+
+    fn wrk(&self, ip: &str, port: u16, close: bool) -> anyhow::Result<f64> {
+        let url = format!("http://{ip}:{port}/");
+        let duration = format!("{}s", self.args.seconds);
+        let mut args = vec!["-t2", "-c32", "-d", &duration, "--timeout", "5s"];
+        if close {
+            args.extend(["-H", "Connection: close"]);
+        }
+        args.push(&url);
+        let out = self.client.exec("wrk", &args)?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("wrk printed no rate:\n{out}"))
+    }
+
+    fn figures(&self, ip: &str, iperf_port: u16, http_port: u16) -> anyhow::Result<Figures> {
+        Ok(Figures {
+            gbits: self.iperf(ip, iperf_port)?,
+            rps: self.wrk(ip, http_port, false)?,
+            cps: self.wrk(ip, http_port, true)?,
+        })
+    }
+}
+
+async fn throughput(
+    args: &Args,
+    cp: &ControlPlane,
+) -> anyhow::Result<Vec<(Variant, Vec<Figures>)>> {
+    let dir = cp.dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let topo = Topology::new(&["bench-node"])?;
+    let node = &topo.nodes[0];
+    let node_ns = node.ns();
+    let node_ip = node.ip.to_string();
+    let admin = cp.admin_client().await?;
+    register(
+        &admin,
+        &[SimulatedNode {
+            name: node.name.clone(),
+            ip: node.ip,
+        }],
+    )
+    .await?;
+    Api::<LoadBalancerPool>::all(admin.clone())
+        .create(&PostParams::default(), &pool("bench", &[POOL]))
+        .await?;
+    let _operator = OperatorProcess::start(&cp.operator_kubeconfig, &cp.dir, &[])?;
+
+    // Backends on the node's NodePorts.
+    let _iperf = in_ns(
+        &dir,
+        node_ns,
+        "iperf3-server",
+        "iperf3",
+        vec!["-s".into(), "-p".into(), IPERF_PORT.to_string()],
+    )?;
+    let backend_conf = write(
+        &dir,
+        "backend-nginx.conf",
+        &format!(
+            "worker_processes 1;\npid {d}/backend-nginx.pid;\nerror_log {d}/backend-nginx.err;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen {HTTP_PORT} reuseport; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let _http = in_ns(
+        &dir,
+        node_ns,
+        "backend-nginx",
+        "nginx",
+        vec![
+            "-c".into(),
+            backend_conf.display().to_string(),
+            "-g".into(),
+            "daemon off;".into(),
+        ],
+    )?;
+
+    // The proxies, each on its own ports of the node's address.
+    node_ns.ip(&["addr", "add", &format!("{HAND_VIP}/32"), "dev", "eth0"])?;
+    node_ns.exec("nft", &["-f", write(&dir, "hand.nft", &format!(
+        "table ip bench {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n\
+           ip daddr {HAND_VIP} tcp dport {IPERF_PORT} dnat to {node_ip}:{IPERF_PORT}\n\
+           ip daddr {HAND_VIP} tcp dport {HTTP_PORT} dnat to {node_ip}:{HTTP_PORT}\n}}\n}}\n"
+    ))?.to_str().unwrap_or_default()])?;
+    let haproxy_conf = write(
+        &dir,
+        "haproxy.cfg",
+        &format!(
+            "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             listen iperf\n  bind {node_ip}:15201\n  server b 127.0.0.1:{IPERF_PORT}\n\
+             listen http\n  bind {node_ip}:18080\n  server b 127.0.0.1:{HTTP_PORT}\n"
+        ),
+    )?;
+    let _haproxy = in_ns(
+        &dir,
+        node_ns,
+        "haproxy",
+        "haproxy",
+        vec![
+            "-f".into(),
+            haproxy_conf.display().to_string(),
+            "-db".into(),
+        ],
+    )?;
+    let nginx_conf = write(
+        &dir,
+        "stream-nginx.conf",
+        &format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\n\
+             pid {d}/stream-nginx.pid;\nerror_log {d}/stream-nginx.err;\nevents {{ worker_connections 8192; }}\n\
+             stream {{ server {{ listen {node_ip}:25201; proxy_pass 127.0.0.1:{IPERF_PORT}; }}\n\
+                       server {{ listen {node_ip}:28080; proxy_pass 127.0.0.1:{HTTP_PORT}; }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let _nginx = in_ns(
+        &dir,
+        node_ns,
+        "stream-nginx",
+        "nginx",
+        vec![
+            "-c".into(),
+            nginx_conf.display().to_string(),
+            "-g".into(),
+            "daemon off;".into(),
+        ],
+    )?;
+    let socat = |port: u16, to: u16, what: &str| {
+        in_ns(
+            &dir,
+            node_ns,
+            what,
+            "socat",
+            vec![
+                format!("TCP-LISTEN:{port},fork,reuseaddr,bind={node_ip},backlog=4096"),
+                format!("TCP:127.0.0.1:{to}"),
+            ],
+        )
+    };
+    let _socat_iperf = socat(35201, IPERF_PORT, "socat-iperf")?;
+    let _socat_http = socat(38080, HTTP_PORT, "socat-http")?;
+
+    // ferry: a Service whose ports reach the same NodePorts.
+    let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": { "name": "bench" },
+        "spec": { "type": "LoadBalancer", "ports": [
+            { "name": "iperf", "port": 5201, "nodePort": IPERF_PORT, "protocol": "TCP" },
+            { "name": "http", "port": 80, "nodePort": HTTP_PORT, "protocol": "TCP" } ] }
+    }))?;
+    svcs.create(&PostParams::default(), &svc).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vip = loop {
+        if let Some(ip) = svcs.get_opt("bench").await?.as_ref().and_then(ingress_ip) {
+            break ip;
+        }
+        if Instant::now() > deadline {
+            bail!("the bench Service got no address");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let client = topo.client.ns();
+    for (ip, port) in [
+        (node_ip.as_str(), HTTP_PORT),
+        (HAND_VIP, HTTP_PORT),
+        (node_ip.as_str(), 18080),
+        (node_ip.as_str(), 28080),
+        (node_ip.as_str(), 38080),
+    ] {
+        wait_port(client, format!("{ip}:{port}").parse()?)?;
+    }
+    let bench = Bench { args, client };
+    let mut results: Vec<(Variant, Vec<Figures>)> =
+        Variant::ALL.iter().map(|v| (*v, Vec::new())).collect();
+    for run in 0..args.runs {
+        for (variant, figures) in results.iter_mut() {
+            let (ip, iperf, http) = match variant {
+                Variant::Direct => (node_ip.clone(), IPERF_PORT, HTTP_PORT),
+                Variant::Nftables => (HAND_VIP.to_string(), IPERF_PORT, HTTP_PORT),
+                Variant::Haproxy => (node_ip.clone(), 15201, 18080),
+                Variant::Nginx => (node_ip.clone(), 25201, 28080),
+                Variant::Socat => (node_ip.clone(), 35201, 38080),
+                Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
+            };
+            // The forwarder runs only while it is measured, in the mode measured.
+            let _forwarder = match variant {
+                Variant::FerryKernel | Variant::FerryUserspace => {
+                    let mode = if *variant == Variant::FerryKernel {
+                        "kernel"
+                    } else {
+                        "userspace"
+                    };
+                    let f = ForwarderProcess::start(
+                        cp,
+                        node_ns,
+                        &node.name,
+                        &["--mode", mode, "--log-filter", "warn"],
+                    )?;
+                    wait_port(client, format!("{vip}:80").parse()?)?;
+                    Some(f)
+                }
+                _ => None,
+            };
+            let f = bench.figures(&ip, iperf, http)?;
+            eprintln!(
+                "run {} {:<24} {:6.2} Gbit/s {:9.0} req/s {:8.0} conn/s",
+                run + 1,
+                variant.name(),
+                f.gbits,
+                f.rps,
+                f.cps
+            );
+            figures.push(f);
+            if let Some(mut f) = _forwarder {
+                f.terminate();
+            }
+        }
+    }
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
+        .delete(&node.name, &Default::default())
+        .await;
+    Ok(results)
+}
+
+/// Waits for `what` to become `Some`, for at most a minute.
+async fn within_a_minute<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("gave up waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Failover at default settings: returns the seconds from cutting the owner off until the
+/// client's requests succeed again, per failover.
+async fn failover(args: &Args, cp: &ControlPlane) -> anyhow::Result<Vec<f64>> {
+    let dir = cp.dir.clone();
+    let names = ["fo-node-1", "fo-node-2", "fo-node-3"];
+    let topo = Topology::new(&names)?;
+    let admin = cp.admin_client().await?;
+    let nodes: Vec<SimulatedNode> = topo
+        .nodes
+        .iter()
+        .map(|h| SimulatedNode {
+            name: h.name.clone(),
+            ip: h.ip,
+        })
+        .collect();
+    register(&admin, &nodes).await?;
+    let _operator = OperatorProcess::start(&cp.operator_kubeconfig, &cp.dir, &[])?;
+    let mut backends = Vec::new();
+    let mut forwarders = Vec::new();
+    for h in &topo.nodes {
+        backends.push(start_backend(&dir, h.ns(), &h.name, &[30380], &[], None)?);
+        forwarders.push(ForwarderProcess::start(cp, h.ns(), &h.name, &[])?);
+    }
+    let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": { "name": "failover" },
+        "spec": { "type": "LoadBalancer", "ports": [
+            { "name": "http", "port": 80, "nodePort": 30380, "protocol": "TCP" } ] }
+    }))?;
+    svcs.create(&PostParams::default(), &svc).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vip = loop {
+        if let Some(ip) = svcs
+            .get_opt("failover")
+            .await?
+            .as_ref()
+            .and_then(ingress_ip)
+        {
+            break ip;
+        }
+        if Instant::now() > deadline {
+            bail!("the failover Service got no address");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let target: SocketAddr = format!("{vip}:80").parse()?;
+    let client = topo.client.ns();
+    let get = move || -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_millis(100))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            Err(std::io::Error::other("closed"))
+        } else {
+            Ok(())
+        }
+    };
+    let mut times = Vec::new();
+    for round in 0..args.failovers {
+        // One owner, serving.
+        let owner = within_a_minute("one node holding the VIP and serving", || {
+            let h = topo.holders(&vip);
+            (h.len() == 1 && client.enter(get).is_ok()).then(|| h[0].clone())
+        })
+        .await?;
+        let i = names
+            .iter()
+            .position(|n| *n == owner)
+            .context("owner is not a node")?;
+        // The node fails: off the switch, its forwarder gone without a word.
+        let cut = Instant::now();
+        topo.switch.ip(&["link", "set", &format!("p{i}"), "down"])?;
+        forwarders[i].kill();
+        let took = client.enter(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if get().is_ok() {
+                    return Ok(cut.elapsed());
+                }
+                if Instant::now() > deadline {
+                    return Err(std::io::Error::other("no traffic within 30 s"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })?;
+        eprintln!(
+            "failover {}: owner {owner} lost, traffic again after {took:?}",
+            round + 1
+        );
+        times.push(took.as_secs_f64());
+        // The node comes back.
+        forwarders[i].restart()?;
+        topo.switch.ip(&["link", "set", &format!("p{i}"), "up"])?;
+    }
+    drop(backends);
+    Ok(times)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for tool in [
+        "iperf3", "wrk", "haproxy", "nginx", "socat", "nft", "curl", "arping",
+    ] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!("{tool} is missing (e2e/bench/forwarder.sh installs it)");
+        }
+    }
+    let _ = ferry_forwarder::raise_open_files_limit();
+    let cp = start_in_keeper_thread(Options::default());
+    let runtime = tokio::runtime::Runtime::new()?;
+    let results = runtime.block_on(throughput(&args, &cp))?;
+    let failovers = runtime.block_on(failover(&args, &cp))?;
+
+    let med = |v: Variant, f: fn(&Figures) -> f64| {
+        median(
+            results
+                .iter()
+                .find(|(x, _)| *x == v)
+                .map(|(_, r)| r.iter().map(f).collect())
+                .unwrap_or_default(),
+        )
+    };
+    let gb = |f: &Figures| f.gbits;
+    let rps = |f: &Figures| f.rps;
+    let cps = |f: &Figures| f.cps;
+    println!(
+        "| path | throughput, 1 TCP stream (Gbit/s) | requests/s, 32 keep-alive connections | new connections/s |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for v in Variant::ALL {
+        println!(
+            "| {} | {:.2} | {:.0} | {:.0} |",
+            v.name(),
+            med(v, gb),
+            med(v, rps),
+            med(v, cps)
+        );
+    }
+    println!();
+    println!("| ratio | throughput | requests/s | new connections/s | target |");
+    println!("| --- | --- | --- | --- | --- |");
+    let ratio = |a: Variant, b: Variant, f: fn(&Figures) -> f64| {
+        med(a, f) / med(b, f).max(f64::MIN_POSITIVE)
+    };
+    println!(
+        "| ferry userspace / HAProxy | {:.2} | {:.2} | {:.2} | ≥ 1.0 on all three |",
+        ratio(Variant::FerryUserspace, Variant::Haproxy, gb),
+        ratio(Variant::FerryUserspace, Variant::Haproxy, rps),
+        ratio(Variant::FerryUserspace, Variant::Haproxy, cps)
+    );
+    println!(
+        "| ferry kernel / direct | {:.2} | {:.2} | {:.2} | throughput ≥ 0.95 |",
+        ratio(Variant::FerryKernel, Variant::Direct, gb),
+        ratio(Variant::FerryKernel, Variant::Direct, rps),
+        ratio(Variant::FerryKernel, Variant::Direct, cps)
+    );
+    println!(
+        "| ferry kernel / nftables by hand | {:.2} | {:.2} | {:.2} | |",
+        ratio(Variant::FerryKernel, Variant::Nftables, gb),
+        ratio(Variant::FerryKernel, Variant::Nftables, rps),
+        ratio(Variant::FerryKernel, Variant::Nftables, cps)
+    );
+    println!();
+    let all: Vec<String> = failovers.iter().map(|t| format!("{t:.2} s")).collect();
+    println!(
+        "| VIP failover, owner node lost → client traffic flows again | median of {} | all |",
+        failovers.len()
+    );
+    println!("| --- | --- | --- |");
+    println!(
+        "| default settings (2 s heartbeat Lease, 500 ms renewals); target < 3 s | {:.2} s | {} |",
+        median(failovers.clone()),
+        all.join(", ")
+    );
+    Ok(())
+}
