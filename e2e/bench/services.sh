@@ -25,15 +25,4 @@ $table
 MD
 )"
 
-mkdir -p docs
-results=docs/results.md
-[[ -f "$results" ]] || printf '# Benchmark results\n\nFigures measured on our machines; each section names the command that produced it.\n' >"$results"
-python3 - "$results" "$section" <<'PY'
-import re, sys
-path, section = sys.argv[1], sys.argv[2]
-text = open(path).read()
-pattern = re.compile(r"<!-- services-bench:start -->.*?<!-- services-bench:end -->", re.S)
-text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-open(path, "w").write(text)
-PY
-echo "written to $results"
+bash e2e/bench/write-results.sh services-bench "$section"

@@ -254,6 +254,17 @@ impl Topology {
         })
     }
 
+    /// The nodes as Node objects to register (name and InternalIP).
+    pub fn simulated_nodes(&self) -> Vec<crate::nodes::SimulatedNode> {
+        self.nodes
+            .iter()
+            .map(|h| crate::nodes::SimulatedNode {
+                name: h.name.clone(),
+                ip: h.ip,
+            })
+            .collect()
+    }
+
     /// Takes node `i` off the network at once (its switch port goes), as a node failure.
     /// The namespace itself goes when the caller drops what it returns.
     pub fn unplug(&mut self, i: usize) -> anyhow::Result<Option<Netns>> {

@@ -15,7 +15,7 @@ use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, shared};
 use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
 use ferry_e2e::netns::Topology;
-use ferry_e2e::nodes::{SimulatedNode, register};
+use ferry_e2e::nodes::register;
 use ferry_e2e::operator::OperatorProcess;
 use ferry_e2e::process::ProcessUnderTest;
 use ferry_e2e::scenario::*;
@@ -96,15 +96,7 @@ impl Cluster {
         let admin = cp.admin_client().await.unwrap();
         clean_cluster_state(&admin).await;
         let topo = Topology::new(&NODES).expect("creating network namespaces (needs root)");
-        let simulated: Vec<SimulatedNode> = topo
-            .nodes
-            .iter()
-            .map(|h| SimulatedNode {
-                name: h.name.clone(),
-                ip: h.ip,
-            })
-            .collect();
-        register(&admin, &simulated).await.unwrap();
+        register(&admin, &topo.simulated_nodes()).await.unwrap();
         Api::<LoadBalancerPool>::all(admin.clone())
             .create(&PostParams::default(), &pool("fwd", &[POOL]))
             .await

@@ -254,14 +254,13 @@ pub async fn run_with_client(
         let metrics = metrics.clone();
         Arc::new(move || metrics.encode())
     };
-    let metrics_addr = server::serve(config.metrics_addr, metrics_text.clone(), health.clone())
-        .await
-        .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
-    if config.health_addr != config.metrics_addr {
-        server::serve(config.health_addr, metrics_text, health.clone())
-            .await
-            .with_context(|| format!("cannot listen on --health-addr {}", config.health_addr))?;
-    }
+    let (metrics_addr, _) = server::serve_endpoints(
+        config.metrics_addr,
+        config.health_addr,
+        metrics_text,
+        health.clone(),
+    )
+    .await?;
     let class = ClassFilter {
         class: config.load_balancer_class.clone(),
         default_class: config.default_class,

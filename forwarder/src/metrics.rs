@@ -9,8 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::plan::Frontend;
-
 type Labels = Vec<(&'static str, String)>;
 
 /// Counters the data planes update, by Service.
@@ -25,38 +23,56 @@ pub struct DataplaneMetrics {
     udp_dropped: Family<Labels, Counter>,
 }
 
-fn service(f: &Frontend) -> Labels {
-    vec![("service", f.service.clone())]
+/// One Service's handles, taken once per frontend so the hot path only touches atomics.
+#[derive(Clone, Default)]
+pub struct ServiceMetrics {
+    connections: Counter,
+    active: Gauge,
+    connect_failures: Counter,
+    refused: Counter,
+    timeouts: Counter,
+    udp_flows: Gauge,
+    udp_dropped: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn opened(&self) {
+        self.connections.inc();
+        self.active.inc();
+    }
+    pub fn closed(&self) {
+        self.active.dec();
+    }
+    pub fn connect_failed(&self) {
+        self.connect_failures.inc();
+    }
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+    pub fn timed_out(&self) {
+        self.timeouts.inc();
+    }
+    pub fn udp_flows_changed(&self, by: i64) {
+        self.udp_flows.inc_by(by);
+    }
+    pub fn udp_flow_dropped(&self) {
+        self.udp_dropped.inc();
+    }
 }
 
 impl DataplaneMetrics {
-    pub fn opened(&self, f: &Frontend) {
-        self.connections.get_or_create(&service(f)).inc();
-        self.active.get_or_create(&service(f)).inc();
-    }
-    pub fn closed(&self, f: &Frontend) {
-        self.active.get_or_create(&service(f)).dec();
-    }
-    pub fn connect_failed(&self, f: &Frontend) {
-        self.connect_failures.get_or_create(&service(f)).inc();
-    }
-    pub fn refused(&self, f: &Frontend) {
-        self.refused.get_or_create(&service(f)).inc();
-    }
-    pub fn timed_out(&self, f: &Frontend) {
-        self.timeouts.get_or_create(&service(f)).inc();
-    }
-    pub fn udp_flows_changed(&self, f: &Frontend, by: i64) {
-        self.udp_flows.get_or_create(&service(f)).inc_by(by);
-    }
-    pub fn udp_flow_dropped(&self, f: &Frontend) {
-        self.udp_dropped.get_or_create(&service(f)).inc();
-    }
-    /// Active UDP flows of `service` (`namespace/name`), for tests.
-    pub fn udp_flows(&self, service: &str) -> i64 {
-        self.udp_flows
-            .get_or_create(&vec![("service", service.to_string())])
-            .get()
+    /// The handles of `service` (`namespace/name`).
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        let labels = vec![("service", service.to_string())];
+        ServiceMetrics {
+            connections: self.connections.get_or_create(&labels).clone(),
+            active: self.active.get_or_create(&labels).clone(),
+            connect_failures: self.connect_failures.get_or_create(&labels).clone(),
+            refused: self.refused.get_or_create(&labels).clone(),
+            timeouts: self.timeouts.get_or_create(&labels).clone(),
+            udp_flows: self.udp_flows.get_or_create(&labels).clone(),
+            udp_dropped: self.udp_dropped.get_or_create(&labels).clone(),
+        }
     }
 }
 
@@ -175,19 +191,7 @@ mod tests {
         let m = Metrics::new();
         m.vips_held.set(2);
         m.applied("ok");
-        let f = Frontend {
-            service: "default/web".into(),
-            vip: "192.0.2.10".parse().unwrap(),
-            port: 80,
-            protocol: ferry_providers::Protocol::Tcp,
-            backends: vec![],
-            health: crate::plan::HealthCheck::Connect,
-            affinity: None,
-            proxy_protocol: false,
-            source_ranges: vec![],
-            local: false,
-        };
-        m.dataplane.opened(&f);
+        m.dataplane.service("default/web").opened();
         let text = m.encode();
         assert!(text.contains("ferry_forwarder_vips_held 2"), "{text}");
         assert!(text.contains("ferry_forwarder_plan_applies_total{result=\"ok\"} 1"));

@@ -12,7 +12,7 @@ use ferry_providers::class::ClassFilter;
 use ferry_providers::desired::{desired, id_of};
 use ferry_providers::eligibility::eligible_targets;
 use ferry_providers::local::ipam::Pool;
-use ferry_providers::local::proxy_protocol_of;
+use ferry_providers::local::{proxy_protocol_of, status_ingress};
 use ferry_providers::{
     DesiredLoadBalancer, IpFamily, NodeTarget, Protocol, SessionAffinity, TrafficPolicy,
 };
@@ -109,24 +109,6 @@ struct Claim {
     proxy_protocol: bool,
 }
 
-fn ingress_of(svc: &Service) -> Vec<(IpAddr, bool)> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| {
-            ingress
-                .iter()
-                .filter_map(|i| {
-                    let ip = i.ip.as_ref()?.parse().ok()?;
-                    // Kubernetes' default is VIP: only `Proxy` asks ferry to carry the traffic.
-                    Some((ip, i.ip_mode.as_deref() == Some("Proxy")))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Nodes with at least one ready endpoint of the Service.
 fn nodes_with_endpoints(
     slices: &[Arc<EndpointSlice>],
@@ -166,7 +148,11 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
         if !view.class.owns(svc) || svc.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let ingress = ingress_of(svc);
+        // Kubernetes' default ipMode is VIP: only `Proxy` asks ferry to carry the traffic.
+        let ingress: Vec<(IpAddr, bool)> = status_ingress(svc)
+            .into_iter()
+            .map(|(ip, mode)| (ip, mode == Some("Proxy")))
+            .collect();
         if ingress.is_empty() {
             continue;
         }

@@ -183,16 +183,13 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         let metrics = metrics.clone();
         Arc::new(move || metrics.encode())
     };
-    let metrics_addr = server::serve(config.metrics_addr, metrics_text.clone(), health.clone())
-        .await
-        .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
-    let health_addr = if config.health_addr == config.metrics_addr {
-        metrics_addr
-    } else {
-        server::serve(config.health_addr, metrics_text, health.clone())
-            .await
-            .with_context(|| format!("cannot listen on --health-addr {}", config.health_addr))?
-    };
+    let (metrics_addr, health_addr) = server::serve_endpoints(
+        config.metrics_addr,
+        config.health_addr,
+        metrics_text,
+        health.clone(),
+    )
+    .await?;
     info!(provider = provider.name(), class = %class.class, default_class = class.default_class,
           %metrics_addr, %health_addr, "ferry-operator starting");
 

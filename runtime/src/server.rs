@@ -100,6 +100,28 @@ pub async fn serve(
     Ok(local)
 }
 
+/// Serves `/metrics` on `metrics_addr` and the health endpoints on `health_addr` (one
+/// listener when they are the same); returns the bound addresses. Errors name the flag.
+pub async fn serve_endpoints(
+    metrics_addr: SocketAddr,
+    health_addr: SocketAddr,
+    metrics: MetricsText,
+    health: Arc<Health>,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    use anyhow::Context as _;
+    let bound_metrics = serve(metrics_addr, metrics.clone(), health.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;
+    let bound_health = if health_addr == metrics_addr {
+        bound_metrics
+    } else {
+        serve(health_addr, metrics, health)
+            .await
+            .with_context(|| format!("cannot listen on --health-addr {health_addr}"))?
+    };
+    Ok((bound_metrics, bound_health))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, Options, start_in_keeper_thread};
 use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
 use ferry_e2e::netns::{Netns, Topology};
-use ferry_e2e::nodes::{SimulatedNode, register};
+use ferry_e2e::nodes::register;
 use ferry_e2e::operator::OperatorProcess;
 use ferry_e2e::process::ProcessUnderTest;
 use ferry_e2e::scenario::{ingress_ip, pool};
@@ -195,14 +195,7 @@ async fn throughput(
     let node_ns = node.ns();
     let node_ip = node.ip.to_string();
     let admin = cp.admin_client().await?;
-    register(
-        &admin,
-        &[SimulatedNode {
-            name: node.name.clone(),
-            ip: node.ip,
-        }],
-    )
-    .await?;
+    register(&admin, &topo.simulated_nodes()).await?;
     Api::<LoadBalancerPool>::all(admin.clone())
         .create(&PostParams::default(), &pool("bench", &[POOL]))
         .await?;
@@ -410,15 +403,7 @@ async fn failover(args: &Args, cp: &ControlPlane) -> anyhow::Result<Vec<f64>> {
     let names = ["fo-node-1", "fo-node-2", "fo-node-3"];
     let topo = Topology::new(&names)?;
     let admin = cp.admin_client().await?;
-    let nodes: Vec<SimulatedNode> = topo
-        .nodes
-        .iter()
-        .map(|h| SimulatedNode {
-            name: h.name.clone(),
-            ip: h.ip,
-        })
-        .collect();
-    register(&admin, &nodes).await?;
+    register(&admin, &topo.simulated_nodes()).await?;
     let _operator = OperatorProcess::start(&cp.operator_kubeconfig, &cp.dir, &[])?;
     let mut backends = Vec::new();
     let mut forwarders = Vec::new();

@@ -14,8 +14,9 @@ mod udp;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_providers::Protocol;
 use socket2::{Domain, Socket, Type};
@@ -24,7 +25,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::balance::Balancer;
-use crate::metrics::DataplaneMetrics;
+use crate::metrics::{DataplaneMetrics, ServiceMetrics};
 use crate::plan::Frontend;
 
 #[derive(Clone, Copy, Debug)]
@@ -38,12 +39,49 @@ pub struct Limits {
     pub udp_idle_timeout: Duration,
 }
 
+/// When a connection or flow last moved a byte, for its idle timeout.
+pub(crate) struct Activity {
+    epoch: Instant,
+    /// Milliseconds since `epoch`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Resolves once nothing has moved for `limit`: one timer per idle period, not per read.
+pub(crate) async fn quiet_for(activity: &Activity, limit: Duration) {
+    loop {
+        let wait = limit.saturating_sub(activity.quiet_for());
+        if wait.is_zero() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// What a frontend's tasks read; replaced as a whole when the plan changes.
 pub(crate) struct Shared {
     frontend: RwLock<Arc<Frontend>>,
     balancer: Balancer,
     stop: watch::Receiver<bool>,
-    metrics: Arc<DataplaneMetrics>,
+    metrics: ServiceMetrics,
     limits: Limits,
 }
 
@@ -116,8 +154,9 @@ impl Userspace {
         for (key, frontend) in wanted {
             if let Some(listener) = self.listeners.get(&key) {
                 let current = listener.shared.frontend();
-                // Affinity lives in the balancer: a changed timeout needs a new one.
-                if current.affinity == frontend.affinity {
+                // Affinity lives in the balancer and metrics are per Service: a changed
+                // timeout or a port handed to another Service needs a new listener.
+                if current.affinity == frontend.affinity && current.service == frontend.service {
                     if *current != *frontend {
                         *listener
                             .shared
@@ -148,7 +187,7 @@ impl Userspace {
             frontend: RwLock::new(Arc::new(frontend.clone())),
             balancer: Balancer::new(frontend.affinity),
             stop: stop_rx,
-            metrics: self.metrics.clone(),
+            metrics: self.metrics.service(&frontend.service),
             limits: self.limits,
         });
         let addr = SocketAddr::new(frontend.vip, frontend.port);

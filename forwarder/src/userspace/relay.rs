@@ -2,16 +2,18 @@
 //! memory. A direction holds a buffer only while data is in flight (it waits for readiness
 //! first), so ten thousand idle connections cost sockets and small tasks, not buffers. Each
 //! direction's end is passed on as a half-close; a connection idle in both directions for the
-//! idle timeout, or half-closed and quiet for the half-close timeout, is closed.
+//! idle timeout, or half-closed and quiet for the half-close timeout, is closed (a write the
+//! peer never drains counts as quiet too).
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::{Activity, quiet_for};
 
 /// Bytes read per wake-up at most.
 const CHUNK: usize = 64 * 1024;
@@ -33,126 +35,67 @@ pub enum End {
     TimedOut,
 }
 
-/// Milliseconds since `epoch` of the last byte moved in either direction.
-struct Activity {
-    epoch: Instant,
-    last: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
 /// Relays until both directions end, an error occurs, or a timeout fires; returns the bytes
-/// moved (client → backend, backend → client) and how it ended.
+/// moved (client → backend, backend → client) and how it ended. The timeouts are one watchdog
+/// per connection that sleeps until the connection could first have been quiet for long
+/// enough, rather than a timer per read or write.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     timeouts: Timeouts,
 ) -> io::Result<(u64, u64, End)> {
-    let activity = Arc::new(Activity {
-        epoch: Instant::now(),
-        last: AtomicU64::new(0),
-    });
+    let activity = Activity::new();
+    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let (client_read, client_write) = client.into_split();
     let (backend_read, backend_write) = backend.into_split();
-    let up = pump(client_read, backend_write, &activity, timeouts.idle);
-    let down = pump(backend_read, client_write, &activity, timeouts.idle);
+    let up = pump(client_read, backend_write, &activity, &up_bytes);
+    let down = pump(backend_read, client_write, &activity, &down_bytes);
     tokio::pin!(up, down);
-    // The first direction to finish leaves the other on the half-close timeout.
-    let (first_up, first) = tokio::select! {
-        r = &mut up => (true, r?),
-        r = &mut down => (false, r?),
+    let moved = || {
+        (
+            up_bytes.load(Ordering::Relaxed),
+            down_bytes.load(Ordering::Relaxed),
+        )
     };
-    if first.1 == End::TimedOut {
-        return Ok(if first_up {
-            (first.0, 0, End::TimedOut)
-        } else {
-            (0, first.0, End::TimedOut)
-        });
-    }
-    let half = timeouts.half_close.min(timeouts.idle);
-    let second = if first_up {
-        pump_rest(&mut down, &activity, half).await?
-    } else {
-        pump_rest(&mut up, &activity, half).await?
+    // Both directions until one finishes; the other is then on the half-close timeout.
+    let up_finished = tokio::select! {
+        r = &mut up => { r?; true }
+        r = &mut down => { r?; false }
+        _ = quiet_for(&activity, timeouts.idle) => {
+            let (u, d) = moved();
+            return Ok((u, d, End::TimedOut));
+        }
     };
-    let end = if second.1 == End::TimedOut {
-        End::TimedOut
-    } else {
-        End::Closed
+    let rest = if up_finished { &mut down } else { &mut up };
+    let end = tokio::select! {
+        r = rest => { r?; End::Closed }
+        _ = quiet_for(&activity, timeouts.half_close.min(timeouts.idle)) => End::TimedOut,
     };
-    Ok(if first_up {
-        (first.0, second.0, end)
-    } else {
-        (second.0, first.0, end)
-    })
+    let (u, d) = moved();
+    Ok((u, d, end))
 }
 
-/// Drives the remaining direction, ending it when quiet for `half`.
-async fn pump_rest(
-    rest: &mut (impl Future<Output = io::Result<(u64, End)>> + Unpin),
-    activity: &Activity,
-    half: Duration,
-) -> io::Result<(u64, End)> {
-    loop {
-        let wait = half.saturating_sub(activity.quiet_for());
-        if wait.is_zero() {
-            return Ok((0, End::TimedOut));
-        }
-        match tokio::time::timeout(wait, &mut *rest).await {
-            Ok(r) => return r,
-            Err(_) => continue,
-        }
-    }
-}
-
+/// Copies one direction until its sender finishes (passing the half-close on) or fails.
 async fn pump(
     from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     activity: &Activity,
-    idle: Duration,
-) -> io::Result<(u64, End)> {
-    let mut total = 0u64;
+    moved: &AtomicU64,
+) -> io::Result<()> {
     loop {
         // Wait for data without holding a buffer.
-        loop {
-            let wait = idle.saturating_sub(activity.quiet_for());
-            if wait.is_zero() {
-                return Ok((total, End::TimedOut));
-            }
-            match tokio::time::timeout(wait, from.readable()).await {
-                Ok(r) => {
-                    r?;
-                    break;
-                }
-                // The other direction may have been busy meanwhile; look again.
-                Err(_) => continue,
-            }
-        }
+        from.readable().await?;
         let mut buf = Vec::with_capacity(CHUNK);
         loop {
             match from.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    // The sender finished: pass the half-close on.
                     let _ = to.shutdown().await;
-                    return Ok((total, End::Closed));
+                    return Ok(());
                 }
                 Ok(n) => {
                     activity.touch();
-                    match tokio::time::timeout(idle, to.write_all(&buf)).await {
-                        Ok(r) => r?,
-                        Err(_) => return Ok((total, End::TimedOut)),
-                    }
-                    total += n as u64;
+                    to.write_all(&buf).await?;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
                     buf.clear();
                 }
@@ -166,6 +109,7 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 

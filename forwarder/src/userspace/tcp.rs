@@ -52,7 +52,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
         };
         let frontend = shared.frontend();
         if !frontend.admits(&peer.ip()) {
-            shared.metrics.refused(&frontend);
+            shared.metrics.refused();
             continue;
         }
         let shared = shared.clone();
@@ -89,7 +89,7 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
             Ok(Err(err)) => debug!(%addr, error = %err, "backend refused a connection"),
             Err(_) => debug!(%addr, "backend connect timed out"),
         }
-        shared.metrics.connect_failed(&frontend);
+        shared.metrics.connect_failed();
         failed.push(addr);
     }
     let Some((addr, mut stream)) = backend else {
@@ -107,13 +107,13 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     }
-    shared.metrics.opened(&frontend);
+    shared.metrics.opened();
     let result = relay(client, stream, limits.timeouts).await;
-    shared.metrics.closed(&frontend);
+    shared.metrics.closed();
     match result {
         Ok((up, down, End::TimedOut)) => {
             debug!(client = %peer, backend = %addr, up, down, "connection timed out");
-            shared.metrics.timed_out(&frontend);
+            shared.metrics.timed_out();
         }
         Ok(_) => {}
         Err(err) => debug!(client = %peer, backend = %addr, error = %err, "connection ended"),

@@ -7,35 +7,19 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use super::Shared;
+use super::{Activity, Shared, quiet_for};
 
 const MAX_DATAGRAM: usize = 65_535;
 
 struct Flow {
     upstream: UdpSocket,
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last datagram either way.
-    last: AtomicU64,
-}
-
-impl Flow {
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    fn quiet_for(&self) -> Duration {
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
-    }
+    activity: Activity,
 }
 
 type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
@@ -63,7 +47,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
         };
         let frontend = shared.frontend();
         if !frontend.admits(&client.ip()) {
-            shared.metrics.refused(&frontend);
+            shared.metrics.refused();
             continue;
         }
         let existing = lock(&flows).get(&client).cloned();
@@ -71,7 +55,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             Some(flow) => flow,
             None => {
                 if lock(&flows).len() >= shared.limits.udp_max_flows {
-                    shared.metrics.udp_flow_dropped(&frontend);
+                    shared.metrics.udp_flow_dropped();
                     continue;
                 }
                 let Some(backend) =
@@ -89,7 +73,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
                     }
                 };
                 lock(&flows).insert(client, flow.clone());
-                shared.metrics.udp_flows_changed(&frontend, 1);
+                shared.metrics.udp_flows_changed(1);
                 tokio::spawn(replies(
                     flow.clone(),
                     socket.clone(),
@@ -100,7 +84,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
                 flow
             }
         };
-        flow.touch();
+        flow.activity.touch();
         if let Err(err) = flow.upstream.send(&buf[..n]).await {
             debug!(%client, error = %err, "forwarding a datagram");
         }
@@ -116,8 +100,7 @@ async fn open_flow(backend: SocketAddr) -> io::Result<Flow> {
     upstream.connect(backend).await?;
     Ok(Flow {
         upstream,
-        epoch: Instant::now(),
-        last: AtomicU64::new(0),
+        activity: Activity::new(),
     })
 }
 
@@ -132,24 +115,19 @@ async fn replies(
     let idle = shared.limits.udp_idle_timeout;
     let mut stop = shared.stop.clone();
     loop {
-        let wait = idle.saturating_sub(flow.quiet_for());
-        if wait.is_zero() {
-            break;
-        }
         let ready = tokio::select! {
-            r = tokio::time::timeout(wait, flow.upstream.readable()) => r,
+            r = flow.upstream.readable() => r,
+            _ = quiet_for(&flow.activity, idle) => break,
             _ = crate::stopped(&mut stop) => break,
         };
-        match ready {
-            Err(_) => continue,
-            Ok(Err(_)) => break,
-            Ok(Ok(())) => {}
+        if ready.is_err() {
+            break;
         }
         // A buffer only while a reply is in hand: idle flows hold none.
         let mut buf = Vec::with_capacity(MAX_DATAGRAM);
         match flow.upstream.try_recv_buf(&mut buf) {
             Ok(_) => {
-                flow.touch();
+                flow.activity.touch();
                 let _ = socket.send_to(&buf, client).await;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -163,5 +141,5 @@ async fn replies(
             table.remove(&client);
         }
     }
-    shared.metrics.udp_flows_changed(&shared.frontend(), -1);
+    shared.metrics.udp_flows_changed(-1);
 }

@@ -139,7 +139,8 @@ pub fn allocation_request(
     }
 }
 
-fn status_ips(svc: &Service) -> Vec<IpAddr> {
+/// The addresses in a Service's `status.loadBalancer.ingress`, each with its `ipMode`.
+pub fn status_ingress(svc: &Service) -> Vec<(IpAddr, Option<&str>)> {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
@@ -147,10 +148,14 @@ fn status_ips(svc: &Service) -> Vec<IpAddr> {
         .map(|ingress| {
             ingress
                 .iter()
-                .filter_map(|i| i.ip.as_ref()?.parse().ok())
+                .filter_map(|i| Some((i.ip.as_ref()?.parse().ok()?, i.ip_mode.as_deref())))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn status_ips(svc: &Service) -> Vec<IpAddr> {
+    status_ingress(svc).into_iter().map(|(ip, _)| ip).collect()
 }
 
 impl LocalProvider {
