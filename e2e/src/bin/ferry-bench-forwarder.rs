@@ -38,9 +38,13 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Failovers measured.
+    /// Failovers measured (0 skips the failover part).
     #[arg(long, default_value_t = 5)]
     failovers: usize,
+    /// Measure only these paths (for quick comparisons while working; results for the record
+    /// come from a full run), e.g. `haproxy,ferry-userspace`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 const IPERF_PORT: u16 = 30201;
@@ -70,6 +74,16 @@ impl Variant {
         Variant::FerryKernel,
         Variant::FerryUserspace,
     ];
+
+    /// The spelling `--only` takes.
+    fn key(self) -> String {
+        self.name()
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("-")
+            .to_lowercase()
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -330,8 +344,11 @@ async fn throughput(
         wait_port(client, format!("{ip}:{port}").parse()?)?;
     }
     let bench = Bench { args, client };
-    let mut results: Vec<(Variant, Vec<Figures>)> =
-        Variant::ALL.iter().map(|v| (*v, Vec::new())).collect();
+    let mut results: Vec<(Variant, Vec<Figures>)> = Variant::ALL
+        .iter()
+        .filter(|v| args.only.is_empty() || args.only.contains(&v.key()))
+        .map(|v| (*v, Vec::new()))
+        .collect();
     for run in 0..args.runs {
         for (variant, figures) in results.iter_mut() {
             let (ip, iperf, http) = match variant {
@@ -507,7 +524,11 @@ fn main() -> anyhow::Result<()> {
     let cp = start_in_keeper_thread(Options::default());
     let runtime = tokio::runtime::Runtime::new()?;
     let results = runtime.block_on(throughput(&args, &cp))?;
-    let failovers = runtime.block_on(failover(&args, &cp))?;
+    let failovers = if args.failovers == 0 {
+        Vec::new()
+    } else {
+        runtime.block_on(failover(&args, &cp))?
+    };
 
     let med = |v: Variant, f: fn(&Figures) -> f64| {
         median(
