@@ -6,7 +6,7 @@
 //! peer never drains counts as quiet too).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::os::fd::AsRawFd;
@@ -50,8 +50,9 @@ pub async fn relay(
     let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let (client_read, client_write) = client.into_split();
     let (backend_read, backend_write) = backend.into_split();
-    let up = pump(client_read, backend_write, &activity, &up_bytes);
-    let down = pump(backend_read, client_write, &activity, &down_bytes);
+    let one_done = AtomicBool::new(false);
+    let up = pump(client_read, backend_write, &activity, &up_bytes, &one_done);
+    let down = pump(backend_read, client_write, &activity, &down_bytes, &one_done);
     tokio::pin!(up, down);
     let moved = || {
         (
@@ -108,11 +109,14 @@ fn read_some(from: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 /// Copies one direction until its sender finishes (passing the half-close on) or fails.
+/// The second direction to finish skips the shutdown: closing both sockets right after
+/// sends the same FIN, without a system call.
 async fn pump(
     from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     activity: &Activity,
     moved: &AtomicU64,
+    one_done: &AtomicBool,
 ) -> io::Result<()> {
     loop {
         // Wait for data without holding a buffer.
@@ -121,7 +125,12 @@ async fn pump(
         loop {
             match read_some(&from, &mut buf) {
                 Ok(0) => {
-                    let _ = to.shutdown().await;
+                    if one_done.swap(true, Ordering::Relaxed) {
+                        // Dropping the write half would shut it down; closing does that.
+                        to.forget();
+                    } else {
+                        let _ = to.shutdown().await;
+                    }
                     return Ok(());
                 }
                 Ok(n) => {
