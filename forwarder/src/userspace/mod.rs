@@ -2,6 +2,11 @@
 //! flows to the backends the plan names. Used where the node cannot be programmed with
 //! nftables, and in the sandbox (where announcing a loopback VIP is binding it).
 //!
+//! Threads: one current-thread tokio runtime per core (`Workers`). Every TCP frontend has a
+//! listener per worker, bound with SO_REUSEPORT, so the kernel spreads new connections over
+//! the workers and each connection lives its whole life on one thread — no work stealing and
+//! no cross-thread wake-ups on the hot path, the way HAProxy and nginx run their threads.
+//!
 //! Bounded everywhere: a connection limit shared by all frontends (accepting pauses at the
 //! limit), connect, idle and half-close timeouts, and a UDP flow table per frontend with idle
 //! expiry. Changing a frontend's backends keeps its listener and its connections; removing a
@@ -22,7 +27,7 @@ use ferry_providers::Protocol;
 use socket2::{Domain, Socket, Type};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::balance::Balancer;
 use crate::metrics::{DataplaneMetrics, ServiceMetrics};
@@ -97,13 +102,45 @@ impl Shared {
 struct Listener {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The data plane's threads, each running a current-thread runtime until dropped.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    fn start() -> io::Result<Self> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (mut handles, mut stops) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop_tx);
+            std::thread::Builder::new()
+                .name(format!("ferry-dataplane-{i}"))
+                .spawn(move || {
+                    let _ = rt.block_on(stop_rx);
+                })?;
+        }
+        Ok(Self {
+            handles,
+            _stop: stops,
+        })
     }
 }
 
@@ -112,6 +149,8 @@ pub struct Userspace {
     connections: Arc<Semaphore>,
     metrics: Arc<DataplaneMetrics>,
     listeners: HashMap<(IpAddr, u16, Protocol), Listener>,
+    /// Started with the first frontend: a kernel-mode node may never need them.
+    workers: Option<Workers>,
 }
 
 /// A socket bound to `addr` even before the address is on an interface (IP_FREEBIND), so a
@@ -119,6 +158,7 @@ pub struct Userspace {
 fn bind_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
@@ -137,6 +177,7 @@ impl Userspace {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             metrics,
             listeners: HashMap::new(),
+            workers: None,
         }
     }
 
@@ -181,7 +222,14 @@ impl Userspace {
         failed
     }
 
-    fn start(&self, frontend: &Frontend) -> io::Result<Listener> {
+    fn start(&mut self, frontend: &Frontend) -> io::Result<Listener> {
+        if self.workers.is_none() {
+            self.workers = Some(Workers::start()?);
+        }
+        let workers = match &self.workers {
+            Some(w) => w.handles.clone(),
+            None => return Err(io::Error::other("no data-plane workers")),
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             frontend: RwLock::new(Arc::new(frontend.clone())),
@@ -191,21 +239,41 @@ impl Userspace {
             limits: self.limits,
         });
         let addr = SocketAddr::new(frontend.vip, frontend.port);
-        let task = match frontend.protocol {
+        let tasks = match frontend.protocol {
             Protocol::Tcp => {
-                let socket = bind_socket(addr, Type::STREAM)?;
-                socket.listen(4096)?;
-                let listener = tokio::net::TcpListener::from_std(socket.into())?;
-                tokio::spawn(tcp::serve(
-                    listener,
-                    shared.clone(),
-                    self.connections.clone(),
-                ))
+                // Bind them all first, so a taken port fails the whole frontend now.
+                let mut sockets = Vec::new();
+                for _ in &workers {
+                    let socket = bind_socket(addr, Type::STREAM)?;
+                    socket.listen(4096)?;
+                    sockets.push(std::net::TcpListener::from(socket));
+                }
+                sockets
+                    .into_iter()
+                    .zip(&workers)
+                    .map(|(socket, worker)| {
+                        let (shared, limit) = (shared.clone(), self.connections.clone());
+                        // Registered with the worker's own reactor, so it must happen there.
+                        worker.spawn(async move {
+                            match tokio::net::TcpListener::from_std(socket) {
+                                Ok(listener) => tcp::serve(listener, shared, limit).await,
+                                Err(err) => warn!(error = %err, "cannot register a listener"),
+                            }
+                        })
+                    })
+                    .collect()
             }
             Protocol::Udp => {
-                let socket = bind_socket(addr, Type::DGRAM)?;
-                let socket = tokio::net::UdpSocket::from_std(socket.into())?;
-                tokio::spawn(udp::serve(socket, shared.clone()))
+                let socket: std::net::UdpSocket = bind_socket(addr, Type::DGRAM)?.into();
+                // One socket: a flow's replies must leave from where it arrived.
+                let worker = &workers[usize::from(frontend.port) % workers.len()];
+                let shared = shared.clone();
+                vec![worker.spawn(async move {
+                    match tokio::net::UdpSocket::from_std(socket) {
+                        Ok(socket) => udp::serve(socket, shared).await,
+                        Err(err) => warn!(error = %err, "cannot register a UDP socket"),
+                    }
+                })]
             }
             Protocol::Sctp => {
                 return Err(io::Error::new(
@@ -217,7 +285,7 @@ impl Userspace {
         Ok(Listener {
             shared,
             stop: stop_tx,
-            task,
+            tasks,
         })
     }
 
