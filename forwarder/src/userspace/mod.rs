@@ -245,6 +245,8 @@ impl Userspace {
                 let mut sockets = Vec::new();
                 for _ in &workers {
                     let socket = bind_socket(addr, Type::STREAM)?;
+                    // Accepted connections inherit it: no setsockopt per client.
+                    socket.set_tcp_nodelay(true)?;
                     socket.listen(4096)?;
                     sockets.push(std::net::TcpListener::from(socket));
                 }
@@ -296,5 +298,22 @@ impl Userspace {
 
     pub fn is_empty(&self) -> bool {
         self.listeners.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let socket = bind_socket("127.0.0.1:0".parse().unwrap(), Type::STREAM).unwrap();
+        socket.set_tcp_nodelay(true).unwrap();
+        socket.listen(16).unwrap();
+        let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

@@ -52,7 +52,13 @@ pub async fn relay(
     let (backend_read, backend_write) = backend.into_split();
     let one_done = AtomicBool::new(false);
     let up = pump(client_read, backend_write, &activity, &up_bytes, &one_done);
-    let down = pump(backend_read, client_write, &activity, &down_bytes, &one_done);
+    let down = pump(
+        backend_read,
+        client_write,
+        &activity,
+        &down_bytes,
+        &one_done,
+    );
     tokio::pin!(up, down);
     let moved = || {
         (

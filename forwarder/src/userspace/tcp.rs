@@ -70,7 +70,6 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
 async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let frontend = shared.frontend();
     let limits = shared.limits;
-    let _ = client.set_nodelay(true);
     let mut failed = Vec::new();
     let mut backend = None;
     while failed.len() < CONNECT_TRIES {
