@@ -386,6 +386,23 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
     let c = Cluster::start("userspace", &["--mode", "userspace"]).await;
     serves_traffic(&c, false).await;
 
+    // With ipMode VIP the forwarder only announces (kube-proxy would forward): one node holds
+    // the address, and nothing of ferry's listens on it.
+    let announced = c
+        .service(
+            "announced",
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30091, "protocol": "TCP" } ] }),
+            json!({ "ferry.dev/ip-mode": "VIP" }),
+        )
+        .await;
+    c.wait_for_single_owner(&announced).await;
+    assert!(
+        c.get(&announced, 80, "/").is_err(),
+        "VIP mode must not be forwarded"
+    );
+    delete_and_wait(&c.svcs, "announced", WAIT).await;
+
     // An address no pool holds any more is left alone, with a log line.
     let orphan = c
         .service(
@@ -423,8 +440,30 @@ async fn the_vip_moves_when_its_owner_fails() {
     let first = c.wait_for_single_owner(&web).await;
     c.wait_for_traffic(&web, 80).await;
 
-    // The owner's forwarder is killed (no withdrawal, no Lease release).
+    // Stopped as Kubernetes stops it (SIGTERM), the owner withdraws its VIP and releases its
+    // Lease: another node takes over without waiting for the Lease to expire.
     let i = c.node_index(&first);
+    let stopping = Instant::now();
+    let status = c.forwarders[i].as_mut().unwrap().terminate();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}"
+    );
+    assert!(
+        !c.holders(&web).contains(&first),
+        "the stopped owner still holds the VIP"
+    );
+    let stand_in = c.wait_for_single_owner(&web).await;
+    assert_ne!(stand_in, first);
+    c.wait_for_traffic(&web, 80).await;
+    eprintln!(
+        "owner stopped: traffic again after {:?}",
+        stopping.elapsed()
+    );
+    c.forwarders[i].as_mut().unwrap().restart().unwrap();
+    assert_eq!(c.wait_for_single_owner(&web).await, first);
+
+    // The owner's forwarder is killed (no withdrawal, no Lease release).
     let killed = Instant::now();
     c.forwarders[i].as_mut().unwrap().kill();
     let second = eventually(WAIT, "another node holding the VIP", || async {
