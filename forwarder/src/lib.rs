@@ -42,7 +42,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::announce::Announcer;
 use crate::config::{Announce, Config, Mode};
@@ -106,6 +106,14 @@ where
         }
     });
     store
+}
+
+/// The last attempt to program the data plane, when it failed.
+struct FailedApply {
+    frontends: Vec<Frontend>,
+    message: String,
+    attempts: u32,
+    retry_at: Instant,
 }
 
 /// The data plane chosen at start.
@@ -393,6 +401,7 @@ pub async fn run_with_client(
     let health_changed = checker.changed();
     let mut last_plan: Option<NodePlan> = None;
     let mut last_effective: Option<Vec<Frontend>> = None;
+    let mut failed_apply: Option<FailedApply> = None;
     let mut logged: BTreeSet<Notice> = BTreeSet::new();
     let mut last_sync = Instant::now() - RESYNC;
     health.set_ready(true);
@@ -445,17 +454,37 @@ pub async fn run_with_client(
         metrics.vips_held.set(plan.announce.len() as i64);
         checker.set_probes(&health::probes(&plan.frontends));
         let effective = health::effective(&plan.frontends, |p| checker.healthy(p));
-        if last_effective.as_ref() != Some(&effective) {
+        // A failed apply is retried with backoff (1 s doubling to 1 min), sooner only when
+        // the frontends change; it is logged as an error when its message changes.
+        let retry_due = failed_apply
+            .as_ref()
+            .is_none_or(|f| f.frontends != effective || Instant::now() >= f.retry_at);
+        if last_effective.as_ref() != Some(&effective) && retry_due {
             match dataplane.apply(&effective).await {
                 Ok(()) => {
                     metrics.applied("ok");
                     metrics.frontends.set(effective.len() as i64);
                     last_effective = Some(effective);
+                    failed_apply = None;
                 }
                 Err(err) => {
                     metrics.applied("error");
-                    error!(error = %err, "cannot program the data plane; retrying");
+                    let message = format!("{err:#}");
+                    let attempts = failed_apply.as_ref().map_or(0, |f| f.attempts) + 1;
+                    let delay = Duration::from_secs(1 << (attempts - 1).min(6))
+                        .min(Duration::from_secs(60));
+                    if failed_apply.as_ref().map(|f| &f.message) != Some(&message) {
+                        error!(error = %message, retry_in = ?delay, "cannot program the data plane");
+                    } else {
+                        debug!(error = %message, attempts, "still cannot program the data plane");
+                    }
                     last_effective = None;
+                    failed_apply = Some(FailedApply {
+                        frontends: effective,
+                        message,
+                        attempts,
+                        retry_at: Instant::now() + delay,
+                    });
                 }
             }
         }
@@ -465,11 +494,7 @@ pub async fn run_with_client(
         let next_expiry = liveness
             .next_expiry(Instant::now())
             .map(|at| at + Duration::from_millis(5));
-        let retry = if last_effective.is_none() {
-            Some(Instant::now() + Duration::from_secs(1))
-        } else {
-            None
-        };
+        let retry = failed_apply.as_ref().map(|f| f.retry_at);
         let deadline = [next_expiry, retry, Some(Instant::now() + RESYNC)]
             .into_iter()
             .flatten()
