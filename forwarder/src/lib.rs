@@ -116,6 +116,11 @@ struct FailedApply {
     retry_at: Instant,
 }
 
+/// How long to wait before the `attempts`+1-th try to program the data plane.
+fn apply_retry_delay(attempts: u32) -> Duration {
+    Duration::from_secs(1 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
 /// The data plane chosen at start.
 enum Dataplane {
     /// nftables, with a userspace side for Services that want PROXY protocol.
@@ -525,6 +530,12 @@ pub async fn run_with_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_data_plane_is_retried_with_backoff_up_to_a_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| apply_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 
     #[test]
     fn the_connection_limit_fits_the_open_file_limit() {
