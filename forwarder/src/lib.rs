@@ -476,8 +476,7 @@ pub async fn run_with_client(
                     metrics.applied("error");
                     let message = format!("{err:#}");
                     let attempts = failed_apply.as_ref().map_or(0, |f| f.attempts) + 1;
-                    let delay = Duration::from_secs(1 << (attempts - 1).min(6))
-                        .min(Duration::from_secs(60));
+                    let delay = apply_retry_delay(attempts);
                     if failed_apply.as_ref().map(|f| &f.message) != Some(&message) {
                         error!(error = %message, retry_in = ?delay, "cannot program the data plane");
                     } else {

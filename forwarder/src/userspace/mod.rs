@@ -170,6 +170,30 @@ fn bind_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Bytes a UDP frontend's socket may queue: one socket takes every client's datagrams, and a
+/// burst of new flows must not be dropped by the kernel while flows are being opened.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Asks for `UDP_RECEIVE_BUFFER`, past `net.core.rmem_max` where the process may
+/// (SO_RCVBUFFORCE needs CAP_NET_ADMIN, which a forwarder announcing VIPs has).
+fn enlarge_receive_buffer(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: setsockopt with a c_int that lives for the call.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    }
+}
+
 impl Userspace {
     pub fn new(limits: Limits, metrics: Arc<DataplaneMetrics>) -> Self {
         Self {
@@ -266,7 +290,9 @@ impl Userspace {
                     .collect()
             }
             Protocol::Udp => {
-                let socket: std::net::UdpSocket = bind_socket(addr, Type::DGRAM)?.into();
+                let socket = bind_socket(addr, Type::DGRAM)?;
+                enlarge_receive_buffer(&socket);
+                let socket: std::net::UdpSocket = socket.into();
                 // One socket: a flow's replies must leave from where it arrived.
                 let worker = &workers[usize::from(frontend.port) % workers.len()];
                 let shared = shared.clone();
