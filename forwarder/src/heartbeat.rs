@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
 /// Label on every heartbeat Lease, so forwarders watch only those.
@@ -191,13 +191,6 @@ impl std::fmt::Debug for Heartbeat {
             .field("node", &self.node)
             .finish()
     }
-}
-
-/// The node a heartbeat Lease belongs to, for logs.
-pub fn lease_node(lease: &Lease) -> String {
-    node_of(lease)
-        .map(str::to_string)
-        .unwrap_or_else(|| lease.name_any())
 }
 
 #[cfg(test)]

@@ -316,15 +316,6 @@ impl Userspace {
             tasks,
         })
     }
-
-    /// Frontends being served now.
-    pub fn len(&self) -> usize {
-        self.listeners.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
-    }
 }
 
 #[cfg(test)]
