@@ -98,13 +98,19 @@ impl ForwarderProcess {
         ])
     }
 
+    /// The values of every metric line starting with `series` (empty when none can be read).
+    pub fn metric_values(&self, series: &str) -> Vec<f64> {
+        self.metrics()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    }
+
     /// The value of the first metric line starting with `series`, if any.
     pub fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics().ok()?;
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        self.metric_values(series).first().copied()
     }
 
     /// Resident memory of the forwarder process, in KiB.

@@ -171,6 +171,22 @@ impl Cluster {
         wait_for_ingress(&self.svcs, name, WAIT).await
     }
 
+    /// A Service with one TCP port, 80, on `node_port`; waits for its address.
+    async fn http_service(
+        &self,
+        name: &str,
+        node_port: u16,
+        annotations: serde_json::Value,
+    ) -> String {
+        self.service(
+            name,
+            json!({ "type": "LoadBalancer", "ports": [
+                { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
+            annotations,
+        )
+        .await
+    }
+
     fn holders(&self, ip: &str) -> Vec<String> {
         self.topo.holders(ip)
     }
@@ -291,14 +307,7 @@ fn body_client(body: &str) -> String {
 /// What both data planes must do: answer, spread, UDP, TCP and UDP on one port, affinity,
 /// exactly one owner, Local only where endpoints are, and withdrawal on delete.
 async fn serves_traffic(c: &Cluster, kernel: bool) {
-    let web = c
-        .service(
-            "web",
-            json!({ "type": "LoadBalancer", "ports": [
-                { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
-            json!({}),
-        )
-        .await;
+    let web = c.http_service("web", 30080, json!({})).await;
     c.wait_for_single_owner(&web).await;
     let body = c.wait_for_traffic(&web, 80).await;
     assert!(NODES.contains(&body_node(&body).as_str()), "{body}");
@@ -389,12 +398,7 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
     // With ipMode VIP the forwarder only announces (kube-proxy would forward): one node holds
     // the address, and nothing of ferry's listens on it.
     let announced = c
-        .service(
-            "announced",
-            json!({ "type": "LoadBalancer", "ports": [
-                { "name": "http", "port": 80, "nodePort": 30091, "protocol": "TCP" } ] }),
-            json!({ "ferry.dev/ip-mode": "VIP" }),
-        )
+        .http_service("announced", 30091, json!({ "ferry.dev/ip-mode": "VIP" }))
         .await;
     c.wait_for_single_owner(&announced).await;
     assert!(
@@ -404,14 +408,7 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
     delete_and_wait(&c.svcs, "announced", WAIT).await;
 
     // An address no pool holds any more is left alone, with a log line.
-    let orphan = c
-        .service(
-            "orphan",
-            json!({ "type": "LoadBalancer", "ports": [
-                { "name": "http", "port": 80, "nodePort": 30091, "protocol": "TCP" } ] }),
-            json!({}),
-        )
-        .await;
+    let orphan = c.http_service("orphan", 30091, json!({})).await;
     let owner = c.wait_for_single_owner(&orphan).await;
     delete_pools(&c.admin).await;
     eventually(WAIT, "the out-of-pool VIP withdrawn", || async {
@@ -429,14 +426,7 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
 async fn the_vip_moves_when_its_owner_fails() {
     let _serial = serial().await;
     let mut c = Cluster::start("failover", &[]).await;
-    let web = c
-        .service(
-            "web",
-            json!({ "type": "LoadBalancer", "ports": [
-                { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
-            json!({}),
-        )
-        .await;
+    let web = c.http_service("web", 30080, json!({})).await;
     let first = c.wait_for_single_owner(&web).await;
     c.wait_for_traffic(&web, 80).await;
 
@@ -582,12 +572,7 @@ async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
     let mut vips: Vec<(String, String)> = Vec::new();
     for (i, node_port) in TCP_PORTS.iter().enumerate() {
         let ip = c
-            .service(
-                &format!("web{i}"),
-                json!({ "type": "LoadBalancer", "ports": [
-                    { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
-                json!({}),
-            )
+            .http_service(&format!("web{i}"), *node_port, json!({}))
             .await;
         let owner = c.wait_for_single_owner(&ip).await;
         if vips.iter().all(|(_, o)| *o != owner) {
@@ -623,11 +608,8 @@ async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
     for (i, (_, owner)) in vips.iter().enumerate() {
         let f = c.forwarder(owner);
         active += f
-            .metrics()
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("ferry_forwarder_active_connections{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .metric_values("ferry_forwarder_active_connections{")
+            .iter()
             .sum::<f64>();
         grown.push(f.rss_kib().unwrap().saturating_sub(before[i]));
     }
@@ -644,11 +626,10 @@ async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
     }
     for (_, owner) in &vips {
         eventually(WAIT, "connections closed in the forwarder", || async {
-            let text = c.forwarder(owner).metrics().ok()?;
-            text.lines()
-                .filter(|l| l.starts_with("ferry_forwarder_active_connections{"))
-                .all(|l| l.ends_with(" 0"))
-                .then_some(())
+            let values = c
+                .forwarder(owner)
+                .metric_values("ferry_forwarder_active_connections{");
+            (!values.is_empty() && values.iter().all(|v| *v == 0.0)).then_some(())
         })
         .await;
     }

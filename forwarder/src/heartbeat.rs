@@ -185,14 +185,6 @@ impl Heartbeat {
     }
 }
 
-impl std::fmt::Debug for Heartbeat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Heartbeat")
-            .field("node", &self.node)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

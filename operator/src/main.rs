@@ -5,7 +5,7 @@ use ferry_operator::config::Config;
 
 #[tokio::main]
 async fn main() {
-    let config: Config = ferry_runtime::parse_or_exit();
+    let config = ferry_runtime::or_exit(Config::parse_args(std::env::args_os()));
     if let Err(err) = ferry_operator::init_logging(&config) {
         eprintln!("error: {err:#}");
         std::process::exit(2);

@@ -70,10 +70,10 @@ fn one_line(message: &str) -> String {
         .join(" ")
 }
 
-/// Parses the process's flags or exits: help and version print and exit 0, a bad flag is
-/// one line on stderr and exit code 2.
-pub fn parse_or_exit<P: clap::Parser>() -> P {
-    match parse_args(std::env::args_os()) {
+/// The parsed flags, or the process's exit: help and version print and exit 0, a bad flag
+/// is one line on stderr and exit code 2.
+pub fn or_exit<C>(parsed: Result<C, ParseOutcome>) -> C {
+    match parsed {
         Ok(c) => c,
         Err(ParseOutcome::Print(text)) => {
             print!("{text}");

@@ -322,16 +322,7 @@ async fn throughput(
             { "name": "http", "port": 80, "nodePort": HTTP_PORT, "protocol": "TCP" } ] }
     }))?;
     svcs.create(&PostParams::default(), &svc).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let vip = loop {
-        if let Some(ip) = svcs.get_opt("bench").await?.as_ref().and_then(ingress_ip) {
-            break ip;
-        }
-        if Instant::now() > deadline {
-            bail!("the bench Service got no address");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let vip = address_of(&svcs, "bench").await?;
 
     let client = topo.client.ns();
     for (ip, port) in [
@@ -399,6 +390,20 @@ async fn throughput(
     Ok(results)
 }
 
+/// The address the operator gives Service `name`, waited for at most a minute.
+async fn address_of(svcs: &Api<Service>, name: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(ip) = svcs.get_opt(name).await?.as_ref().and_then(ingress_ip) {
+            return Ok(ip);
+        }
+        if Instant::now() > deadline {
+            bail!("Service {name} got no address");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits for `what` to become `Some`, for at most a minute.
 async fn within_a_minute<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -435,21 +440,7 @@ async fn failover(args: &Args, cp: &ControlPlane) -> anyhow::Result<Vec<f64>> {
             { "name": "http", "port": 80, "nodePort": 30380, "protocol": "TCP" } ] }
     }))?;
     svcs.create(&PostParams::default(), &svc).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let vip = loop {
-        if let Some(ip) = svcs
-            .get_opt("failover")
-            .await?
-            .as_ref()
-            .and_then(ingress_ip)
-        {
-            break ip;
-        }
-        if Instant::now() > deadline {
-            bail!("the failover Service got no address");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let vip = address_of(&svcs, "failover").await?;
     let target: SocketAddr = format!("{vip}:80").parse()?;
     let client = topo.client.ns();
     let get = move || -> std::io::Result<()> {
