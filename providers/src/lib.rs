@@ -8,6 +8,8 @@
 //! `class` (which Services are ferry's), `eligibility` (which nodes are targets) and `desired`
 //! (Service + nodes → `DesiredLoadBalancer`), so the operator and the forwarder agree on them.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod class;
 pub mod desired;
 pub mod eligibility;
