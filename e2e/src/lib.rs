@@ -4,6 +4,7 @@
 //! `forwarder`), and the sandbox that puts them together.
 //! Test-only: nothing here ships.
 
+pub mod aws;
 pub mod control_plane;
 pub mod fault_proxy;
 pub mod forwarder;

@@ -60,6 +60,17 @@ fn next_identity() -> String {
 impl OperatorProcess {
     /// Starts the operator; `args` are extra flags.
     pub fn start(kubeconfig: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(kubeconfig, dir, args, &[])
+    }
+
+    /// Starts the operator with extra flags and environment variables.
+    pub fn start_with_env(
+        kubeconfig: &Path,
+        dir: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let env = env.to_vec();
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let program = binary("ferry-operator")?;
         let kubeconfig = kubeconfig.to_path_buf();
@@ -85,7 +96,8 @@ impl OperatorProcess {
                         "--node-debounce",
                         "200ms",
                     ])
-                    .args(&args);
+                    .args(&args)
+                    .envs(env.iter().map(|(k, v)| (k, v)));
                 Ok(cmd)
             },
         )?;

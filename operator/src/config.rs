@@ -85,6 +85,15 @@ pub struct Config {
     #[arg(long, env = "FERRY_LEADER_ELECT_IDENTITY")]
     pub leader_elect_identity: Option<String>,
 
+    /// AWS region [default: the SDK's chain: AWS_REGION, the profile, instance metadata].
+    #[arg(long, env = "FERRY_AWS_REGION")]
+    pub aws_region: Option<String>,
+
+    /// AWS API calls per second across all Services (bursts of twice as many); throttled
+    /// and failed calls are retried within this budget.
+    #[arg(long, env = "FERRY_AWS_API_RATE", default_value_t = 10.0, value_parser = positive_rate)]
+    pub aws_api_rate: f64,
+
     /// Address of the Prometheus metrics endpoint (`/metrics`).
     #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -116,6 +125,13 @@ pub struct Config {
     /// Log filter, in tracing's EnvFilter syntax.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     pub log_filter: String,
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err("must be a positive number of calls per second".into()),
+    }
 }
 
 fn cluster_id(s: &str) -> Result<String, String> {
@@ -189,6 +205,8 @@ mod tests {
         assert!(e.contains("azure") && e.contains("local"), "{e}");
         let e = error(&["--node-debounce", "soon"]);
         assert!(!e.contains('\n') && e.contains("--node-debounce"), "{e}");
+        let e = error(&["--aws-api-rate", "0"]);
+        assert!(e.contains("--aws-api-rate"), "{e}");
         let e = error(&["--concurrency", "0"]);
         assert!(e.contains("--concurrency"), "{e}");
         let e = error(&["--default-class", "maybe"]);
@@ -226,6 +244,8 @@ mod tests {
             "--concurrency",
             "--node-debounce",
             "--log-format",
+            "--aws-region",
+            "--aws-api-rate",
         ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }

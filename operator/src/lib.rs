@@ -68,7 +68,7 @@ fn service_fingerprint(svc: &Service) -> Option<u64> {
     Some(h.finish())
 }
 
-fn build_provider(
+async fn build_provider(
     config: &Config,
     client: Client,
     class: ClassFilter,
@@ -87,8 +87,18 @@ fn build_provider(
                 repair_interval: Duration::from_secs(180),
             })))
         }
+        #[cfg(feature = "aws")]
+        ProviderKind::Aws => {
+            use ferry_providers::aws::{AwsConfig, AwsProvider};
+            let aws = AwsConfig {
+                region: config.aws_region.clone(),
+                calls_per_second: config.aws_api_rate,
+                ..AwsConfig::new(config.cluster_id())
+            };
+            Ok(Arc::new(AwsProvider::from_env(aws).await?))
+        }
         other => anyhow::bail!(
-            "provider {:?} is not built into this ferry-operator yet; use --provider local",
+            "provider {:?} is not built into this ferry-operator; rebuild with its cargo feature or use --provider local",
             other.as_str()
         ),
     }
@@ -174,7 +184,7 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         class: config.class(),
         default_class: config.default_class,
     };
-    let provider = build_provider(&config, client.clone(), class.clone())?;
+    let provider = build_provider(&config, client.clone(), class.clone()).await?;
     let mut metrics = Metrics::new();
     provider.register_metrics(metrics.registry_mut());
     let metrics = Arc::new(metrics);
@@ -360,7 +370,13 @@ async fn run_controllers(
     let orphan_interval = config.orphan_interval;
     let orphan_store = svc_store.clone();
     let orphans = tokio::spawn(async move {
-        let _ = orphan_store.wait_until_ready().await;
+        // `wait_until_ready` wakes only its most recent waiter (the controller waits on the
+        // same store), so a lone await here could sleep forever: poll it again each second.
+        while tokio::time::timeout(Duration::from_secs(1), orphan_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
+        tracing::debug!(every = ?orphan_interval, "orphan collection starts");
         let mut tick = tokio::time::interval(orphan_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

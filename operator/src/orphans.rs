@@ -8,7 +8,7 @@ use ferry_providers::ProviderError;
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::reconcile::{Context, FINALIZER};
 
@@ -23,6 +23,7 @@ pub enum OrphanError {
 /// Deletes every owned balancer whose Service is gone; returns how many were deleted.
 pub async fn collect_orphans(ctx: &Context) -> Result<usize, OrphanError> {
     let owned = ctx.provider.list_owned().await?;
+    debug!(owned = owned.len(), "looking for orphaned balancers");
     if owned.is_empty() {
         return Ok(0);
     }

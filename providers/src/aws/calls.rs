@@ -300,6 +300,7 @@ impl Calls {
         loop {
             attempt += 1;
             self.budget.take().await;
+            tracing::trace!(operation, attempt, "AWS call");
             match call().await {
                 Ok(v) => {
                     self.count(operation, "ok");

@@ -34,6 +34,14 @@ use crate::{
 };
 use calls::{Calls, RetryPolicy};
 
+/// The SDK's HTTPS client, on rustls with ring.
+pub fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 /// How the AWS provider is set up.
 #[derive(Clone, Debug)]
 pub struct AwsConfig {
@@ -85,6 +93,7 @@ impl AwsProvider {
     /// for IRSA, profile, instance metadata). `AWS_ENDPOINT_URL` points them elsewhere.
     pub async fn from_env(config: AwsConfig) -> Result<Self, ProviderError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client())
             // Retries are ours (calls.rs), so that each attempt is counted and budgeted.
             .retry_config(RetryConfig::disabled())
             .timeout_config(
