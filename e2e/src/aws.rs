@@ -446,7 +446,10 @@ impl AwsWorld {
             ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
             // No instance metadata lookups from a test machine.
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-            ("FERRY_LOG".into(), "info,ferry_operator=debug,ferry_providers=trace".into()),
+            (
+                "FERRY_LOG".into(),
+                "info,ferry_operator=debug,ferry_providers=trace".into(),
+            ),
         ]
     }
 

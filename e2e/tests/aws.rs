@@ -89,6 +89,31 @@ async fn delete_nodes(client: &Client, prefix: &str) {
     }
 }
 
+/// Deletes the `ferry.dev/aws` Services a failed earlier test left behind, finalizers and
+/// all (their moto is gone), so that this test's operator sees only this test's Services.
+async fn sweep_services(client: &Client) {
+    let all: Api<Service> = Api::all(client.clone());
+    for svc in all.list(&ListParams::default()).await.unwrap() {
+        if svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.load_balancer_class.as_deref())
+            != Some(CLASS)
+        {
+            continue;
+        }
+        let api: Api<Service> = Api::namespaced(client.clone(), &svc.namespace().unwrap());
+        let _ = api
+            .patch(
+                &svc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        let _ = api.delete(&svc.name_any(), &DeleteParams::default()).await;
+    }
+}
+
 fn start_operator(cp: &ControlPlane, world: &AwsWorld, extra: &[&str]) -> OperatorProcess {
     let mut args: Vec<String> = world.operator_args();
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -252,6 +277,7 @@ async fn an_nlb_is_created_converged_updated_in_place_and_deleted() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
+    sweep_services(&admin).await;
     let ns = namespace(&admin, "aws-life").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -476,6 +502,7 @@ async fn local_policy_internal_scheme_and_elastic_ips() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
+    sweep_services(&admin).await;
     let ns = namespace(&admin, "aws-shapes").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -578,6 +605,7 @@ async fn bad_input_is_an_event_and_a_condition_and_creates_nothing() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
+    sweep_services(&admin).await;
     let ns = namespace(&admin, "aws-bad").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -598,7 +626,10 @@ async fn bad_input_is_an_event_and_a_condition_and_creates_nothing() {
             aws_service(
                 "unknown-eip",
                 http(),
-                &[("eip-allocations", "eipalloc-0doesnotexist")],
+                &[(
+                    "eip-allocations",
+                    "eipalloc-0doesnotexist,eipalloc-0neither",
+                )],
             ),
             "EIPNotFound",
             "eip-allocations",
@@ -702,6 +733,7 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
+    sweep_services(&admin).await;
     let ns = namespace(&admin, "aws-rough").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,

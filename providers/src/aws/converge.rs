@@ -220,22 +220,28 @@ impl AwsProvider {
         };
         let chosen = match &spec.subnets {
             SubnetChoice::Discover => {
+                // One filter server-side; the cluster tag is checked here, because a second
+                // `tag-key` filter is not honoured alike by every EC2 implementation.
                 let out = self
                     .calls
                     .run("DescribeSubnets", || {
                         self.ec2
                             .describe_subnets()
                             .filters(Filter::builder().name("tag-key").values(role).build())
-                            .filters(
-                                Filter::builder()
-                                    .name("tag-key")
-                                    .values(&cluster_tag)
-                                    .build(),
-                            )
                             .send()
                     })
                     .await?;
-                let mut found = to_subnets(out.subnets());
+                let ours: Vec<aws_sdk_ec2::types::Subnet> = out
+                    .subnets()
+                    .iter()
+                    .filter(|s| {
+                        s.tags()
+                            .iter()
+                            .any(|t| t.key() == Some(cluster_tag.as_str()))
+                    })
+                    .cloned()
+                    .collect();
+                let mut found = to_subnets(&ours);
                 found.sort_by(|a, b| (&a.zone, &a.id).cmp(&(&b.zone, &b.id)));
                 // One subnet per zone: the first by id.
                 found.dedup_by(|b, a| a.zone == b.zone);
