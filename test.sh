@@ -36,6 +36,18 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The AWS provider's tests run against moto's server (PyPI), started as `python3 -m moto.server`.
+if ! need_cmd python3; then
+    echo "error: python3 with pip is required for moto (the AWS tests' emulator)" >&2
+    exit 1
+fi
+MOTO_VERSION=5.2.5
+if ! python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+    echo "==> pip install moto[server]==$MOTO_VERSION"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "moto[server]==$MOTO_VERSION" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "moto[server]==$MOTO_VERSION"
+fi
+
 # The real kube-apiserver, etcd and helm, built from their Go modules (a no-op when current).
 echo "==> e2e/tools/build.sh"
 tools_start=$(date +%s)

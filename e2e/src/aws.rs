@@ -39,13 +39,21 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `moto_server` on a free loopback port (installed by `test.sh`).
+    /// Starts moto's server on a free loopback port (`python3 -m moto.server`, so no script
+    /// on PATH is needed; `test.sh` installs the package).
     pub async fn start(dir: &Path) -> anyhow::Result<Moto> {
         let port = crate::control_plane::free_port()?;
         let log = dir.join(format!("moto-{}.log", crate::operator::next_log_number()));
         let process = ProcessUnderTest::start("moto's", log, move || {
-            let mut cmd = Command::new("moto_server");
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            let mut cmd = Command::new("python3");
+            cmd.args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ]);
             Ok(cmd)
         })?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -53,7 +61,7 @@ impl Moto {
         while TcpStream::connect(addr).await.is_err() {
             if Instant::now() > deadline {
                 bail!(
-                    "moto_server did not listen on {addr} within 30 s:\n{}",
+                    "moto's server did not listen on {addr} within 30 s:\n{}",
                     process.log_text()
                 );
             }
@@ -157,7 +165,7 @@ async fn handle(
     let (service, action) = action_of(&body);
     let n = state.seen.fetch_add(1, Ordering::SeqCst) + 1;
     let every = state.throttle_every.load(Ordering::SeqCst);
-    if every > 0 && n % every == 0 {
+    if every > 0 && n.is_multiple_of(every) {
         state.throttled.fetch_add(1, Ordering::SeqCst);
         return Ok(throttling(&service));
     }
@@ -451,6 +459,11 @@ impl AwsWorld {
                 "info,ferry_operator=debug,ferry_providers=trace".into(),
             ),
         ]
+    }
+
+    /// An SDK configuration that goes through the counting proxy, as the operator does.
+    pub async fn sdk_via_proxy(&self) -> aws_config::SdkConfig {
+        sdk_config(&self.proxy.url, &self.region).await
     }
 
     /// The operator's flags for this account.

@@ -775,10 +775,15 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
     wait_for_hostname(&svcs, "crash").await;
     let crash = svcs.get("crash").await.unwrap();
     assert_eq!(world.balancers_named(&name).await.unwrap().len(), 1);
+    // The new operator does not reconcile before it knows the nodes: no target is taken out.
+    let groups = target_groups(&world, &crash).await;
     assert_eq!(
-        world.proxy.calls_since(mark).get("CreateLoadBalancer"),
-        None
+        targets(&world, &groups["80-tcp"].1).await,
+        instance_targets(&world, &[0, 1], 31380)
     );
+    let calls = world.proxy.calls_since(mark);
+    assert_eq!(calls.get("DeregisterTargets"), None, "{calls:?}");
+    assert_eq!(calls.get("CreateLoadBalancer"), None, "{calls:?}");
 
     // Throttling on every third call: the Service still gets its balancer.
     world.proxy.throttle_every(3);
@@ -841,6 +846,7 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
         .send()
         .await
         .unwrap();
+    let restarted = world.proxy.mark();
     let _operator = start_operator(
         cp,
         &world,
@@ -864,6 +870,9 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
         balancer(&world, &busy).await.unwrap().load_balancer_arn(),
         busy_lb.load_balancer_arn()
     );
+    // Starting with balancers and nodes in place never takes a live target out.
+    let calls = world.proxy.calls_since(restarted);
+    assert_eq!(calls.get("DeregisterTargets"), None, "{calls:?}");
 
     delete_and_wait(&svcs, "busy", WAIT).await;
     assert!(everything_gone(&world, &busy).await);

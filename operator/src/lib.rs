@@ -309,6 +309,19 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
     Ok(())
 }
 
+/// Waits until `store` holds its first full list. `Store::wait_until_ready` wakes only its most
+/// recent waiter (the controller waits on the same stores), so it is polled again each second.
+async fn wait_until_ready<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    while tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
+}
+
 async fn run_controllers(
     config: &Config,
     client: Client,
@@ -370,12 +383,7 @@ async fn run_controllers(
     let orphan_interval = config.orphan_interval;
     let orphan_store = svc_store.clone();
     let orphans = tokio::spawn(async move {
-        // `wait_until_ready` wakes only its most recent waiter (the controller waits on the
-        // same store), so a lone await here could sleep forever: poll it again each second.
-        while tokio::time::timeout(Duration::from_secs(1), orphan_store.wait_until_ready())
-            .await
-            .is_err()
-        {}
+        wait_until_ready(&orphan_store).await;
         tracing::debug!(every = ?orphan_interval, "orphan collection starts");
         let mut tick = tokio::time::interval(orphan_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -389,6 +397,13 @@ async fn run_controllers(
         }
     });
 
+    // A reconcile before the Node cache is filled would see no eligible nodes and take every
+    // target out of the balancer; the node pass would then not notice (nothing changed since
+    // its own first look).
+    tokio::select! {
+        _ = wait_until_ready(&node_store) => {}
+        _ = shutdown.clone() => { orphans.abort(); return; }
+    }
     Controller::for_stream(services, svc_store)
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .reconcile_on(node_triggers)
