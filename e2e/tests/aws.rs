@@ -528,16 +528,14 @@ async fn local_policy_internal_scheme_and_elastic_ips() {
     svcs.create(&PostParams::default(), &local).await.unwrap();
     // Two addresses from the annotation, one per public subnet.
     let allocations = format!("{},{}", world.eips[0].0, world.eips[1].0);
-    svcs.create(
-        &PostParams::default(),
-        &aws_service(
-            "static",
-            vec![port("http", "TCP", 80, 31181)],
-            &[("eip-allocations", &allocations)],
-        ),
-    )
-    .await
-    .unwrap();
+    // Only these sources may reach it.
+    let mut fixed = aws_service(
+        "static",
+        vec![port("http", "TCP", 80, 31181)],
+        &[("eip-allocations", &allocations)],
+    );
+    fixed.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into()]);
+    svcs.create(&PostParams::default(), &fixed).await.unwrap();
     // One address through spec.loadBalancerIP, in the one subnet named by its Name tag.
     let mut pinned = aws_service(
         "pinned",
@@ -575,8 +573,39 @@ async fn local_policy_internal_scheme_and_elastic_ips() {
     );
 
     wait_for_hostname(&svcs, "static").await;
-    let (_, ips) = published(&svcs.get("static").await.unwrap());
+    let fixed = svcs.get("static").await.unwrap();
+    let (_, ips) = published(&fixed);
     assert_eq!(ips, [world.eips[0].1.clone(), world.eips[1].1.clone()]);
+    assert_eq!(
+        security_rules(&world, &fixed).await,
+        Some(BTreeSet::from([(
+            "tcp".to_string(),
+            80,
+            "203.0.113.0/24".to_string()
+        )]))
+    );
+    // Changing the ranges changes the rules in place.
+    svcs.patch(
+        "static",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        WAIT,
+        "the security group to follow the source ranges",
+        || async {
+            (security_rules(&world, &fixed).await
+                == Some(BTreeSet::from([(
+                    "tcp".to_string(),
+                    80,
+                    "198.51.100.0/24".to_string(),
+                )])))
+            .then_some(())
+        },
+    )
+    .await;
 
     wait_for_hostname(&svcs, "pinned").await;
     let pinned = svcs.get("pinned").await.unwrap();
