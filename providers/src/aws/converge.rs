@@ -479,10 +479,7 @@ impl AwsProvider {
         desired: &DesiredLoadBalancer,
         vpc: &str,
     ) -> Result<String, ProviderError> {
-        let (id, current, other) = match self
-            .find_security_group(&spec.security_group_name, Some(vpc))
-            .await?
-        {
+        let (id, current, other) = match self.find_security_group(&spec.name, Some(vpc)).await? {
             Some(group) => {
                 let id = group
                     .group_id()
@@ -495,7 +492,6 @@ impl AwsProvider {
                 let tags: Vec<Ec2Tag> = spec
                     .tags
                     .iter()
-                    .filter(|(k, _)| k.as_str() != TAG_EIPS)
                     .map(|(k, v)| Ec2Tag::builder().key(k).value(v).build())
                     .collect();
                 let out = self
@@ -503,7 +499,7 @@ impl AwsProvider {
                     .run("CreateSecurityGroup", || {
                         self.ec2
                             .create_security_group()
-                            .group_name(&spec.security_group_name)
+                            .group_name(&spec.name)
                             .description(format!("ferry: load balancer of Service {}", desired.id))
                             .vpc_id(vpc)
                             .tag_specifications(
@@ -621,7 +617,6 @@ impl AwsProvider {
             })
             .collect();
         let mut tags = spec.tags.clone();
-        tags.remove(TAG_EIPS);
         if !eips.is_empty() {
             tags.insert(TAG_EIPS.into(), eip_tag(subnets, eips));
         }
@@ -688,7 +683,7 @@ impl AwsProvider {
         let wrong: BTreeMap<String, String> = spec
             .tags
             .iter()
-            .filter(|(k, v)| k.as_str() != TAG_EIPS && tags.get(*k) != Some(*v))
+            .filter(|(k, v)| tags.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if !wrong.is_empty() {
@@ -791,8 +786,6 @@ impl AwsProvider {
         vpc: &str,
     ) -> Result<TargetGroup, ProviderError> {
         let h = &want.health;
-        let mut tags = spec.tags.clone();
-        tags.remove(TAG_EIPS);
         let created = self
             .calls
             .run("CreateTargetGroup", || {
@@ -810,7 +803,7 @@ impl AwsProvider {
                     .health_check_timeout_seconds(h.timeout_seconds)
                     .healthy_threshold_count(h.healthy_threshold)
                     .unhealthy_threshold_count(h.unhealthy_threshold)
-                    .set_tags(Some(elb_tags(&tags)))
+                    .set_tags(Some(elb_tags(&spec.tags)))
                     .send()
             })
             .await;

@@ -426,6 +426,8 @@ mod tests {
             ("target-group-attributes", "stickiness.enabled"),
             ("additional-resource-tags", "=x"),
             ("additional-resource-tags", "aws:owner=me"),
+            // ferry's own tags (the balancer's EIP record among them) are not the user's.
+            ("additional-resource-tags", "ferry.dev/eip-allocations=x"),
             ("cross-zone-load-balancing-enabled", "1"),
             ("ip-address-type", "ipv6"),
             ("proxy-protocol", "v2"),

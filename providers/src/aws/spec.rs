@@ -23,7 +23,8 @@ pub const TAG_CLUSTER: &str = "ferry.dev/cluster";
 pub const TAG_NAMESPACE: &str = "ferry.dev/service-namespace";
 pub const TAG_NAME: &str = "ferry.dev/service-name";
 pub const TAG_UID: &str = "ferry.dev/service-uid";
-/// On the balancer: the EIP allocations it was created with (they cannot change in place).
+/// On the balancer only: the subnet:allocation pairs it was created with (they cannot change
+/// in place). Never in `BalancerSpec::tags`, whose ferry.dev/ keys users cannot set.
 pub const TAG_EIPS: &str = "ferry.dev/eip-allocations";
 
 /// kube-proxy's health endpoint, used for UDP-only ports of `Cluster` Services (a TCP check
@@ -108,8 +109,8 @@ pub struct Rule {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BalancerSpec {
+    /// The balancer's name, which its security group shares.
     pub name: String,
-    pub security_group_name: String,
     /// Every target group of this Service, current or stale, starts with this.
     pub target_group_prefix: String,
     pub scheme: Scheme,
@@ -383,7 +384,6 @@ pub fn plan(
     let tags = tags(cluster_id, &desired.id, &o.additional_tags);
     Ok(BalancerSpec {
         name: balancer_name(cluster_id, uid),
-        security_group_name: balancer_name(cluster_id, uid),
         target_group_prefix: target_group_prefix(cluster_id, uid),
         scheme: o.scheme,
         address_type,
