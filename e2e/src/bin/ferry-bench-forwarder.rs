@@ -74,6 +74,16 @@ impl Variant {
         Variant::FerryKernel,
         Variant::FerryUserspace,
     ];
+    /// The order of measurement: each ferry path right after the path it is compared with.
+    const MEASURED: [Variant; 7] = [
+        Variant::Direct,
+        Variant::FerryKernel,
+        Variant::Nftables,
+        Variant::Haproxy,
+        Variant::FerryUserspace,
+        Variant::Nginx,
+        Variant::Socat,
+    ];
 
     /// The spelling `--only` takes.
     fn key(self) -> String {
@@ -335,7 +345,7 @@ async fn throughput(
         wait_port(client, format!("{ip}:{port}").parse()?)?;
     }
     let bench = Bench { args, client };
-    let mut results: Vec<(Variant, Vec<Figures>)> = Variant::ALL
+    let mut results: Vec<(Variant, Vec<Figures>)> = Variant::MEASURED
         .iter()
         .filter(|v| args.only.is_empty() || args.only.contains(&v.key()))
         .map(|v| (*v, Vec::new()))
@@ -547,25 +557,48 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("| ratio | throughput | requests/s | new connections/s | target |");
+    println!(
+        "| ratio, median of the runs' own ratios (lowest–highest) | throughput | requests/s | new connections/s | target |"
+    );
     println!("| --- | --- | --- | --- | --- |");
+    // Paired: the ratio within each run (the two paths measured back to back), then the
+    // median of those, so load that drifts between runs cancels out.
     let ratio = |a: Variant, b: Variant, f: fn(&Figures) -> f64| {
-        med(a, f) / med(b, f).max(f64::MIN_POSITIVE)
+        let runs = |v: Variant| {
+            results
+                .iter()
+                .find(|(x, _)| *x == v)
+                .map(|(_, r)| r.iter().map(f).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let per_run: Vec<f64> = runs(a)
+            .iter()
+            .zip(runs(b))
+            .map(|(x, y)| x / y.max(f64::MIN_POSITIVE))
+            .collect();
+        let (lo, hi) = per_run.iter().fold((f64::INFINITY, 0f64), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+        if per_run.is_empty() {
+            "—".to_string()
+        } else {
+            format!("{:.2} ({lo:.2}–{hi:.2})", median(per_run))
+        }
     };
     println!(
-        "| ferry userspace / HAProxy | {:.2} | {:.2} | {:.2} | ≥ 1.0 on all three |",
+        "| ferry userspace / HAProxy | {} | {} | {} | ≥ 1.0 on all three |",
         ratio(Variant::FerryUserspace, Variant::Haproxy, gb),
         ratio(Variant::FerryUserspace, Variant::Haproxy, rps),
         ratio(Variant::FerryUserspace, Variant::Haproxy, cps)
     );
     println!(
-        "| ferry kernel / direct | {:.2} | {:.2} | {:.2} | throughput ≥ 0.95 |",
+        "| ferry kernel / direct | {} | {} | {} | throughput ≥ 0.95 |",
         ratio(Variant::FerryKernel, Variant::Direct, gb),
         ratio(Variant::FerryKernel, Variant::Direct, rps),
         ratio(Variant::FerryKernel, Variant::Direct, cps)
     );
     println!(
-        "| ferry kernel / nftables by hand | {:.2} | {:.2} | {:.2} | |",
+        "| ferry kernel / nftables by hand | {} | {} | {} | |",
         ratio(Variant::FerryKernel, Variant::Nftables, gb),
         ratio(Variant::FerryKernel, Variant::Nftables, rps),
         ratio(Variant::FerryKernel, Variant::Nftables, cps)

@@ -114,9 +114,52 @@ fn read_some(from: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
     result.map(|()| 0)
 }
 
+/// Sends all of `buf` with MSG_MORE: the kernel holds the last segment back for the FIN that
+/// follows, so a response and its end leave in one packet (one packet and one ACK less per
+/// short-lived connection, as HAProxy does).
+async fn send_all_corked(to: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
+    let stream: &TcpStream = to.as_ref();
+    let fd = stream.as_raw_fd();
+    while !buf.is_empty() {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            // SAFETY: send reads at most `buf.len()` bytes from memory `buf` borrows.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match sent {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Passes the end of one direction on: a half-close, or nothing when the other direction has
+/// already finished (closing both sockets right after sends the same FIN, without a system
+/// call).
+async fn finish(mut to: OwnedWriteHalf, one_done: &AtomicBool) {
+    if one_done.swap(true, Ordering::Relaxed) {
+        // Dropping the write half would shut it down; closing does that.
+        to.forget();
+    } else {
+        let _ = to.shutdown().await;
+    }
+}
+
 /// Copies one direction until its sender finishes (passing the half-close on) or fails.
-/// The second direction to finish skips the shutdown: closing both sockets right after
-/// sends the same FIN, without a system call.
 async fn pump(
     from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
@@ -125,25 +168,32 @@ async fn pump(
     one_done: &AtomicBool,
 ) -> io::Result<()> {
     loop {
-        // Wait for data without holding a buffer.
-        from.readable().await?;
+        // Wait for data without holding a buffer. The readiness also tells whether the
+        // sender has finished (EPOLLRDHUP), so the last data can go out with the FIN.
+        let ready = from.ready(Interest::READABLE).await?;
         let mut buf = Vec::with_capacity(CHUNK);
         loop {
             match read_some(&from, &mut buf) {
                 Ok(0) => {
-                    if one_done.swap(true, Ordering::Relaxed) {
-                        // Dropping the write half would shut it down; closing does that.
-                        to.forget();
-                    } else {
-                        let _ = to.shutdown().await;
-                    }
+                    finish(to, one_done).await;
                     return Ok(());
                 }
                 Ok(n) => {
                     activity.touch();
-                    to.write_all(&buf).await?;
+                    // A short read after the sender's FIN drained the socket: this is the
+                    // direction's last data.
+                    let last = n < CHUNK && ready.is_read_closed();
+                    if last {
+                        send_all_corked(&to, &buf).await?;
+                    } else {
+                        to.write_all(&buf).await?;
+                    }
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
+                    if last {
+                        finish(to, one_done).await;
+                        return Ok(());
+                    }
                     buf.clear();
                     if n < CHUNK {
                         // Drained: wait for more rather than asking again.
@@ -198,6 +248,27 @@ mod tests {
         assert_eq!(answer.len(), big.len());
         let (up, down, end) = relay.await.unwrap().unwrap();
         assert_eq!((up, down, end), (7, 1 << 20, End::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_answers_and_closes_at_once_still_hears_the_client() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        // The answer and its FIN are both waiting before the relay looks: they leave together.
+        backend.write_all(b"answer").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(5000, 5000)));
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"answer", "the answer, then the end");
+        // The other direction is still open.
+        client.write_all(b"late").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut late = Vec::new();
+        backend.read_to_end(&mut late).await.unwrap();
+        assert_eq!(late, b"late");
+        let (up, down, end) = relay.await.unwrap().unwrap();
+        assert_eq!((up, down, end), (4, 6, End::Closed));
     }
 
     #[tokio::test]
