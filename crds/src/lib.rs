@@ -1,5 +1,6 @@
 //! ferry's custom resources. The Rust types here are the source of truth; the YAML under
-//! `crds/` is generated from them by the `crdgen` binary and a test fails when it is stale.
+//! `crds/` (and its copy in the Helm chart's `crds/`) is generated from them by the `crdgen`
+//! binary and a test fails when either is stale.
 //! This crate holds types only: no clients, no controllers, no cloud SDKs.
 
 mod pool;
@@ -38,6 +39,21 @@ mod tests {
         assert!(
             on_disk == generated,
             "{} is stale: run `cargo run -p ferry-crds --bin crdgen > crds/{CRDS_FILE}`",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn the_charts_copy_is_current() {
+        // Helm installs CRDs only from the chart's own crds/ folder.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../helm/ferry/crds")
+            .join(CRDS_FILE);
+        let in_chart = std::fs::read_to_string(&path).unwrap_or_default();
+        let generated = crds_yaml().expect("CRD serializes");
+        assert!(
+            in_chart == generated,
+            "{} is stale: run `cargo run -p ferry-crds --bin crdgen > helm/ferry/crds/{CRDS_FILE}`",
             path.display()
         );
     }

@@ -19,6 +19,8 @@ pub struct ProcessUnderTest {
     child: Option<Child>,
     pub log: PathBuf,
     command: MakeCommand,
+    /// Dropped with SIGTERM rather than SIGKILL.
+    graceful: bool,
 }
 
 impl ProcessUnderTest {
@@ -33,6 +35,7 @@ impl ProcessUnderTest {
             child: None,
             log,
             command: Box::new(command),
+            graceful: false,
         };
         me.spawn()?;
         Ok(me)
@@ -53,6 +56,13 @@ impl ProcessUnderTest {
                 .with_context(|| format!("starting {}", self.what))?,
         );
         Ok(())
+    }
+
+    /// Stopped with SIGTERM when dropped: for programs whose children outlive a SIGKILLed
+    /// parent (nginx's workers).
+    pub fn terminated_on_drop(mut self) -> Self {
+        self.graceful = true;
+        self
     }
 
     /// SIGKILL: no chance to clean up, as a crash or an OOM kill.
@@ -107,7 +117,11 @@ impl ProcessUnderTest {
 
 impl Drop for ProcessUnderTest {
     fn drop(&mut self) {
-        self.kill();
+        if self.graceful {
+            self.terminate();
+        } else {
+            self.kill();
+        }
         if std::thread::panicking() {
             let log = self.log_text();
             let lines: Vec<&str> = log.lines().collect();

@@ -331,7 +331,8 @@ async fn serves_traffic(c: &Cluster, kernel: bool) {
     let sticky = c
         .service(
             "sticky",
-            json!({ "type": "LoadBalancer", "sessionAffinity": "ClientIP", "ports": [
+            json!({ "type": "LoadBalancer", "sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 2 } }, "ports": [
                 { "name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP" } ] }),
             json!({}),
         )
@@ -340,6 +341,19 @@ async fn serves_traffic(c: &Cluster, kernel: bool) {
     c.wait_for_traffic(&sticky, 80).await;
     let stuck = c.spread(&sticky, 80, 12);
     assert_eq!(stuck.len(), 1, "ClientIP affinity spread over {stuck:?}");
+    // A client quiet for longer than the timeout is spread anew.
+    let mut seen = stuck.clone();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        seen.extend(c.spread(&sticky, 80, 1));
+        if seen.len() > 1 {
+            break;
+        }
+    }
+    assert!(
+        seen.len() > 1,
+        "still stuck to {seen:?} after the affinity timeout"
+    );
 
     // Local: only fwd-node-2 has endpoints, so only it may hold the VIP, and only it serves.
     c.endpoints_on("local", "fwd-node-2").await;

@@ -7,13 +7,18 @@
 //! dead node alive. Only a Lease seen for the first time is judged by the wall clock.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 /// Label on every heartbeat Lease, so forwarders watch only those.
@@ -42,51 +47,91 @@ fn node_of(lease: &Lease) -> Option<&str> {
 }
 
 impl Liveness {
-    /// Takes in the current Leases; `now` and `wall` are this process's clocks.
+    /// Takes in the current Leases (all of them: nodes without one are forgotten); `now` and
+    /// `wall` are this process's clocks.
     pub fn observe(&mut self, leases: &[Arc<Lease>], now: Instant, wall: jiff::Timestamp) {
         let mut present = BTreeSet::new();
         for lease in leases {
-            let Some(node) = node_of(lease) else { continue };
-            let spec = lease.spec.as_ref();
-            let renew = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-            let duration = Duration::from_secs(
-                spec.and_then(|s| s.lease_duration_seconds)
-                    .and_then(|s| u64::try_from(s).ok())
-                    .unwrap_or(0),
-            );
-            present.insert(node.to_string());
-            match self.seen.get_mut(node) {
-                Some((last, changed, d)) => {
-                    if *last != renew {
-                        *last = renew;
-                        *changed = now;
-                    }
-                    *d = duration;
-                }
-                None => {
-                    // First sight: trust the wall clock once, so a Lease left behind by a
-                    // dead node is not taken as fresh for a whole duration after a restart.
-                    // A renew time in our future (a clock ahead of ours) counts as just now.
-                    let age = renew.map_or(duration, |r| {
-                        Duration::try_from(wall.duration_since(r)).unwrap_or(Duration::ZERO)
-                    });
-                    let changed = now.checked_sub(age.min(duration)).unwrap_or(now);
-                    self.seen
-                        .insert(node.to_string(), (renew, changed, duration));
-                }
+            if let Some(node) = self.record(lease, now, wall) {
+                present.insert(node.to_string());
             }
         }
         self.seen.retain(|node, _| present.contains(node));
     }
 
+    /// Takes in one Lease created or renewed; returns whether its node went from dead to live
+    /// or back.
+    pub fn renewed(&mut self, lease: &Lease, now: Instant, wall: jiff::Timestamp) -> bool {
+        let Some(node) = node_of(lease) else {
+            return false;
+        };
+        let before = self.is_live(node, now);
+        self.record(lease, now, wall);
+        before != self.is_live(node, now)
+    }
+
+    /// Forgets a deleted Lease's node; returns whether that node was live.
+    pub fn deleted(&mut self, lease: &Lease, now: Instant) -> bool {
+        let Some(node) = node_of(lease) else {
+            return false;
+        };
+        let was_live = self.is_live(node, now);
+        self.seen.remove(node);
+        was_live
+    }
+
+    fn is_live(&self, node: &str, now: Instant) -> bool {
+        self.seen
+            .get(node)
+            .is_some_and(|(renew, changed, duration)| {
+                renew.is_some() && now.saturating_duration_since(*changed) < *duration
+            })
+    }
+
+    /// Notes `lease`'s renew time; returns its node.
+    fn record<'l>(
+        &mut self,
+        lease: &'l Lease,
+        now: Instant,
+        wall: jiff::Timestamp,
+    ) -> Option<&'l str> {
+        let node = node_of(lease)?;
+        let spec = lease.spec.as_ref();
+        let renew = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
+        let duration = Duration::from_secs(
+            spec.and_then(|s| s.lease_duration_seconds)
+                .and_then(|s| u64::try_from(s).ok())
+                .unwrap_or(0),
+        );
+        match self.seen.get_mut(node) {
+            Some((last, changed, d)) => {
+                if *last != renew {
+                    *last = renew;
+                    *changed = now;
+                }
+                *d = duration;
+            }
+            None => {
+                // First sight: trust the wall clock once, so a Lease left behind by a dead
+                // node is not taken as fresh for a whole duration after a restart. A renew
+                // time in our future (a clock ahead of ours) counts as just now.
+                let age = renew.map_or(duration, |r| {
+                    Duration::try_from(wall.duration_since(r)).unwrap_or(Duration::ZERO)
+                });
+                let changed = now.checked_sub(age.min(duration)).unwrap_or(now);
+                self.seen
+                    .insert(node.to_string(), (renew, changed, duration));
+            }
+        }
+        Some(node)
+    }
+
     /// Nodes whose forwarder renewed within its Lease's duration.
     pub fn live(&self, now: Instant) -> BTreeSet<String> {
         self.seen
-            .iter()
-            .filter(|(_, (renew, changed, duration))| {
-                renew.is_some() && now.saturating_duration_since(*changed) < *duration
-            })
-            .map(|(node, _)| node.clone())
+            .keys()
+            .filter(|node| self.is_live(node, now))
+            .cloned()
             .collect()
     }
 
@@ -98,6 +143,50 @@ impl Liveness {
             .filter(|at| *at > now)
             .min()
     }
+}
+
+/// Watches the heartbeat Leases into `liveness`, timing each renewal when it arrives, and
+/// pokes `changed` only when a node comes alive or its Lease goes: renewals of live nodes
+/// (two per node per second by default) do not make the forwarder re-plan. Expiry is the
+/// planner's to notice, at `Liveness::next_expiry`.
+pub fn watch(
+    api: Api<Lease>,
+    liveness: Arc<Mutex<Liveness>>,
+    changed: Arc<Notify>,
+) -> Store<Lease> {
+    let (store, writer) = reflector::store();
+    let reader = store.clone();
+    tokio::spawn(async move {
+        let config = watcher::Config::default().labels(HEARTBEAT_LABEL);
+        let events = reflector::reflector(writer, watcher(api, config).default_backoff());
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            let (now, wall) = (Instant::now(), jiff::Timestamp::now());
+            let mut liveness = liveness.lock().unwrap_or_else(|e| e.into_inner());
+            let poke = match event {
+                Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+                    liveness.renewed(&lease, now, wall)
+                }
+                Ok(watcher::Event::Delete(lease)) => liveness.deleted(&lease, now),
+                Ok(watcher::Event::InitDone) => {
+                    // A relist: Leases deleted while the watch was down are gone from it.
+                    let before = liveness.live(now);
+                    liveness.observe(&reader.state(), now, wall);
+                    before != liveness.live(now)
+                }
+                Ok(watcher::Event::Init) => false,
+                Err(err) => {
+                    warn!(error = %err, "watching heartbeat Leases");
+                    false
+                }
+            };
+            drop(liveness);
+            if poke {
+                changed.notify_one();
+            }
+        }
+    });
+    store
 }
 
 /// Renews this node's heartbeat Lease.
@@ -245,6 +334,33 @@ mod tests {
             wall,
         );
         assert!(l.live(t0 + Duration::from_secs(3)).is_empty());
+    }
+
+    #[test]
+    fn only_coming_alive_or_going_counts_as_a_change() {
+        let t0 = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let mut l = Liveness::default();
+        assert!(l.renewed(&lease("a", wall, 2), t0, wall), "a new live node");
+        // Renewals of a live node change nothing the planner cares about, but they move
+        // its expiry.
+        let t1 = t0 + Duration::from_millis(500);
+        let w1 = wall + jiff::SignedDuration::from_millis(500);
+        assert!(!l.renewed(&lease("a", w1, 2), t1, w1));
+        assert_eq!(l.next_expiry(t1), Some(t1 + Duration::from_secs(2)));
+        // Silent past its duration, then renewing again: alive once more.
+        let t3 = t1 + Duration::from_secs(3);
+        let w3 = w1 + jiff::SignedDuration::from_secs(3);
+        assert!(l.live(t3).is_empty());
+        assert!(l.renewed(&lease("a", w3, 2), t3, w3));
+        assert!(
+            l.deleted(&lease("a", w3, 2), t3),
+            "a live node's Lease went"
+        );
+        assert!(!l.deleted(&lease("a", w3, 2), t3));
+        // A Lease left by a dead node is no change either.
+        let old = w3 - jiff::SignedDuration::from_secs(30);
+        assert!(!l.renewed(&lease("dead", old, 2), t3, w3));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The kernel data plane: one nftables table, `inet ferry`, replaced atomically (a single
 //! `nft -f` transaction) whenever the frontends change. Traffic to a VIP port is DNATed to a
-//! backend NodePort, spread by `numgen` (round robin) or, with ClientIP affinity, by a hash
-//! of the client's address (sticky while the backend set is unchanged; the kernel path has
-//! no per-client timeout). Connections sent to another node are masqueraded so replies come
+//! backend NodePort, spread by `numgen` (round robin). ClientIP affinity keeps a set of recent
+//! clients per backend whose elements expire after the Service's timeout (refreshed by each new
+//! connection), so a returning client goes back to its backend and a client quiet for longer is
+//! spread anew; the sets start empty whenever this node's table is replaced. Connections sent to another node are masqueraded so replies come
 //! back through this one; with `externalTrafficPolicy: Local` the backend is this node and
 //! the client's address is kept. Source ranges are enforced by a filter chain ahead of NAT.
 //!
@@ -20,6 +21,9 @@ use tokio::process::Command;
 use crate::plan::Frontend;
 
 pub const TABLE: &str = "ferry";
+/// Clients remembered per backend for ClientIP affinity; past this, new clients are spread
+/// without being remembered until old ones expire.
+const AFFINITY_CLIENTS: usize = 65_536;
 /// Marks connections to masquerade ("ferry" in ASCII).
 const MASQUERADE_MARK: &str = "0x66657279";
 
@@ -77,6 +81,8 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
     let mut dispatch = String::new();
     let mut filter = String::new();
     let mut chains = String::new();
+    let mut backend_chains = String::new();
+    let mut sets = String::new();
     for (i, f) in frontends.iter().enumerate() {
         let (fam, _) = family_words(&f.vip);
         let p = proto(f.protocol);
@@ -115,26 +121,63 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
             let _ = writeln!(chains, "\t\tmeta mark set {MASQUERADE_MARK}");
         }
         let target = |b: &std::net::SocketAddr| format!("{} . {}", b.ip(), b.port());
-        let dnat = if f.backends.len() == 1 {
-            match f.backends[0] {
-                std::net::SocketAddr::V4(b) => format!("{b}"),
-                std::net::SocketAddr::V6(b) => format!("[{}]:{}", b.ip(), b.port()),
-            }
-        } else {
-            let spread = if f.affinity.is_some() {
-                format!("jhash {fam} saddr mod {}", f.backends.len())
-            } else {
-                format!("numgen inc mod {}", f.backends.len())
-            };
-            let map: Vec<String> = f
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(j, b)| format!("{j} : {}", target(b)))
-                .collect();
-            format!("{spread} map {{ {} }}", map.join(", "))
+        let single = |b: &std::net::SocketAddr| match b {
+            std::net::SocketAddr::V4(b) => format!("{b}"),
+            std::net::SocketAddr::V6(b) => format!("[{}]:{}", b.ip(), b.port()),
         };
-        let _ = writeln!(chains, "\t\tmeta l4proto {p} dnat {fam} to {dnat}");
+        match (f.backends.as_slice(), f.affinity) {
+            ([only], _) => {
+                let _ = writeln!(
+                    chains,
+                    "\t\tmeta l4proto {p} dnat {fam} to {}",
+                    single(only)
+                );
+            }
+            (backends, Some(timeout)) => {
+                // As kube-proxy's nftables mode: a set of recent clients per backend, each
+                // element living `timeout` past the client's last new connection. A known
+                // client goes back to its backend; a new one is spread and remembered.
+                let secs = timeout.as_secs().max(1);
+                let addr_type = if f.vip.is_ipv6() {
+                    "ipv6_addr"
+                } else {
+                    "ipv4_addr"
+                };
+                let mut vmap = Vec::new();
+                for (j, b) in backends.iter().enumerate() {
+                    let _ = writeln!(
+                        sets,
+                        "\tset aff_{i}_{j} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n\t}}"
+                    );
+                    let _ = writeln!(chains, "\t\t{fam} saddr @aff_{i}_{j} goto be_{i}_{j}");
+                    let _ = writeln!(
+                        backend_chains,
+                        "\tchain be_{i}_{j} {{\n\t\tupdate @aff_{i}_{j} {{ {fam} saddr }}\n\t\tmeta l4proto {p} dnat {fam} to {}\n\t}}",
+                        single(b)
+                    );
+                    vmap.push(format!("{j} : goto be_{i}_{j}"));
+                }
+                let _ = writeln!(
+                    chains,
+                    "\t\tnumgen inc mod {} vmap {{ {} }}",
+                    backends.len(),
+                    vmap.join(", ")
+                );
+            }
+            (backends, None) => {
+                let map: Vec<String> = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| format!("{j} : {}", target(b)))
+                    .collect();
+                let _ = writeln!(
+                    chains,
+                    "\t\tmeta l4proto {p} dnat {fam} to numgen inc mod {} map {{ {} }}",
+                    backends.len(),
+                    map.join(", ")
+                );
+            }
+        }
         let _ = writeln!(chains, "\t}}");
     }
     let _ = writeln!(
@@ -151,7 +194,9 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
         s,
         "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 105; policy accept;\n\t\tmeta mark {MASQUERADE_MARK} masquerade\n\t}}"
     );
+    s.push_str(&sets);
     s.push_str(&chains);
+    s.push_str(&backend_chains);
     s.push_str("}\n");
     s
 }
@@ -249,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn local_policy_keeps_the_source_and_affinity_hashes_it() {
+    fn local_policy_keeps_the_source_and_affinity_remembers_clients_per_backend() {
         let mut local = frontend("192.0.2.10", 53, Protocol::Udp, &["10.0.0.2:30053"]);
         local.local = true;
         let mut sticky = frontend(
@@ -267,9 +312,24 @@ mod tests {
         let fe0 = &r[r.find("chain fe_0").unwrap()..r.find("chain fe_1").unwrap()];
         assert!(!fe0.contains("meta mark set"), "{fe0}");
         assert!(fe0.contains("meta l4proto udp dnat ip to 10.0.0.2:30053"));
-        // The IPv4 backend cannot serve an IPv6 VIP in the kernel.
+        // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
+        // its set of recent clients expiring after the Service's timeout.
+        let fe1 = &r[r.find("chain fe_1").unwrap()..];
+        assert!(fe1.contains("ip6 saddr @aff_1_0 goto be_1_0"), "{r}");
+        assert!(fe1.contains("ip6 saddr @aff_1_1 goto be_1_1"), "{r}");
+        assert!(!fe1.contains("aff_1_2"), "{r}");
+        assert!(
+            fe1.contains("numgen inc mod 2 vmap { 0 : goto be_1_0, 1 : goto be_1_1 }"),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "set aff_1_1 {\n\t\ttype ipv6_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 60s\n"
+            ),
+            "{r}"
+        );
         assert!(r.contains(
-            "dnat ip6 to jhash ip6 saddr mod 2 map { 0 : 2001:db8::1 . 30443, 1 : 2001:db8::2 . 30443 }"
+            "chain be_1_1 {\n\t\tupdate @aff_1_1 { ip6 saddr }\n\t\tmeta l4proto tcp dnat ip6 to [2001:db8::2]:30443\n"
         ), "{r}");
     }
 

@@ -24,7 +24,7 @@ pub mod userspace;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -47,7 +47,7 @@ use tracing::{debug, error, info, warn};
 use crate::announce::Announcer;
 use crate::config::{Announce, Config, Mode};
 use crate::health::HealthChecker;
-use crate::heartbeat::{HEARTBEAT_LABEL, Heartbeat, Liveness};
+use crate::heartbeat::{Heartbeat, Liveness};
 use crate::kernel::Kernel;
 use crate::metrics::Metrics;
 use crate::plan::{ClusterView, Frontend, NodePlan, Notice};
@@ -106,6 +106,26 @@ where
         }
     });
     store
+}
+
+/// When the planner must look again with nothing reported: the next Lease expiry, the retry
+/// of a failed apply, or the resync.
+fn next_wake(
+    liveness: &Mutex<Liveness>,
+    failed: Option<&FailedApply>,
+    last_pass: Instant,
+) -> Instant {
+    let next_expiry = liveness
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .next_expiry(Instant::now())
+        .map(|at| at + Duration::from_millis(5));
+    let retry = failed.map(|f| f.retry_at);
+    [next_expiry, retry, Some(last_pass + RESYNC)]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(last_pass + RESYNC)
 }
 
 /// The last attempt to program the data plane, when it failed.
@@ -299,11 +319,11 @@ pub async fn run_with_client(
         changed.clone(),
         "EndpointSlices",
     );
-    let leases = watch_into(
+    let liveness = Arc::new(Mutex::new(Liveness::default()));
+    let leases = heartbeat::watch(
         Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
-        watcher::Config::default().labels(HEARTBEAT_LABEL),
+        liveness.clone(),
         changed.clone(),
-        "heartbeat Leases",
     );
     let pool_store = watch_into(
         Api::<LoadBalancerPool>::all(client.clone()),
@@ -372,7 +392,12 @@ pub async fn run_with_client(
     }
     let mut dataplane = choose_dataplane(&config, limits, &metrics).await?;
 
-    let mut liveness = Liveness::default();
+    let live_now = || {
+        liveness
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live(Instant::now())
+    };
     let heartbeat = Arc::new(Heartbeat::new(
         client.clone(),
         &config.lease_namespace,
@@ -386,8 +411,7 @@ pub async fn run_with_client(
     } else {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            liveness.observe(&leases.state(), Instant::now(), jiff::Timestamp::now());
-            if liveness.live(Instant::now()).contains(&config.node_name) {
+            if live_now().contains(&config.node_name) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -409,12 +433,31 @@ pub async fn run_with_client(
     let mut failed_apply: Option<FailedApply> = None;
     let mut logged: BTreeSet<Notice> = BTreeSet::new();
     let mut last_sync = Instant::now() - RESYNC;
+    let mut last_pass = Instant::now();
+    let mut last_live: Option<BTreeSet<String>> = None;
+    let mut woken_by_timer = false;
     health.set_ready(true);
 
     loop {
-        let now = Instant::now();
-        liveness.observe(&leases.state(), now, jiff::Timestamp::now());
-        let live = liveness.live(now);
+        let live = live_now();
+        // A timer wake-up is for a Lease that may have expired, a retry or the resync; when
+        // it finds none of them due, there is nothing to plan.
+        let due = last_pass.elapsed() >= RESYNC
+            || failed_apply
+                .as_ref()
+                .is_some_and(|f| Instant::now() >= f.retry_at);
+        if woken_by_timer && !due && last_live.as_ref() == Some(&live) {
+            woken_by_timer = false;
+            let deadline = next_wake(&liveness, failed_apply.as_ref(), last_pass);
+            tokio::select! {
+                _ = changed.notified() => tokio::time::sleep(SETTLE).await,
+                _ = health_changed.notified() => {}
+                _ = tokio::time::sleep_until(deadline.into()) => woken_by_timer = true,
+                _ = crate::stopped(&mut stop) => break,
+            }
+            continue;
+        }
+        last_pass = Instant::now();
         let valid_pools = valid_pools(&pool_store);
         let (services_now, nodes_now, slices_now) =
             (services.state(), nodes.state(), slices.state());
@@ -493,21 +536,15 @@ pub async fn run_with_client(
             }
         }
         last_plan = Some(plan);
+        last_live = Some(live);
 
-        // Wake on a change, a health verdict, the next Lease expiry, or the resync.
-        let next_expiry = liveness
-            .next_expiry(Instant::now())
-            .map(|at| at + Duration::from_millis(5));
-        let retry = failed_apply.as_ref().map(|f| f.retry_at);
-        let deadline = [next_expiry, retry, Some(Instant::now() + RESYNC)]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| Instant::now() + RESYNC);
+        // Wake on a change, a health verdict, the next Lease expiry, a retry or the resync.
+        woken_by_timer = false;
+        let deadline = next_wake(&liveness, failed_apply.as_ref(), last_pass);
         tokio::select! {
             _ = changed.notified() => tokio::time::sleep(SETTLE).await,
             _ = health_changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = tokio::time::sleep_until(deadline.into()) => woken_by_timer = true,
             _ = crate::stopped(&mut stop) => break,
         }
     }

@@ -256,7 +256,8 @@ async fn throughput(
             "-g".into(),
             "daemon off;".into(),
         ],
-    )?;
+    )?
+    .terminated_on_drop();
 
     // The proxies, each on its own ports of the node's address.
     node_ns.ip(&["addr", "add", &format!("{HAND_VIP}/32"), "dev", "eth0"])?;
@@ -307,7 +308,8 @@ async fn throughput(
             "-g".into(),
             "daemon off;".into(),
         ],
-    )?;
+    )?
+    .terminated_on_drop();
     let socat = |port: u16, to: u16, what: &str| {
         in_ns(
             &dir,

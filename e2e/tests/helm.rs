@@ -1,0 +1,355 @@
+//! The Helm chart (`helm/ferry`), through the real `helm` built from its Go module: it lints,
+//! renders what each provider needs, refuses bad values with one line, grants exactly the RBAC
+//! the other tests run ferry under, sets only environment variables the binaries read, and
+//! installs, upgrades and uninstalls on the real kube-apiserver.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ferry_crds::LoadBalancerPool;
+use ferry_e2e::control_plane::shared;
+use ferry_e2e::operator::binary;
+use ferry_e2e::scenario::*;
+use ferry_e2e::{repo_root, tools};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::Api;
+use serde_yaml::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn chart() -> PathBuf {
+    repo_root().join("helm").join("ferry")
+}
+
+fn helm(args: &[&str], kubeconfig: Option<&PathBuf>) -> Output {
+    let bin = tools::ensure_built().expect("test tools").join("helm");
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        // Nothing from the machine's own helm setup.
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("ferry-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("ferry-helm-config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("ferry-helm-data"),
+        );
+    match kubeconfig {
+        Some(k) => cmd.env("KUBECONFIG", k),
+        None => cmd.env_remove("KUBECONFIG"),
+    };
+    cmd.output().expect("helm runs")
+}
+
+/// `helm template` with `set` values; the rendered documents, or helm's error text.
+fn render(set: &[&str]) -> Result<Vec<Value>, String> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "ferry",
+        chart.to_str().unwrap_or_default(),
+        "--namespace",
+        "ferry-system",
+    ];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let out = helm(&args, None);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(documents(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn kind(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or_default()
+}
+
+fn find<'a>(docs: &'a [Value], k: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| kind(d) == k)
+}
+
+/// The container's env as name → value (values from the downward API as `fieldRef:<path>`).
+fn env(workload: &Value) -> BTreeMap<String, String> {
+    let container = &workload["spec"]["template"]["spec"]["containers"][0];
+    container["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let value = e["value"].as_str().map(str::to_string).unwrap_or_else(|| {
+                format!(
+                    "fieldRef:{}",
+                    e["valueFrom"]["fieldRef"]["fieldPath"]
+                        .as_str()
+                        .unwrap_or_default()
+                )
+            });
+            (e["name"].as_str().unwrap_or_default().to_string(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_chart_lints_and_renders_each_provider() {
+    let lint = helm(&["lint", chart().to_str().unwrap_or_default()], None);
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+
+    // Local: the operator, a forwarder on every node with the host's network.
+    let docs = render(&[]).unwrap();
+    let operator = find(&docs, "Deployment").expect("the operator's Deployment");
+    let forwarder = find(&docs, "DaemonSet").expect("the forwarder's DaemonSet");
+    let op_env = env(operator);
+    assert_eq!(op_env["FERRY_PROVIDER"], "local");
+    assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/local");
+    assert_eq!(op_env["POD_NAMESPACE"], "fieldRef:metadata.namespace");
+    assert_eq!(operator["spec"]["replicas"].as_i64(), Some(2));
+    let pod = &forwarder["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(pod["tolerations"][0]["operator"].as_str(), Some("Exists"));
+    let fw_env = env(forwarder);
+    assert_eq!(fw_env["NODE_NAME"], "fieldRef:spec.nodeName");
+    assert_eq!(fw_env["FERRY_LEASE_NAMESPACE"], "ferry-system");
+    assert_eq!(
+        fw_env["FERRY_LOAD_BALANCER_CLASS"], op_env["FERRY_LOAD_BALANCER_CLASS"],
+        "both components serve the same class"
+    );
+    let caps = &pod["containers"][0]["securityContext"]["capabilities"];
+    assert_eq!(
+        caps["add"],
+        serde_yaml::from_str::<Value>("[NET_ADMIN, NET_RAW, NET_BIND_SERVICE]").unwrap()
+    );
+    assert!(
+        docs.iter().all(|d| kind(d) != "LoadBalancerPool"),
+        "no pool unless asked for"
+    );
+
+    // AWS: no forwarder; the cluster id, region and class reach the operator.
+    let docs = render(&[
+        "provider=aws",
+        "clusterId=prod-1",
+        "operator.aws.region=eu-west-1",
+    ])
+    .unwrap();
+    assert!(find(&docs, "DaemonSet").is_none(), "AWS needs no forwarder");
+    let op_env = env(find(&docs, "Deployment").unwrap());
+    assert_eq!(op_env["FERRY_PROVIDER"], "aws");
+    assert_eq!(op_env["FERRY_CLUSTER_ID"], "prod-1");
+    assert_eq!(op_env["FERRY_AWS_REGION"], "eu-west-1");
+    assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/aws");
+
+    // Pools come with the release when listed.
+    let docs = render(&[
+        "pools[0].name=lan",
+        "pools[0].addresses[0]=192.168.1.240/28",
+        "pools[0].autoAssign=true",
+    ])
+    .unwrap();
+    let pool = find(&docs, "LoadBalancerPool").expect("the pool");
+    assert_eq!(pool["metadata"]["name"].as_str(), Some("lan"));
+    assert_eq!(
+        pool["spec"]["addresses"][0].as_str(),
+        Some("192.168.1.240/28")
+    );
+    assert!(pool["spec"].get("name").is_none());
+}
+
+#[test]
+fn bad_values_fail_with_one_line_naming_the_value() {
+    for (set, says) in [
+        (
+            vec!["provider=aws"],
+            "clusterId is required with provider aws",
+        ),
+        (vec!["provider=azure"], "provider must be local, aws or gce"),
+        (vec!["forwarder.mode=fast"], "forwarder.mode must be auto"),
+        (vec!["pools[0].name=empty"], "pool empty needs addresses"),
+    ] {
+        let err = render(&set).expect_err("refused");
+        assert!(err.contains(says), "{set:?}: {err}");
+    }
+}
+
+/// The RBAC objects of a manifest, by kind, namespace and name, without labels.
+fn rbac(docs: &[Value]) -> BTreeMap<(String, String, String), Value> {
+    docs.iter()
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&kind(d))
+        })
+        .map(|d| {
+            let mut d = d.clone();
+            let meta = &d["metadata"];
+            let key = (
+                kind(&d).to_string(),
+                meta["namespace"].as_str().unwrap_or_default().to_string(),
+                meta["name"].as_str().unwrap_or_default().to_string(),
+            );
+            if let Some(m) = d.get_mut("metadata").and_then(Value::as_mapping_mut) {
+                m.remove("labels");
+                m.remove("annotations");
+            }
+            (key, d)
+        })
+        .collect()
+}
+
+#[test]
+fn the_chart_grants_exactly_the_rbac_the_tests_run_ferry_under() {
+    // Every other test runs the operator and forwarders under e2e/rbac.yaml; a chart that
+    // granted less would fail in clusters only, one that granted more would go unnoticed.
+    let tested = std::fs::read_to_string(repo_root().join("e2e").join("rbac.yaml")).unwrap();
+    let tested = rbac(&documents(&tested));
+    let chart = rbac(&render(&[]).unwrap());
+    assert_eq!(
+        chart.keys().collect::<Vec<_>>(),
+        tested.keys().collect::<Vec<_>>()
+    );
+    for (key, object) in &chart {
+        assert_eq!(object, &tested[key], "{key:?} differs from e2e/rbac.yaml");
+    }
+}
+
+#[test]
+fn every_variable_the_chart_sets_is_one_the_binaries_read() {
+    let docs = render(&[
+        "provider=aws",
+        "clusterId=c",
+        "operator.aws.region=r",
+        "forwarder.enabled=true",
+        "forwarder.interface=eth1",
+    ])
+    .unwrap();
+    for (workload, bin) in [
+        ("Deployment", "ferry-operator"),
+        ("DaemonSet", "ferry-forwarder"),
+    ] {
+        let help = Command::new(binary(bin).unwrap())
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for name in env(find(&docs, workload).unwrap()).keys() {
+            // POD_NAMESPACE is read directly, not through a flag.
+            if name == "POD_NAMESPACE" {
+                continue;
+            }
+            assert!(
+                help.contains(&format!("[env: {name}=")),
+                "{bin} has no flag reading {name}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
+    let _serial = serial().await;
+    let cp = shared();
+    let admin = cp.admin_client().await.unwrap();
+    let kubeconfig = Some(&cp.admin_kubeconfig);
+    let chart = chart();
+    let chart = chart.to_str().unwrap_or_default();
+    let ns = "edge-system";
+    let run = |args: &[&str]| {
+        let out = helm(args, kubeconfig);
+        assert!(
+            out.status.success(),
+            "helm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A pool no Service will draw from (autoAssign off), named for this test.
+    run(&[
+        "install",
+        "edge",
+        chart,
+        "-n",
+        ns,
+        "--create-namespace",
+        "--set",
+        "pools[0].name=edge-test",
+        "--set",
+        "pools[0].addresses[0]=198.51.100.252/30",
+        "--set",
+        "pools[0].autoAssign=false",
+    ]);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(admin.clone(), ns);
+    let pools: Api<LoadBalancerPool> = Api::all(admin.clone());
+    let operator = deployments.get("edge-ferry-operator").await.unwrap();
+    assert_eq!(operator.spec.and_then(|s| s.replicas), Some(2));
+    daemonsets.get("edge-ferry-forwarder").await.unwrap();
+    let pool = pools.get("edge-test").await.unwrap();
+    assert_eq!(pool.spec.addresses, vec!["198.51.100.252/30".to_string()]);
+
+    // To AWS: the DaemonSet goes, the operator is told.
+    run(&[
+        "upgrade",
+        "edge",
+        chart,
+        "-n",
+        ns,
+        "--reuse-values",
+        "--set",
+        "provider=aws",
+        "--set",
+        "clusterId=edge",
+    ]);
+    eventually(WAIT, "the DaemonSet gone", || async {
+        daemonsets
+            .get_opt("edge-ferry-forwarder")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let operator = deployments.get("edge-ferry-operator").await.unwrap();
+    let env = operator
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "FERRY_PROVIDER" && e.value.as_deref() == Some("aws"))
+    );
+
+    run(&["uninstall", "edge", "-n", ns]);
+    eventually(WAIT, "the release's objects gone", || async {
+        let gone = deployments
+            .get_opt("edge-ferry-operator")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            && pools.get_opt("edge-test").await.ok().flatten().is_none();
+        gone.then_some(())
+    })
+    .await;
+}
