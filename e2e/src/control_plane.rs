@@ -205,7 +205,8 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 dir.join("sa.key").display()
             ),
-            "--service-cluster-ip-range=10.96.0.0/16",
+            // Dual-stack, so IPv6 Services can exist (IPv4 stays the default family).
+            "--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112",
             "--authorization-mode=RBAC",
             "--disable-admission-plugins=ServiceAccount",
             &format!(

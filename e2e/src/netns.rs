@@ -254,6 +254,40 @@ impl Topology {
         })
     }
 
+    /// Gives every host an IPv6 address on the switch too: `fd00:213::<n>` where `n` is the
+    /// last octet of its IPv4 address (no duplicate address detection, so usable at once).
+    pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        for host in self.nodes.iter().chain([&self.client]) {
+            host.ns().ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", Self::ipv6_of(host)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The IPv6 address `add_ipv6` gives `host`.
+    pub fn ipv6_of(host: &Host) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x213, 0, 0, 0, 0, 0, u16::from(host.ip.octets()[3]))
+    }
+
+    /// The link-layer address the client's neighbour table holds for `ip`, if any.
+    pub fn client_neighbour(&self, ip: &str) -> Option<String> {
+        let out = self
+            .client
+            .ns()
+            .ip(&["neigh", "show", ip, "dev", "eth0"])
+            .ok()?;
+        let mut words = out.split_whitespace();
+        words.find(|w| *w == "lladdr")?;
+        words.next().map(str::to_lowercase)
+    }
+
     /// The nodes as Node objects to register (name and InternalIP).
     pub fn simulated_nodes(&self) -> Vec<crate::nodes::SimulatedNode> {
         self.nodes

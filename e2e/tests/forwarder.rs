@@ -437,6 +437,73 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
+    let _serial = serial().await;
+    let mut c = Cluster::start("ipv6", &["--mode", "userspace"]).await;
+    c.topo.add_ipv6().unwrap();
+    Api::<LoadBalancerPool>::all(c.admin.clone())
+        .create(
+            &PostParams::default(),
+            &pool("fwd6", &["fd00:213::200/125"]),
+        )
+        .await
+        .unwrap();
+    let vip = c
+        .service(
+            "web6",
+            json!({ "type": "LoadBalancer", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
+                    "ports": [ { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    assert!(vip.starts_with("fd00:213::"), "{vip}");
+    let owner = eventually(WAIT, "one node holding the IPv6 VIP", || async {
+        let h = c.holders(&vip);
+        (h.len() == 1).then(|| h[0].clone())
+    })
+    .await;
+    let url_host = format!("[{vip}]");
+    let body = c.wait_for_traffic(&url_host, 80).await;
+    assert!(NODES.contains(&body_node(&body).as_str()), "{body}");
+    let mac_of = |node: &str| c.topo.nodes[c.node_index(node)].mac.to_lowercase();
+    assert_eq!(
+        c.topo.client_neighbour(&vip),
+        Some(mac_of(&owner)),
+        "the client reached the owner"
+    );
+
+    // The owner's node fails (cut from the switch). Its successor's unsolicited neighbour
+    // advertisement rewrites the client's neighbour entry before the client sends anything
+    // again: neighbour unreachability detection alone would need traffic and seconds.
+    let i = c.node_index(&owner);
+    let owner_mac = mac_of(&owner);
+    c.forwarders[i].as_mut().unwrap().kill();
+    c.backends[i].as_mut().unwrap().kill();
+    drop(c.topo.unplug(i).unwrap());
+    let successor = eventually(WAIT, "another node holding the IPv6 VIP", || async {
+        let h = c.holders(&vip);
+        (h.len() == 1).then(|| h[0].clone())
+    })
+    .await;
+    let successor_mac = c.topo.nodes[c.node_index(&successor)].mac.to_lowercase();
+    assert_ne!(successor_mac, owner_mac);
+    eventually(
+        Duration::from_secs(5),
+        "the client's neighbour entry pointing at the successor",
+        || async { (c.topo.client_neighbour(&vip) == Some(successor_mac.clone())).then_some(()) },
+    )
+    .await;
+    c.wait_for_traffic(&url_host, 80).await;
+
+    // Deleting the Service withdraws the IPv6 VIP everywhere.
+    delete_and_wait(&c.svcs, "web6", WAIT).await;
+    eventually(WAIT, "the IPv6 VIP withdrawn", || async {
+        c.holders(&vip).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vip_moves_when_its_owner_fails() {
     let _serial = serial().await;
     let mut c = Cluster::start("failover", &[]).await;
