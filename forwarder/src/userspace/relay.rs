@@ -1,10 +1,12 @@
 //! Copies bytes both ways between a client and a backend connection, bounded in time and
-//! memory. A direction holds a buffer only while data is in flight (it waits for readiness
-//! first), so ten thousand idle connections cost sockets and small tasks, not buffers. Each
-//! direction's end is passed on as a half-close; a connection idle in both directions for the
+//! memory. Data is read into one scratch buffer per data-plane thread and sent on at once; a
+//! direction holds a buffer of its own only for what the receiver could not take yet, so ten
+//! thousand connections cost sockets and small tasks, not buffers, and the usual message costs
+//! no allocation at all. Each direction's end is passed on as a half-close; a connection idle in both directions for the
 //! idle timeout, or half-closed and quiet for the half-close timeout, is closed (a write the
 //! peer never drains counts as quiet too).
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -114,35 +116,42 @@ fn read_some(from: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
     result.map(|()| 0)
 }
 
-/// Sends all of `buf` with MSG_MORE: the kernel holds the last segment back for the FIN that
-/// follows, so a response and its end leave in one packet (one packet and one ACK less per
-/// short-lived connection, as HAProxy does).
-async fn send_all_corked(to: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
+thread_local! {
+    /// Where every connection on this thread reads into. Each data-plane thread runs one
+    /// current-thread runtime and a borrow never spans an await, so one buffer serves all.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(CHUNK));
+}
+
+/// Sends what `to` takes of `buf` now, without waiting: the bytes sent (0 when its buffer is
+/// full). With `corked`, MSG_MORE holds the last segment back for the FIN that follows, so a
+/// response and its end leave in one packet (one packet and one ACK less per short-lived
+/// connection, as HAProxy does).
+fn try_send(to: &OwnedWriteHalf, buf: &[u8], corked: bool) -> io::Result<usize> {
     let stream: &TcpStream = to.as_ref();
     let fd = stream.as_raw_fd();
-    while !buf.is_empty() {
-        stream.writable().await?;
-        let sent = stream.try_io(Interest::WRITABLE, || {
-            // SAFETY: send reads at most `buf.len()` bytes from memory `buf` borrows.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match sent {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+    let flags = libc::MSG_NOSIGNAL | if corked { libc::MSG_MORE } else { 0 };
+    let sent = stream.try_io(Interest::WRITABLE, || {
+        // SAFETY: send reads at most `buf.len()` bytes from memory `buf` borrows.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
         }
+    });
+    match sent {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends all of `buf`, waiting for room as needed.
+async fn send_all(to: &OwnedWriteHalf, mut buf: &[u8], corked: bool) -> io::Result<()> {
+    while !buf.is_empty() {
+        to.as_ref().writable().await?;
+        let n = try_send(to, buf, corked)?;
+        buf = &buf[n..];
     }
     Ok(())
 }
@@ -159,34 +168,62 @@ async fn finish(mut to: OwnedWriteHalf, one_done: &AtomicBool) {
     }
 }
 
+/// One read and the send that follows it.
+enum Step {
+    /// The sender has finished.
+    End,
+    /// Nothing more to read for now.
+    Drained,
+    /// `n` bytes read; `rest` is what the receiver did not take yet.
+    Moved {
+        n: usize,
+        last: bool,
+        rest: Option<Vec<u8>>,
+    },
+}
+
 /// Copies one direction until its sender finishes (passing the half-close on) or fails.
 async fn pump(
     from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    to: OwnedWriteHalf,
     activity: &Activity,
     moved: &AtomicU64,
     one_done: &AtomicBool,
 ) -> io::Result<()> {
     loop {
-        // Wait for data without holding a buffer. The readiness also tells whether the
-        // sender has finished (EPOLLRDHUP), so the last data can go out with the FIN.
+        // Wait for data. The readiness also tells whether the sender has finished
+        // (EPOLLRDHUP), so the last data can go out with the FIN.
         let ready = from.ready(Interest::READABLE).await?;
-        let mut buf = Vec::with_capacity(CHUNK);
+        let closing = ready.is_read_closed();
         loop {
-            match read_some(&from, &mut buf) {
-                Ok(0) => {
+            let step = SCRATCH.with_borrow_mut(|buf| -> io::Result<Step> {
+                buf.clear();
+                let n = match read_some(&from, buf) {
+                    Ok(0) => return Ok(Step::End),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Drained),
+                    Err(e) => return Err(e),
+                };
+                // A short read after the sender's FIN drained the socket: this is the
+                // direction's last data.
+                let last = n < CHUNK && closing;
+                let sent = try_send(&to, buf, last)?;
+                Ok(Step::Moved {
+                    n,
+                    last,
+                    rest: (sent < n).then(|| buf[sent..].to_vec()),
+                })
+            })?;
+            match step {
+                Step::End => {
                     finish(to, one_done).await;
                     return Ok(());
                 }
-                Ok(n) => {
+                Step::Drained => break,
+                Step::Moved { n, last, rest } => {
                     activity.touch();
-                    // A short read after the sender's FIN drained the socket: this is the
-                    // direction's last data.
-                    let last = n < CHUNK && ready.is_read_closed();
-                    if last {
-                        send_all_corked(&to, &buf).await?;
-                    } else {
-                        to.write_all(&buf).await?;
+                    if let Some(rest) = rest {
+                        send_all(&to, &rest, last).await?;
                     }
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
@@ -194,14 +231,11 @@ async fn pump(
                         finish(to, one_done).await;
                         return Ok(());
                     }
-                    buf.clear();
                     if n < CHUNK {
                         // Drained: wait for more rather than asking again.
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
             }
         }
     }
@@ -269,6 +303,35 @@ mod tests {
         assert_eq!(late, b"late");
         let (up, down, end) = relay.await.unwrap().unwrap();
         assert_eq!((up, down, end), (4, 6, End::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_every_byte_in_order() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(10_000, 10_000)));
+        // Far more than the sockets buffer: the relay must hold what the client cannot take
+        // yet and send it on later, in order.
+        let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            backend.write_all(&sent).await.unwrap();
+            backend.shutdown().await.unwrap();
+            backend
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::with_capacity(data.len());
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == data,
+            "{} bytes arrived, {} sent",
+            got.len(),
+            data.len()
+        );
+        drop(client);
+        drop(writer.await.unwrap());
+        let (_, down, _) = relay.await.unwrap().unwrap();
+        assert_eq!(down, data.len() as u64);
     }
 
     #[tokio::test]
