@@ -13,6 +13,7 @@
 //! frontend closes its listener and its connections.
 
 pub mod relay;
+mod splice;
 mod tcp;
 mod udp;
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{Activity, quiet_for};
+use super::{Activity, quiet_for, splice};
 
 /// Bytes read per wake-up at most.
 const CHUNK: usize = 64 * 1024;
@@ -182,6 +182,28 @@ enum Step {
     },
 }
 
+/// Relays the rest of one direction through `pipe` until its sender finishes.
+async fn spliced(
+    from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    pipe: splice::Pipe,
+    activity: &Activity,
+    moved: &AtomicU64,
+    one_done: &AtomicBool,
+) -> io::Result<()> {
+    loop {
+        let n = splice::fill(&from, &pipe).await?;
+        if n == 0 {
+            finish(to, one_done).await;
+            return Ok(());
+        }
+        activity.touch();
+        splice::drain(&pipe, &to, n).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
+
 /// Copies one direction until its sender finishes (passing the half-close on) or fails.
 async fn pump(
     from: OwnedReadHalf,
@@ -234,6 +256,10 @@ async fn pump(
                     if n < CHUNK {
                         // Drained: wait for more rather than asking again.
                         break;
+                    }
+                    // A full buffer: a bulk transfer, which splice moves without copying.
+                    if let Some(pipe) = splice::Pipe::new() {
+                        return spliced(from, to, pipe, activity, moved, one_done).await;
                     }
                 }
             }
