@@ -2,6 +2,11 @@
 //! tracks which of those Leases are fresh. A node whose forwarder stops renewing loses its
 //! VIPs once its Lease expires, which bounds failover time.
 //!
+//! `watch` keeps the liveness current from the Lease watch itself, timing every renewal as it
+//! arrives, and wakes the planner only when the set of live nodes changes; expiries are the
+//! planner's to notice at `Liveness::next_expiry`. So renewals (two per node per second by
+//! default) do not make every forwarder re-plan.
+//!
 //! Freshness is judged by this process's own monotonic clock (when did the renew time last
 //! change?), as client-go's leader election does, so clock skew between nodes cannot keep a
 //! dead node alive. Only a Lease seen for the first time is judged by the wall clock.
