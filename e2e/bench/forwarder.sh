@@ -33,7 +33,8 @@ backends (iperf3, and nginx with one worker answering a 3-byte body) listen on t
 NodePorts; every path forwards to them on the node itself. HAProxy $(haproxy -v | head -1 | awk '{print $3}')
 (TCP mode, 2 threads), nginx $(nginx -v 2>&1 | sed 's|.*/||') stream (auto workers), socat (fork),
 ferry-forwarder (2 tokio workers) driven by the real control plane and operator. All paths in
-one run, medians of the runs; wrk: 2 threads, 32 connections.
+one run, medians of the runs; wrk: 2 threads, 32 connections. conntrack's TIME_WAIT timeout
+in the node namespace is 1 s, so no path inherits the previous one's closed connections.
 
 $table
 <!-- forwarder-bench:end -->
