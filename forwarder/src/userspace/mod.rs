@@ -322,6 +322,65 @@ impl Userspace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::HealthCheck;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> Limits {
+        Limits {
+            connect_timeout: Duration::from_secs(2),
+            timeouts: relay::Timeouts {
+                idle: Duration::from_secs(60),
+                half_close: Duration::from_secs(60),
+            },
+            max_connections: 100,
+            udp_max_flows: 100,
+            udp_idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn removing_a_frontend_closes_its_open_connections() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let frontend = Frontend {
+            service: "default/web".into(),
+            vip: "127.0.0.1".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            backends: vec![backend.local_addr().unwrap()],
+            health: HealthCheck::Connect,
+            affinity: None,
+            proxy_protocol: false,
+            source_ranges: vec![],
+            local: false,
+        };
+        let mut userspace = Userspace::new(limits(), Arc::new(DataplaneMetrics::default()));
+        assert!(userspace.apply(std::slice::from_ref(&frontend)).is_empty());
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut served, _) = backend.accept().await.unwrap();
+        client.write_all(b"hi").await.unwrap();
+        let mut got = [0u8; 2];
+        served.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+
+        assert!(userspace.apply(&[]).is_empty());
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+            .await
+            .expect("the relayed connection is closed with its frontend");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "the listener is gone"
+        );
+    }
 
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_from_the_listener() {

@@ -2,13 +2,16 @@
 //! connect to a backend (the next one on failure, three tries at most), optionally write the
 //! PROXY v2 header, then relay until either side is done or a timeout fires.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::Shared;
@@ -21,7 +24,11 @@ const CONNECT_TRIES: usize = 3;
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Semaphore>) {
     let mut stop = shared.stop.clone();
     let mut accept_errors = 0u32;
+    // This listener's connections: they end with it (dropping the set aborts them), so a
+    // connection needs no stop signal of its own to watch on every wake-up.
+    let mut connections: JoinSet<()> = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         // At the limit, stop accepting: the kernel's backlog holds new clients meanwhile.
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -56,15 +63,33 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
             continue;
         }
         let shared = shared.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
-            let mut stop = shared.stop.clone();
-            tokio::select! {
-                _ = connection(client, peer, &shared) => {}
-                _ = crate::stopped(&mut stop) => {}
-            }
+            connection(client, peer, &shared).await;
         });
     }
+}
+
+/// Connects to a backend: a non-blocking socket made in one call, NODELAY set before the
+/// handshake, and the outcome read from the readiness the poller reports (a refused or
+/// unreachable connect ends with the socket closed for writing), so a connect that works
+/// costs no SO_ERROR query.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_write_closed() || ready.is_error() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
 
 async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
@@ -80,7 +105,7 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         else {
             break;
         };
-        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(limits.connect_timeout, connect(addr)).await {
             Ok(Ok(stream)) => {
                 backend = Some((addr, stream));
                 break;
@@ -95,7 +120,6 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         debug!(client = %peer, service = %frontend.service, "no backend could be reached");
         return;
     };
-    let _ = stream.set_nodelay(true);
     if frontend.proxy_protocol {
         let vip = SocketAddr::new(frontend.vip, frontend.port);
         if stream
@@ -116,5 +140,34 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
         Ok(_) => {}
         Err(err) => debug!(client = %peer, backend = %addr, error = %err, "connection ended"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_reaches_a_listener_with_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = connect(listener.local_addr().unwrap()).await.unwrap();
+        assert!(stream.nodelay().unwrap());
+        let (_accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, stream.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_an_error_at_once() {
+        // A port just freed: nothing listens there.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(2), connect(addr))
+            .await
+            .expect("a refused connect does not hang")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 }
