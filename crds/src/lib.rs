@@ -31,30 +31,27 @@ pub const CRDS_FILE: &str = "loadbalancerpools.ferry.dev.yaml";
 mod tests {
     use super::*;
 
-    #[test]
-    fn checked_in_yaml_is_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CRDS_FILE);
-        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    /// Fails unless `path` (from the repository's root) holds exactly what `crdgen` generates.
+    fn assert_current(path: &str) {
+        let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
+        let on_disk = std::fs::read_to_string(&full).unwrap_or_default();
         let generated = crds_yaml().expect("CRD serializes");
         assert!(
             on_disk == generated,
-            "{} is stale: run `cargo run -p ferry-crds --bin crdgen > crds/{CRDS_FILE}`",
-            path.display()
+            "{path} is stale: run `cargo run -p ferry-crds --bin crdgen > {path}`"
         );
+    }
+
+    #[test]
+    fn checked_in_yaml_is_current() {
+        assert_current(&format!("crds/{CRDS_FILE}"));
     }
 
     #[test]
     fn the_charts_copy_is_current() {
         // Helm installs CRDs only from the chart's own crds/ folder.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../helm/ferry/crds")
-            .join(CRDS_FILE);
-        let in_chart = std::fs::read_to_string(&path).unwrap_or_default();
-        let generated = crds_yaml().expect("CRD serializes");
-        assert!(
-            in_chart == generated,
-            "{} is stale: run `cargo run -p ferry-crds --bin crdgen > helm/ferry/crds/{CRDS_FILE}`",
-            path.display()
-        );
+        assert_current(&format!("helm/ferry/crds/{CRDS_FILE}"));
     }
 }

@@ -15,14 +15,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -159,39 +157,30 @@ pub fn watch(
     liveness: Arc<Mutex<Liveness>>,
     changed: Arc<Notify>,
 ) -> Store<Lease> {
-    let (store, writer) = reflector::store();
-    let reader = store.clone();
-    tokio::spawn(async move {
-        let config = watcher::Config::default().labels(HEARTBEAT_LABEL);
-        let events = reflector::reflector(writer, watcher(api, config).default_backoff());
-        futures::pin_mut!(events);
-        while let Some(event) = events.next().await {
+    let config = watcher::Config::default().labels(HEARTBEAT_LABEL);
+    crate::watch_filtered(
+        api,
+        config,
+        changed,
+        "heartbeat Leases",
+        move |event, store| {
             let (now, wall) = (Instant::now(), jiff::Timestamp::now());
             let mut liveness = liveness.lock().unwrap_or_else(|e| e.into_inner());
-            let poke = match event {
-                Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
-                    liveness.renewed(&lease, now, wall)
+            match event {
+                watcher::Event::Apply(lease) | watcher::Event::InitApply(lease) => {
+                    liveness.renewed(lease, now, wall)
                 }
-                Ok(watcher::Event::Delete(lease)) => liveness.deleted(&lease, now),
-                Ok(watcher::Event::InitDone) => {
+                watcher::Event::Delete(lease) => liveness.deleted(lease, now),
+                watcher::Event::InitDone => {
                     // A relist: Leases deleted while the watch was down are gone from it.
                     let before = liveness.live(now);
-                    liveness.observe(&reader.state(), now, wall);
+                    liveness.observe(&store.state(), now, wall);
                     before != liveness.live(now)
                 }
-                Ok(watcher::Event::Init) => false,
-                Err(err) => {
-                    warn!(error = %err, "watching heartbeat Leases");
-                    false
-                }
-            };
-            drop(liveness);
-            if poke {
-                changed.notify_one();
+                watcher::Event::Init => false,
             }
-        }
-    });
-    store
+        },
+    )
 }
 
 /// Renews this node's heartbeat Lease.

@@ -3,9 +3,10 @@
 //! backend NodePort, spread by `numgen` (round robin). ClientIP affinity keeps a set of recent
 //! clients per backend whose elements expire after the Service's timeout (refreshed by each new
 //! connection), so a returning client goes back to its backend and a client quiet for longer is
-//! spread anew; the sets start empty whenever this node's table is replaced. Connections sent to another node are masqueraded so replies come
-//! back through this one; with `externalTrafficPolicy: Local` the backend is this node and
-//! the client's address is kept. Source ranges are enforced by a filter chain ahead of NAT.
+//! spread anew; the sets start empty whenever this node's table is replaced. Connections sent
+//! to another node are masqueraded so replies come back through this one; with
+//! `externalTrafficPolicy: Local` the backend is this node and the client's address is kept.
+//! Source ranges are enforced by a filter chain ahead of NAT.
 //!
 //! The ruleset is text for the `nft` tool, the interface kube-proxy's nftables mode uses too;
 //! `ruleset` is pure and carries the tests.

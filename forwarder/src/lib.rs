@@ -94,18 +94,67 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    watch_filtered(api, config, changed, what, |_, _| true)
+}
+
+/// Keeps a reflector store of `api` current, poking `changed` on the events `matters` (given
+/// each event once the store has it) says count.
+pub(crate) fn watch_filtered<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    what: &'static str,
+    mut matters: F,
+) -> Store<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    F: FnMut(&watcher::Event<K>, &Store<K>) -> bool + Send + 'static,
+{
     let (store, writer) = reflector::store();
+    let reader = store.clone();
     tokio::spawn(async move {
         let events = reflector::reflector(writer, watcher(api, config).default_backoff());
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(event) => {
+                    if matters(&event, &reader) {
+                        changed.notify_one();
+                    }
+                }
                 Err(err) => warn!(error = %err, "watching {what}"),
             }
         }
     });
     store
+}
+
+/// Why the planner woke up.
+enum Wake {
+    /// A reported change or health verdict.
+    Reported,
+    /// Its own deadline (a Lease expiry, a retry or the resync).
+    Timer,
+    Stop,
+}
+
+/// Waits for a change, a health verdict, `deadline`, or the stop.
+async fn wait_for_work(
+    changed: &Notify,
+    health_changed: &Notify,
+    deadline: Instant,
+    stop: &mut watch::Receiver<bool>,
+) -> Wake {
+    tokio::select! {
+        _ = changed.notified() => {
+            tokio::time::sleep(SETTLE).await;
+            Wake::Reported
+        }
+        _ = health_changed.notified() => Wake::Reported,
+        _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
+        _ = crate::stopped(stop) => Wake::Stop,
+    }
 }
 
 /// When the planner must look again with nothing reported: the next Lease expiry, the retry
@@ -447,13 +496,10 @@ pub async fn run_with_client(
                 .as_ref()
                 .is_some_and(|f| Instant::now() >= f.retry_at);
         if woken_by_timer && !due && last_live.as_ref() == Some(&live) {
-            woken_by_timer = false;
             let deadline = next_wake(&liveness, failed_apply.as_ref(), last_pass);
-            tokio::select! {
-                _ = changed.notified() => tokio::time::sleep(SETTLE).await,
-                _ = health_changed.notified() => {}
-                _ = tokio::time::sleep_until(deadline.into()) => woken_by_timer = true,
-                _ = crate::stopped(&mut stop) => break,
+            match wait_for_work(&changed, &health_changed, deadline, &mut stop).await {
+                Wake::Stop => break,
+                wake => woken_by_timer = matches!(wake, Wake::Timer),
             }
             continue;
         }
@@ -538,14 +584,10 @@ pub async fn run_with_client(
         last_plan = Some(plan);
         last_live = Some(live);
 
-        // Wake on a change, a health verdict, the next Lease expiry, a retry or the resync.
-        woken_by_timer = false;
         let deadline = next_wake(&liveness, failed_apply.as_ref(), last_pass);
-        tokio::select! {
-            _ = changed.notified() => tokio::time::sleep(SETTLE).await,
-            _ = health_changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline.into()) => woken_by_timer = true,
-            _ = crate::stopped(&mut stop) => break,
+        match wait_for_work(&changed, &health_changed, deadline, &mut stop).await {
+            Wake::Stop => break,
+            wake => woken_by_timer = matches!(wake, Wake::Timer),
         }
     }
 

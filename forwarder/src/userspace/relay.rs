@@ -2,9 +2,9 @@
 //! memory. Data is read into one scratch buffer per data-plane thread and sent on at once; a
 //! direction holds a buffer of its own only for what the receiver could not take yet, so ten
 //! thousand connections cost sockets and small tasks, not buffers, and the usual message costs
-//! no allocation at all. Each direction's end is passed on as a half-close; a connection idle in both directions for the
-//! idle timeout, or half-closed and quiet for the half-close timeout, is closed (a write the
-//! peer never drains counts as quiet too).
+//! no allocation at all. Each direction's end is passed on as a half-close; a connection idle
+//! in both directions for the idle timeout, or half-closed and quiet for the half-close
+//! timeout, is closed (a write the peer never drains counts as quiet too).
 
 use std::cell::RefCell;
 use std::io;
