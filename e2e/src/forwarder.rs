@@ -124,7 +124,65 @@ impl ForwarderProcess {
     }
 }
 
-/// `ferry-test-backend` in `ns` answering as `node`.
+/// How a node serves its NodePorts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePorts {
+    /// The backend listens on the NodePorts itself, on every address of the node.
+    Listening,
+    /// As kube-proxy does it: nothing listens on a NodePort; NAT rules (kube-proxy's
+    /// nftables mode, at its priority) send the NodePort's traffic, arriving or sent from the
+    /// node itself, to a pod address on the node, where the backend listens on the NodePort
+    /// plus `POD_PORT_OFFSET`.
+    KubeProxy,
+}
+
+/// The pod's port for a NodePort, under `NodePorts::KubeProxy`.
+pub const POD_PORT_OFFSET: u16 = 10_000;
+
+/// The pod address of node `ns` under `NodePorts::KubeProxy`: `10.244.<its eth0 address's
+/// last octet>.10`, on its loopback.
+fn pod_address(ns: &Netns) -> anyhow::Result<String> {
+    let addrs = ns.addresses("eth0")?;
+    let last = addrs
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|ip| ip.rsplit('.').next())
+        .ok_or_else(|| anyhow::anyhow!("no IPv4 address on eth0 of {}", ns.name))?;
+    Ok(format!("10.244.{last}.10"))
+}
+
+/// Installs the kube-proxy stand-in of `NodePorts::KubeProxy` in `ns` (replacing an
+/// earlier one); returns the pod address.
+fn nat_nodeports(ns: &Netns, tcp: &[u16], udp: &[u16]) -> anyhow::Result<String> {
+    let pod = pod_address(ns)?;
+    ns.ip(&["addr", "replace", &format!("{pod}/32"), "dev", "lo"])?;
+    let mut rules = String::new();
+    for (proto, ports) in [("tcp", tcp), ("udp", udp)] {
+        for port in ports {
+            rules.push_str(&format!(
+                "\t\t{proto} dport {port} dnat to {pod}:{}\n",
+                port + POD_PORT_OFFSET
+            ));
+        }
+    }
+    let script = format!(
+        "table ip kube-proxy\ndelete table ip kube-proxy\ntable ip kube-proxy {{\n\
+         \tchain nodeports {{\n{rules}\t}}\n\
+         \tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tfib daddr type local jump nodeports\n\t}}\n\
+         \tchain nat-output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tfib daddr type local jump nodeports\n\t}}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("{}-kube-proxy.nft", ns.name));
+    std::fs::write(&file, script)?;
+    let applied = ns.exec("nft", &["-f", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    applied?;
+    Ok(pod)
+}
+
+/// `ferry-test-backend` in `ns` answering as `node`, on the NodePorts `tcp` and `udp` served
+/// as `nodeports` says, and a health-check port (a listener, as kube-proxy's is).
 pub fn start_backend(
     dir: &Path,
     ns: &Netns,
@@ -132,14 +190,22 @@ pub fn start_backend(
     tcp: &[u16],
     udp: &[u16],
     health: Option<u16>,
+    nodeports: NodePorts,
 ) -> anyhow::Result<ProcessUnderTest> {
     let program = binary("ferry-test-backend")?;
     let mut args = vec!["--name".to_string(), node.to_string()];
+    let offset = match nodeports {
+        NodePorts::Listening => 0,
+        NodePorts::KubeProxy => {
+            args.extend(["--address".into(), nat_nodeports(ns, tcp, udp)?]);
+            POD_PORT_OFFSET
+        }
+    };
     for p in tcp {
-        args.extend(["--tcp".into(), p.to_string()]);
+        args.extend(["--tcp".into(), (p + offset).to_string()]);
     }
     for p in udp {
-        args.extend(["--udp".into(), p.to_string()]);
+        args.extend(["--udp".into(), (p + offset).to_string()]);
     }
     if let Some(p) = health {
         args.extend(["--health".into(), p.to_string()]);

@@ -1,8 +1,10 @@
 //! The forwarder on a real network: three node namespaces and a client on a bridge, the real
 //! control plane and operator, one `ferry-forwarder` per node (as a process inside its
 //! namespace, under the forwarders' RBAC) and NodePort backends that answer with their node's
-//! name and the client address they saw. Traffic goes from the client namespace to the VIP;
-//! ownership is checked with `ip addr` in every node and `arping` from the client.
+//! name and the client address they saw. The two data-plane tests serve NodePorts as
+//! kube-proxy does (NAT rules to a pod address; nothing listens on the NodePort), the others
+//! with the backend listening on the NodePort itself. Traffic goes from the client namespace
+//! to the VIP; ownership is checked with `ip addr` in every node and `arping` from the client.
 //!
 //! Needs root. Everything created is removed at the end, also when a test fails.
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, shared};
-use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
+use ferry_e2e::forwarder::{ForwarderProcess, NodePorts, start_backend};
 use ferry_e2e::netns::Topology;
 use ferry_e2e::nodes::register;
 use ferry_e2e::operator::OperatorProcess;
@@ -91,7 +93,7 @@ async fn clean_cluster_state(admin: &Client) {
 }
 
 impl Cluster {
-    async fn start(test: &str, forwarder_args: &[&str]) -> Cluster {
+    async fn start(test: &str, nodeports: NodePorts, forwarder_args: &[&str]) -> Cluster {
         let cp = shared();
         let admin = cp.admin_client().await.unwrap();
         clean_cluster_state(&admin).await;
@@ -114,6 +116,7 @@ impl Cluster {
                         &TCP_PORTS,
                         &UDP_PORTS,
                         Some(HEALTH_PORT),
+                        nodeports,
                     )
                     .unwrap(),
                 )
@@ -397,7 +400,7 @@ async fn serves_traffic(c: &Cluster, kernel: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_mode_serves_a_vip_from_one_node() {
     let _serial = serial().await;
-    let c = Cluster::start("kernel", &["--mode", "kernel"]).await;
+    let c = Cluster::start("kernel", NodePorts::KubeProxy, &["--mode", "kernel"]).await;
     serves_traffic(&c, true).await;
     let log = c.forwarder("fwd-node-1").log_text();
     assert!(log.contains("data plane: kernel"), "{log}");
@@ -406,7 +409,7 @@ async fn kernel_mode_serves_a_vip_from_one_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_mode_serves_a_vip_from_one_node() {
     let _serial = serial().await;
-    let c = Cluster::start("userspace", &["--mode", "userspace"]).await;
+    let c = Cluster::start("userspace", NodePorts::KubeProxy, &["--mode", "userspace"]).await;
     serves_traffic(&c, false).await;
 
     // With ipMode VIP the forwarder only announces (kube-proxy would forward): one node holds
@@ -439,7 +442,7 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
     let _serial = serial().await;
-    let mut c = Cluster::start("ipv6", &["--mode", "userspace"]).await;
+    let mut c = Cluster::start("ipv6", NodePorts::Listening, &["--mode", "userspace"]).await;
     c.topo.add_ipv6().unwrap();
     Api::<LoadBalancerPool>::all(c.admin.clone())
         .create(
@@ -506,7 +509,7 @@ async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vip_moves_when_its_owner_fails() {
     let _serial = serial().await;
-    let mut c = Cluster::start("failover", &[]).await;
+    let mut c = Cluster::start("failover", NodePorts::Listening, &[]).await;
     let web = c.http_service("web", 30080, json!({})).await;
     let first = c.wait_for_single_owner(&web).await;
     c.wait_for_traffic(&web, 80).await;
@@ -649,7 +652,7 @@ fn hold_connections(
 async fn userspace_holds_ten_thousand_connections_in_bounded_memory() {
     let _serial = serial().await;
     let _ = ferry_forwarder::raise_open_files_limit();
-    let c = Cluster::start("load", &["--mode", "userspace"]).await;
+    let c = Cluster::start("load", NodePorts::Listening, &["--mode", "userspace"]).await;
     let mut vips: Vec<(String, String)> = Vec::new();
     for (i, node_port) in TCP_PORTS.iter().enumerate() {
         let ip = c
@@ -721,6 +724,7 @@ async fn userspace_bounds_time_and_flows_and_isolates_backend_failures() {
     let _serial = serial().await;
     let mut c = Cluster::start(
         "limits",
+        NodePorts::Listening,
         &[
             "--mode",
             "userspace",

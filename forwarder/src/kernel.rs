@@ -1,18 +1,29 @@
 //! The kernel data plane: one nftables table, `inet ferry`, replaced atomically (a single
-//! `nft -f` transaction) whenever the frontends change. Traffic to a VIP port is DNATed to a
-//! backend NodePort, spread by `numgen` (round robin). ClientIP affinity keeps a set of recent
-//! clients per backend whose elements expire after the Service's timeout (refreshed by each new
-//! connection), so a returning client goes back to its backend and a client quiet for longer is
-//! spread anew; the sets start empty whenever this node's table is replaced. Connections sent
-//! to another node are masqueraded so replies come back through this one; with
-//! `externalTrafficPolicy: Local` the backend is this node and the client's address is kept.
-//! Source ranges are enforced by a filter chain ahead of NAT.
+//! `nft -f` transaction) whenever the frontends change.
+//!
+//! A connection's first packet to a VIP port is *steered*: a filter chain after conntrack
+//! (-150) picks a backend NodePort (`numgen` round robin, or ClientIP affinity) and rewrites
+//! the packet's destination to it. NAT chains run next, and the kernel binds one NAT per
+//! connection and hook: where the NodePort is the node's own and kube-proxy implements
+//! NodePorts with DNAT (-100), kube-proxy's rule sees an ordinary NodePort connection and
+//! takes it to a pod; where nothing did (another node's NodePort, or a process listening on
+//! it), ferry's own NAT chain (-95) binds the connection to where it was steered. Either way
+//! conntrack's original tuple is the VIP's, so replies leave from the VIP, and later packets
+//! follow the binding without being looked at again. (DNAT to the node's own NodePort before
+//! kube-proxy would take the only binding and reach a port nothing listens on.)
+//!
+//! ClientIP affinity keeps a set of recent clients per backend whose elements expire after the
+//! Service's timeout (refreshed by each new connection), so a returning client goes back to its
+//! backend and a client quiet for longer is spread anew; the sets start empty whenever this
+//! node's table is replaced. Connections sent to another node are masqueraded so replies come
+//! back through this one; with `externalTrafficPolicy: Local` the backend is this node and the
+//! client's address is kept. Source ranges are enforced before steering.
 //!
 //! The ruleset is text for the `nft` tool, the interface kube-proxy's nftables mode uses too;
 //! `ruleset` is pure and carries the tests.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 
 use ferry_providers::Protocol;
@@ -74,22 +85,22 @@ pub fn servable(frontends: &[Frontend]) -> Vec<Frontend> {
 /// table (creating it first, so deleting never fails).
 pub fn ruleset(frontends: &[Frontend]) -> String {
     let frontends = servable(frontends);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{"
-    );
+    let mut admit = String::new();
     let mut dispatch = String::new();
-    let mut filter = String::new();
-    let mut chains = String::new();
-    let mut backend_chains = String::new();
+    let mut complete = String::new();
     let mut sets = String::new();
+    let mut chains = String::new();
     for (i, f) in frontends.iter().enumerate() {
         let (fam, _) = family_words(&f.vip);
         let p = proto(f.protocol);
         let _ = writeln!(
             dispatch,
             "\t\t{fam} daddr {} {p} dport {} goto fe_{i}",
+            f.vip, f.port
+        );
+        let _ = writeln!(
+            complete,
+            "\t\tmeta l4proto {p} ct original {fam} daddr {} ct original proto-dst {} goto nat_{i}",
             f.vip, f.port
         );
         if !f.source_ranges.is_empty() {
@@ -105,90 +116,105 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
                 format!(" {fam} saddr != {{ {} }}", ranges.join(", "))
             };
             let _ = writeln!(
-                filter,
+                admit,
                 "\t\t{fam} daddr {} {p} dport {}{allowed} drop",
                 f.vip, f.port
             );
         }
-        let _ = writeln!(chains, "\tchain fe_{i} {{");
+
+        // fe_i picks a backend for a new connection and be_i_j steers the packet there;
+        // nat_i binds the connection to where it was steered, unless the node's own NodePort
+        // implementation (kube-proxy) already took it.
         let _ = writeln!(
             chains,
-            "\t\tcomment \"{} {}/{}\"",
+            "\tchain fe_{i} {{\n\t\tcomment \"{} {}/{}\"",
             f.service,
             f.port,
             p.to_uppercase()
         );
+        let mut steer = String::new();
+        let mut nat = format!("\tchain nat_{i} {{\n");
         if !f.local {
-            let _ = writeln!(chains, "\t\tmeta mark set {MASQUERADE_MARK}");
+            let _ = writeln!(nat, "\t\tmeta mark set {MASQUERADE_MARK}");
         }
-        let target = |b: &std::net::SocketAddr| format!("{} . {}", b.ip(), b.port());
-        let single = |b: &std::net::SocketAddr| match b {
-            std::net::SocketAddr::V4(b) => format!("{b}"),
-            std::net::SocketAddr::V6(b) => format!("[{}]:{}", b.ip(), b.port()),
+        let affinity = f
+            .affinity
+            .filter(|_| f.backends.len() > 1)
+            .map(|t| t.as_secs().max(1));
+        let addr_type = if f.vip.is_ipv6() {
+            "ipv6_addr"
+        } else {
+            "ipv4_addr"
         };
-        match (f.backends.as_slice(), f.affinity) {
-            ([only], _) => {
-                let _ = writeln!(
-                    chains,
-                    "\t\tmeta l4proto {p} dnat {fam} to {}",
-                    single(only)
-                );
-            }
-            (backends, Some(timeout)) => {
+        for (j, b) in f.backends.iter().enumerate() {
+            let _ = writeln!(steer, "\tchain be_{i}_{j} {{");
+            if let Some(secs) = affinity {
                 // As kube-proxy's nftables mode: a set of recent clients per backend, each
                 // element living `timeout` past the client's last new connection. A known
                 // client goes back to its backend; a new one is spread and remembered.
-                let secs = timeout.as_secs().max(1);
-                let addr_type = if f.vip.is_ipv6() {
-                    "ipv6_addr"
-                } else {
-                    "ipv4_addr"
-                };
-                let mut vmap = Vec::new();
-                for (j, b) in backends.iter().enumerate() {
-                    let _ = writeln!(
-                        sets,
-                        "\tset aff_{i}_{j} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n\t}}"
-                    );
-                    let _ = writeln!(chains, "\t\t{fam} saddr @aff_{i}_{j} goto be_{i}_{j}");
-                    let _ = writeln!(
-                        backend_chains,
-                        "\tchain be_{i}_{j} {{\n\t\tupdate @aff_{i}_{j} {{ {fam} saddr }}\n\t\tmeta l4proto {p} dnat {fam} to {}\n\t}}",
-                        single(b)
-                    );
-                    vmap.push(format!("{j} : goto be_{i}_{j}"));
-                }
                 let _ = writeln!(
-                    chains,
-                    "\t\tnumgen inc mod {} vmap {{ {} }}",
-                    backends.len(),
-                    vmap.join(", ")
+                    sets,
+                    "\tset aff_{i}_{j} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n\t}}"
                 );
+                let _ = writeln!(chains, "\t\t{fam} saddr @aff_{i}_{j} goto be_{i}_{j}");
+                let _ = writeln!(steer, "\t\tupdate @aff_{i}_{j} {{ {fam} saddr }}");
             }
-            (backends, None) => {
-                let map: Vec<String> = backends
-                    .iter()
-                    .enumerate()
-                    .map(|(j, b)| format!("{j} : {}", target(b)))
-                    .collect();
+            let _ = writeln!(
+                steer,
+                "\t\t{fam} daddr set {} {p} dport set {}\n\t}}",
+                b.ip(),
+                b.port()
+            );
+            let to = match b {
+                SocketAddr::V4(b) => b.to_string(),
+                SocketAddr::V6(b) => format!("[{}]:{}", b.ip(), b.port()),
+            };
+            let _ = writeln!(
+                nat,
+                "\t\t{fam} daddr {} {p} dport {} dnat {fam} to {to}",
+                b.ip(),
+                b.port()
+            );
+        }
+        match f.backends.len() {
+            1 => {
+                let _ = writeln!(chains, "\t\tgoto be_{i}_0");
+            }
+            n => {
+                let vmap: Vec<String> = (0..n).map(|j| format!("{j} : goto be_{i}_{j}")).collect();
                 let _ = writeln!(
                     chains,
-                    "\t\tmeta l4proto {p} dnat {fam} to numgen inc mod {} map {{ {} }}",
-                    backends.len(),
-                    map.join(", ")
+                    "\t\tnumgen inc mod {n} vmap {{ {} }}",
+                    vmap.join(", ")
                 );
             }
         }
         let _ = writeln!(chains, "\t}}");
+        chains.push_str(&steer);
+        nat.push_str("\t}\n");
+        chains.push_str(&nat);
     }
+
+    let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    // Steering rewrites only a connection's first packet (later ones follow the conntrack
+    // entry's NAT); it runs after conntrack (-200) and before NAT (-100), so the NodePort it
+    // aims at is seen by whatever implements NodePorts here. Source ranges come first, while
+    // the destination is still the VIP.
     let _ = writeln!(
         s,
-        "\tchain filter {{\n\t\ttype filter hook prerouting priority -110; policy accept;\n{filter}\t}}"
+        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority -150; policy accept;\n{admit}\t\tct state != new accept\n{dispatch}\t}}"
     );
+    // Locally sent packets are rerouted after their destination changes (a route chain).
+    let _ = writeln!(
+        s,
+        "\tchain output {{\n\t\ttype route hook output priority -150; policy accept;\n\t\tct state != new accept\n{dispatch}\t}}"
+    );
+    // After kube-proxy's DNAT (-100): only one NAT binding per connection and hook, so a
+    // connection kube-proxy took to a pod never reaches these.
     for hook in ["prerouting", "output"] {
         let _ = writeln!(
             s,
-            "\tchain {hook} {{\n\t\ttype nat hook {hook} priority -105; policy accept;\n{dispatch}\t}}"
+            "\tchain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n{complete}\t}}"
         );
     }
     let _ = writeln!(
@@ -197,7 +223,6 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
     );
     s.push_str(&sets);
     s.push_str(&chains);
-    s.push_str(&backend_chains);
     s.push_str("}\n");
     s
 }
@@ -276,21 +301,35 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_dnat_with_masquerade() {
+    fn new_connections_are_steered_round_robin_then_bound_with_masquerade() {
         let r = ruleset(&[frontend(
             "192.0.2.10",
             80,
             Protocol::Tcp,
             &["10.0.0.1:30080", "10.0.0.2:30080"],
         )]);
+        // Steering: after conntrack, before NAT, first packets only.
         assert!(
-            r.contains("ip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
+            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
             "{r}"
         );
-        assert!(r.contains("meta mark set 0x66657279"));
-        assert!(r.contains(
-            "meta l4proto tcp dnat ip to numgen inc mod 2 map { 0 : 10.0.0.1 . 30080, 1 : 10.0.0.2 . 30080 }"
-        ));
+        assert!(
+            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
+            "{r}"
+        );
+        assert!(r.contains("numgen inc mod 2 vmap { 0 : goto be_0_0, 1 : goto be_0_1 }"));
+        assert!(r.contains("chain be_0_1 {\n\t\tip daddr set 10.0.0.2 tcp dport set 30080\n\t}"));
+        // Binding, after kube-proxy's NAT, for connections steered from this VIP port.
+        for hook in ["prerouting", "output"] {
+            assert!(
+                r.contains(&format!("chain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n\t\tmeta l4proto tcp ct original ip daddr 192.0.2.10 ct original proto-dst 80 goto nat_0\n")),
+                "{r}"
+            );
+        }
+        assert!(
+            r.contains("chain nat_0 {\n\t\tmeta mark set 0x66657279\n\t\tip daddr 10.0.0.1 tcp dport 30080 dnat ip to 10.0.0.1:30080\n\t\tip daddr 10.0.0.2 tcp dport 30080 dnat ip to 10.0.0.2:30080\n\t}"),
+            "{r}"
+        );
         assert!(r.contains("meta mark 0x66657279 masquerade"));
     }
 
@@ -312,7 +351,11 @@ mod tests {
         let r = ruleset(&[local, sticky]);
         let fe0 = &r[r.find("chain fe_0").unwrap()..r.find("chain fe_1").unwrap()];
         assert!(!fe0.contains("meta mark set"), "{fe0}");
-        assert!(fe0.contains("meta l4proto udp dnat ip to 10.0.0.2:30053"));
+        assert!(fe0.contains("goto be_0_0"), "{fe0}");
+        assert!(fe0.contains("chain be_0_0 {\n\t\tip daddr set 10.0.0.2 udp dport set 30053\n"));
+        assert!(fe0.contains(
+            "chain nat_0 {\n\t\tip daddr 10.0.0.2 udp dport 30053 dnat ip to 10.0.0.2:30053\n"
+        ));
         // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
         // its set of recent clients expiring after the Service's timeout.
         let fe1 = &r[r.find("chain fe_1").unwrap()..];
@@ -330,8 +373,59 @@ mod tests {
             "{r}"
         );
         assert!(r.contains(
-            "chain be_1_1 {\n\t\tupdate @aff_1_1 { ip6 saddr }\n\t\tmeta l4proto tcp dnat ip6 to [2001:db8::2]:30443\n"
+            "chain be_1_1 {\n\t\tupdate @aff_1_1 { ip6 saddr }\n\t\tip6 daddr set 2001:db8::2 tcp dport set 30443\n"
         ), "{r}");
+        assert!(
+            r.contains("ip6 daddr 2001:db8::2 tcp dport 30443 dnat ip6 to [2001:db8::2]:30443\n"),
+            "{r}"
+        );
+    }
+
+    /// The whole ruleset, committed by the kernel in a network namespace of its own (`nft
+    /// --check` stops before the kernel validates chain types); skipped where that cannot
+    /// run (not root, or no nft).
+    #[tokio::test]
+    async fn the_kernel_accepts_the_ruleset() {
+        let mut sticky = frontend(
+            "2001:db8::10",
+            443,
+            Protocol::Tcp,
+            &["[2001:db8::1]:30443", "[2001:db8::2]:30443"],
+        );
+        sticky.affinity = Some(Duration::from_secs(10));
+        sticky.source_ranges = vec!["2001:db8:1::/48".parse().unwrap()];
+        let mut local = frontend("192.0.2.10", 53, Protocol::Udp, &["10.0.0.2:30053"]);
+        local.local = true;
+        let web = frontend(
+            "192.0.2.11",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080", "10.0.0.3:30080"],
+        );
+        let script = ruleset(&[sticky, local, web]);
+        let Ok(mut child) = Command::new("unshare")
+            .args(["--net", "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("skipped: unshare cannot run here");
+            return;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .await
+            .unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.starts_with("unshare:") || stderr.contains("No such file") {
+            eprintln!("skipped: {stderr}");
+            return;
+        }
+        assert!(out.status.success(), "{stderr}\n{script}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, Options, start_in_keeper_thread};
-use ferry_e2e::forwarder::{ForwarderProcess, start_backend};
+use ferry_e2e::forwarder::{ForwarderProcess, NodePorts, start_backend};
 use ferry_e2e::netns::{Netns, Topology};
 use ferry_e2e::nodes::register;
 use ferry_e2e::operator::OperatorProcess;
@@ -449,7 +449,15 @@ async fn failover(args: &Args, cp: &ControlPlane) -> anyhow::Result<Vec<f64>> {
     let mut backends = Vec::new();
     let mut forwarders = Vec::new();
     for h in &topo.nodes {
-        backends.push(start_backend(&dir, h.ns(), &h.name, &[30380], &[], None)?);
+        backends.push(start_backend(
+            &dir,
+            h.ns(),
+            &h.name,
+            &[30380],
+            &[],
+            None,
+            NodePorts::Listening,
+        )?);
         forwarders.push(ForwarderProcess::start(cp, h.ns(), &h.name, &[])?);
     }
     let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");

@@ -4,9 +4,12 @@
 //! served it and whether the client's address survived. `/stream` sends a line every 10 ms
 //! until the connection ends; `/hold` answers once and then neither writes nor closes.
 //!
-//! `ferry-test-backend --name NODE [--tcp PORT]… [--udp PORT]… [--health PORT]`
+//! `ferry-test-backend --name NODE [--address IP] [--tcp PORT]… [--udp PORT]… [--health PORT]`
+//!
+//! `--address` binds the TCP and UDP ports to one address (a pod's, behind NodePort NAT)
+//! instead of every address of the node.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ferry_forwarder::proxy_protocol;
@@ -16,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 #[derive(Default)]
 struct Args {
     name: String,
+    address: Option<IpAddr>,
     tcp: Vec<u16>,
     udp: Vec<u16>,
     health: Option<u16>,
@@ -33,6 +37,9 @@ fn parse() -> Result<Args, String> {
         };
         match flag.as_str() {
             "--name" => args.name = value.clone(),
+            "--address" => {
+                args.address = Some(value.parse().map_err(|e| format!("{flag} {value}: {e}"))?)
+            }
             "--tcp" => args.tcp.push(port()?),
             "--udp" => args.udp.push(port()?),
             "--health" => args.health = Some(port()?),
@@ -104,8 +111,8 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, name: String) -> std
     }
 }
 
-async fn tcp(port: u16, name: String) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+async fn tcp(address: IpAddr, port: u16, name: String) -> std::io::Result<()> {
+    let listener = TcpListener::bind((address, port)).await?;
     loop {
         let (stream, peer) = listener.accept().await?;
         let name = name.clone();
@@ -115,8 +122,8 @@ async fn tcp(port: u16, name: String) -> std::io::Result<()> {
     }
 }
 
-async fn udp(port: u16, name: String) -> std::io::Result<()> {
-    let socket = UdpSocket::bind(("0.0.0.0", port)).await?;
+async fn udp(address: IpAddr, port: u16, name: String) -> std::io::Result<()> {
+    let socket = UdpSocket::bind((address, port)).await?;
     let mut buf = vec![0u8; 65535];
     loop {
         let (_, peer) = socket.recv_from(&mut buf).await?;
@@ -148,12 +155,13 @@ async fn main() {
         }
     };
     let _ = ferry_forwarder::raise_open_files_limit();
+    let address = args.address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let mut tasks = tokio::task::JoinSet::new();
     for port in args.tcp {
-        tasks.spawn(tcp(port, args.name.clone()));
+        tasks.spawn(tcp(address, port, args.name.clone()));
     }
     for port in args.udp {
-        tasks.spawn(udp(port, args.name.clone()));
+        tasks.spawn(udp(address, port, args.name.clone()));
     }
     if let Some(port) = args.health {
         tasks.spawn(health(port));
