@@ -113,6 +113,28 @@ struct Figures {
     gbits: f64,
     rps: f64,
     cps: f64,
+    /// The proxy process's CPU time (user + system, all threads) per request and per new
+    /// connection, in µs, where the path is one process (HAProxy, ferry's userspace path).
+    cpu_per_request: Option<f64>,
+    cpu_per_connection: Option<f64>,
+}
+
+/// CPU seconds (user + system, all threads) `pid` has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// What wrk reported: requests per second and requests in all.
+struct WrkRun {
+    rate: f64,
+    requests: f64,
 }
 
 fn in_ns(
@@ -184,7 +206,7 @@ impl Bench<'_> {
             .context("iperf3 printed no throughput")
     }
 
-    fn wrk(&self, ip: &str, port: u16, close: bool) -> anyhow::Result<f64> {
+    fn wrk(&self, ip: &str, port: u16, close: bool) -> anyhow::Result<WrkRun> {
         let url = format!("http://{ip}:{port}/");
         let duration = format!("{}s", self.args.seconds);
         let mut args = vec!["-t2", "-c32", "-d", &duration, "--timeout", "5s"];
@@ -193,17 +215,46 @@ impl Bench<'_> {
         }
         args.push(&url);
         let out = self.client.exec("wrk", &args)?;
-        out.lines()
+        let rate = out
+            .lines()
             .find_map(|l| l.strip_prefix("Requests/sec:"))
             .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("wrk printed no rate:\n{out}"))
+            .with_context(|| format!("wrk printed no rate:\n{out}"))?;
+        // "  123456 requests in 5.00s, …"
+        let requests = out
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("wrk printed no request count:\n{out}"))?;
+        Ok(WrkRun { rate, requests })
     }
 
-    fn figures(&self, ip: &str, iperf_port: u16, http_port: u16) -> anyhow::Result<Figures> {
+    /// The figures through `ip`; with `proxy`, also that process's CPU per request and per
+    /// connection during the wrk runs.
+    fn figures(
+        &self,
+        ip: &str,
+        iperf_port: u16,
+        http_port: u16,
+        proxy: Option<u32>,
+    ) -> anyhow::Result<Figures> {
+        let gbits = self.iperf(ip, iperf_port)?;
+        let cpu = || proxy.and_then(cpu_seconds);
+        let per = |before: Option<f64>, after: Option<f64>, n: f64| {
+            Some((after? - before?) * 1e6 / n.max(1.0))
+        };
+        let before = cpu();
+        let keep_alive = self.wrk(ip, http_port, false)?;
+        let between = cpu();
+        let close = self.wrk(ip, http_port, true)?;
+        let after = cpu();
         Ok(Figures {
-            gbits: self.iperf(ip, iperf_port)?,
-            rps: self.wrk(ip, http_port, false)?,
-            cps: self.wrk(ip, http_port, true)?,
+            gbits,
+            rps: keep_alive.rate,
+            cps: close.rate,
+            cpu_per_request: per(before, between, keep_alive.requests),
+            cpu_per_connection: per(between, after, close.requests),
         })
     }
 }
@@ -280,7 +331,7 @@ async fn throughput(
              listen http\n  bind {node_ip}:18080\n  server b 127.0.0.1:{HTTP_PORT}\n"
         ),
     )?;
-    let _haproxy = in_ns(
+    let haproxy = in_ns(
         &dir,
         node_ns,
         "haproxy",
@@ -357,6 +408,41 @@ async fn throughput(
         .filter(|v| args.only.is_empty() || args.only.contains(&v.key()))
         .map(|v| (*v, Vec::new()))
         .collect();
+    // The forwarder runs through every path, as its DaemonSet would on the node, so each
+    // path is measured with its heartbeats and watches loading the control plane alike; in
+    // userspace mode it touches nothing but the VIP's ports. For the kernel path it is
+    // restarted in kernel mode, and back.
+    let start_forwarder = |mode: &str| -> anyhow::Result<ForwarderProcess> {
+        let f = ForwarderProcess::start(
+            cp,
+            node_ns,
+            &node.name,
+            &["--mode", mode, "--log-filter", "warn"],
+        )?;
+        wait_port(client, format!("{vip}:80").parse()?)?;
+        Ok(f)
+    };
+    let mut forwarder = start_forwarder("userspace")?;
+    let control_plane: Vec<u32> = ["kube-apiserver", "etcd", "ferry-operator"]
+        .iter()
+        .filter_map(|name| {
+            let out = std::process::Command::new("pgrep")
+                .args(["-n", "-x", name])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let control_plane_cpu = || {
+        control_plane
+            .iter()
+            .filter_map(|p| cpu_seconds(*p))
+            .sum::<f64>()
+    };
     for run in 0..args.runs {
         for (variant, figures) in results.iter_mut() {
             let (ip, iperf, http) = match variant {
@@ -367,30 +453,27 @@ async fn throughput(
                 Variant::Socat => (node_ip.clone(), 35201, 38080),
                 Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
             };
-            // The forwarder runs only while it is measured, in the mode measured.
-            let _forwarder = match variant {
-                Variant::FerryKernel | Variant::FerryUserspace => {
-                    let mode = if *variant == Variant::FerryKernel {
-                        "kernel"
-                    } else {
-                        "userspace"
-                    };
-                    let f = ForwarderProcess::start(
-                        cp,
-                        node_ns,
-                        &node.name,
-                        &["--mode", mode, "--log-filter", "warn"],
-                    )?;
-                    wait_port(client, format!("{vip}:80").parse()?)?;
-                    Some(f)
-                }
+            if *variant == Variant::FerryKernel {
+                forwarder.terminate();
+                forwarder = start_forwarder("kernel")?;
+            }
+            let proxy = match variant {
+                Variant::Haproxy => haproxy.pid(),
+                Variant::FerryUserspace => forwarder.pid(),
                 _ => None,
             };
             // Let the previous path's closed connections leave conntrack.
             std::thread::sleep(Duration::from_secs(2));
-            let f = bench.figures(&ip, iperf, http)?;
+            let (cpu_before, started) = (control_plane_cpu(), Instant::now());
+            let f = bench.figures(&ip, iperf, http, proxy)?;
+            let control_plane_load =
+                (control_plane_cpu() - cpu_before) * 100.0 / started.elapsed().as_secs_f64();
+            let cpu = match (f.cpu_per_request, f.cpu_per_connection) {
+                (Some(r), Some(c)) => format!(", proxy CPU {r:.1} µs/req, {c:.1} µs/conn"),
+                _ => String::new(),
+            };
             eprintln!(
-                "run {} {:<24} {:6.2} Gbit/s {:9.0} req/s {:8.0} conn/s",
+                "run {} {:<24} {:6.2} Gbit/s {:9.0} req/s {:8.0} conn/s (control plane {control_plane_load:.1} % of a core{cpu})",
                 run + 1,
                 variant.name(),
                 f.gbits,
@@ -398,11 +481,13 @@ async fn throughput(
                 f.cps
             );
             figures.push(f);
-            if let Some(mut f) = _forwarder {
-                f.terminate();
+            if *variant == Variant::FerryKernel {
+                forwarder.terminate();
+                forwarder = start_forwarder("userspace")?;
             }
         }
     }
+    forwarder.terminate();
     let _ = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
         .delete(&node.name, &Default::default())
         .await;
@@ -620,6 +705,33 @@ fn main() -> anyhow::Result<()> {
         ratio(Variant::FerryKernel, Variant::Nftables, rps),
         ratio(Variant::FerryKernel, Variant::Nftables, cps)
     );
+    println!();
+    let cpu_of = |v: Variant, f: fn(&Figures) -> Option<f64>| {
+        let values: Vec<f64> = results
+            .iter()
+            .find(|(x, _)| *x == v)
+            .map(|(_, r)| r.iter().filter_map(f).collect())
+            .unwrap_or_default();
+        if values.is_empty() {
+            "—".to_string()
+        } else {
+            format!("{:.1}", median(values))
+        }
+    };
+    let per_req = |f: &Figures| f.cpu_per_request;
+    let per_conn = |f: &Figures| f.cpu_per_connection;
+    println!(
+        "| proxy CPU (user + system, all threads; median of the runs) | µs per request, keep-alive | µs per new connection |"
+    );
+    println!("| --- | --- | --- |");
+    for v in [Variant::Haproxy, Variant::FerryUserspace] {
+        println!(
+            "| {} | {} | {} |",
+            v.name(),
+            cpu_of(v, per_req),
+            cpu_of(v, per_conn)
+        );
+    }
     println!();
     let all: Vec<String> = failovers.iter().map(|t| format!("{t:.2} s")).collect();
     println!(
