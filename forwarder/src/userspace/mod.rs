@@ -8,21 +8,21 @@
 //! no cross-thread wake-ups on the hot path, the way HAProxy and nginx run their threads.
 //!
 //! Bounded everywhere: a connection limit shared by all frontends (accepting pauses at the
-//! limit), connect, idle and half-close timeouts, and a UDP flow table per frontend with idle
-//! expiry. Changing a frontend's backends keeps its listener and its connections; removing a
+//! limit), connect, idle and half-close timeouts (from each listener's `watchdog`), and a UDP
+//! flow table per frontend with idle expiry. Changing a frontend's backends keeps its listener and its connections; removing a
 //! frontend closes its listener and its connections.
 
 pub mod relay;
 mod splice;
 mod tcp;
 mod udp;
+pub mod watchdog;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_providers::Protocol;
 use socket2::{Domain, Socket, Type};
@@ -43,43 +43,6 @@ pub struct Limits {
     /// UDP flows per frontend.
     pub udp_max_flows: usize,
     pub udp_idle_timeout: Duration,
-}
-
-/// When a connection or flow last moved a byte, for its idle timeout.
-pub(crate) struct Activity {
-    epoch: Instant,
-    /// Milliseconds since `epoch`.
-    last: AtomicU64,
-}
-
-impl Activity {
-    pub(crate) fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    pub(crate) fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-/// Resolves once nothing has moved for `limit`: one timer per idle period, not per read.
-pub(crate) async fn quiet_for(activity: &Activity, limit: Duration) {
-    loop {
-        let wait = limit.saturating_sub(activity.quiet_for());
-        if wait.is_zero() {
-            return;
-        }
-        tokio::time::sleep(wait).await;
-    }
 }
 
 /// What a frontend's tasks read; replaced as a whole when the plan changes.

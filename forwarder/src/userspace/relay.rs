@@ -2,22 +2,23 @@
 //! memory. Data is read into one scratch buffer per data-plane thread and sent on at once; a
 //! direction holds a buffer of its own only for what the receiver could not take yet, so ten
 //! thousand connections cost sockets and small tasks, not buffers, and the usual message costs
-//! no allocation at all. Each direction's end is passed on as a half-close; a connection idle
-//! in both directions for the idle timeout, or half-closed and quiet for the half-close
-//! timeout, is closed (a write the peer never drains counts as quiet too).
+//! no allocation at all. Each direction's end is passed on as a half-close. Bytes sent are
+//! counted on the connection's `Watch`, from which the listener's watchdog closes connections
+//! idle in both directions, or half-closed and quiet, for too long (a write the peer does not
+//! drain moves nothing, so it counts as quiet too).
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
-
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{Activity, quiet_for, splice};
+use super::splice;
+use super::watchdog::Watch;
 
 /// Bytes read per wake-up at most.
 const CHUNK: usize = 64 * 1024;
@@ -39,40 +40,29 @@ pub enum End {
     TimedOut,
 }
 
-/// Relays until both directions end, an error occurs, or a timeout fires; returns the bytes
-/// moved (client → backend, backend → client) and how it ended. The timeouts are one watchdog
-/// per connection that sleeps until the connection could first have been quiet for long
-/// enough, rather than a timer per read or write.
+/// Relays until both directions end, an error occurs, or `watch` expires; returns the bytes
+/// moved (client → backend, backend → client) and how it ended.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
-    timeouts: Timeouts,
+    watch: &Watch,
 ) -> io::Result<(u64, u64, End)> {
-    let activity = Activity::new();
-    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let (client_read, client_write) = client.into_split();
     let (backend_read, backend_write) = backend.into_split();
-    let one_done = AtomicBool::new(false);
-    let up = pump(client_read, backend_write, &activity, &up_bytes, &one_done);
-    let down = pump(
-        backend_read,
-        client_write,
-        &activity,
-        &down_bytes,
-        &one_done,
-    );
+    let up = pump(client_read, backend_write, &watch.up, watch);
+    let down = pump(backend_read, client_write, &watch.down, watch);
     tokio::pin!(up, down);
     let moved = || {
         (
-            up_bytes.load(Ordering::Relaxed),
-            down_bytes.load(Ordering::Relaxed),
+            watch.up.load(Ordering::Relaxed),
+            watch.down.load(Ordering::Relaxed),
         )
     };
-    // Both directions until one finishes; the other is then on the half-close timeout.
+    // Both directions until one finishes (it marks the watch half-closed); then the other.
     let up_finished = tokio::select! {
         r = &mut up => { r?; true }
         r = &mut down => { r?; false }
-        _ = quiet_for(&activity, timeouts.idle) => {
+        _ = watch.expired() => {
             let (u, d) = moved();
             return Ok((u, d, End::TimedOut));
         }
@@ -80,7 +70,7 @@ pub async fn relay(
     let rest = if up_finished { &mut down } else { &mut up };
     let end = tokio::select! {
         r = rest => { r?; End::Closed }
-        _ = quiet_for(&activity, timeouts.half_close.min(timeouts.idle)) => End::TimedOut,
+        _ = watch.expired() => End::TimedOut,
     };
     let (u, d) = moved();
     Ok((u, d, end))
@@ -146,11 +136,17 @@ fn try_send(to: &OwnedWriteHalf, buf: &[u8], corked: bool) -> io::Result<usize> 
     }
 }
 
-/// Sends all of `buf`, waiting for room as needed.
-async fn send_all(to: &OwnedWriteHalf, mut buf: &[u8], corked: bool) -> io::Result<()> {
+/// Sends all of `buf`, waiting for room as needed, counting into `moved` as it goes.
+async fn send_all(
+    to: &OwnedWriteHalf,
+    mut buf: &[u8],
+    corked: bool,
+    moved: &AtomicU64,
+) -> io::Result<()> {
     while !buf.is_empty() {
         to.as_ref().writable().await?;
         let n = try_send(to, buf, corked)?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
         buf = &buf[n..];
     }
     Ok(())
@@ -159,8 +155,8 @@ async fn send_all(to: &OwnedWriteHalf, mut buf: &[u8], corked: bool) -> io::Resu
 /// Passes the end of one direction on: a half-close, or nothing when the other direction has
 /// already finished (closing both sockets right after sends the same FIN, without a system
 /// call).
-async fn finish(mut to: OwnedWriteHalf, one_done: &AtomicBool) {
-    if one_done.swap(true, Ordering::Relaxed) {
+async fn finish(mut to: OwnedWriteHalf, watch: &Watch) {
+    if watch.finish_direction() {
         // Dropping the write half would shut it down; closing does that.
         to.forget();
     } else {
@@ -174,9 +170,10 @@ enum Step {
     End,
     /// Nothing more to read for now.
     Drained,
-    /// `n` bytes read; `rest` is what the receiver did not take yet.
+    /// `n` bytes read, `sent` of them sent on; `rest` is what the receiver did not take yet.
     Moved {
         n: usize,
+        sent: usize,
         last: bool,
         rest: Option<Vec<u8>>,
     },
@@ -187,20 +184,16 @@ async fn spliced(
     from: OwnedReadHalf,
     to: OwnedWriteHalf,
     pipe: splice::Pipe,
-    activity: &Activity,
     moved: &AtomicU64,
-    one_done: &AtomicBool,
+    watch: &Watch,
 ) -> io::Result<()> {
     loop {
         let n = splice::fill(&from, &pipe).await?;
         if n == 0 {
-            finish(to, one_done).await;
+            finish(to, watch).await;
             return Ok(());
         }
-        activity.touch();
-        splice::drain(&pipe, &to, n).await?;
-        moved.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
+        splice::drain(&pipe, &to, n, moved).await?;
     }
 }
 
@@ -208,9 +201,8 @@ async fn spliced(
 async fn pump(
     from: OwnedReadHalf,
     to: OwnedWriteHalf,
-    activity: &Activity,
     moved: &AtomicU64,
-    one_done: &AtomicBool,
+    watch: &Watch,
 ) -> io::Result<()> {
     loop {
         // Wait for data. The readiness also tells whether the sender has finished
@@ -232,25 +224,29 @@ async fn pump(
                 let sent = try_send(&to, buf, last)?;
                 Ok(Step::Moved {
                     n,
+                    sent,
                     last,
                     rest: (sent < n).then(|| buf[sent..].to_vec()),
                 })
             })?;
             match step {
                 Step::End => {
-                    finish(to, one_done).await;
+                    finish(to, watch).await;
                     return Ok(());
                 }
                 Step::Drained => break,
-                Step::Moved { n, last, rest } => {
-                    activity.touch();
+                Step::Moved {
+                    n,
+                    sent,
+                    last,
+                    rest,
+                } => {
+                    moved.fetch_add(sent as u64, Ordering::Relaxed);
                     if let Some(rest) = rest {
-                        send_all(&to, &rest, last).await?;
+                        send_all(&to, &rest, last, moved).await?;
                     }
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.touch();
                     if last {
-                        finish(to, one_done).await;
+                        finish(to, watch).await;
                         return Ok(());
                     }
                     if n < CHUNK {
@@ -259,7 +255,7 @@ async fn pump(
                     }
                     // A full buffer: a bulk transfer, which splice moves without copying.
                     if let Some(pipe) = splice::Pipe::new() {
-                        return spliced(from, to, pipe, activity, moved, one_done).await;
+                        return spliced(from, to, pipe, moved, watch).await;
                     }
                 }
             }
@@ -270,6 +266,7 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::userspace::watchdog::Watchdog;
     use std::time::Instant;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
@@ -280,6 +277,26 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)
+    }
+
+    /// Relays under a watchdog swept as a listener sweeps it.
+    async fn watched_relay(
+        client: TcpStream,
+        backend: TcpStream,
+        timeouts: Timeouts,
+    ) -> io::Result<(u64, u64, End)> {
+        let mut dog = Watchdog::new(timeouts);
+        let watch = dog.watch();
+        let period = dog.period();
+        let sweeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                dog.sweep(Instant::now());
+            }
+        });
+        let result = relay(client, backend, &watch).await;
+        sweeper.abort();
+        result
     }
 
     fn timeouts(idle_ms: u64, half_ms: u64) -> Timeouts {
@@ -293,7 +310,11 @@ mod tests {
     async fn bytes_flow_both_ways_and_half_closes_pass_through() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(5000, 5000)));
+        let relay = tokio::spawn(watched_relay(
+            proxy_client,
+            proxy_backend,
+            timeouts(5000, 5000),
+        ));
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -317,7 +338,11 @@ mod tests {
         // The answer and its FIN are both waiting before the relay looks: they leave together.
         backend.write_all(b"answer").await.unwrap();
         backend.shutdown().await.unwrap();
-        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(5000, 5000)));
+        let relay = tokio::spawn(watched_relay(
+            proxy_client,
+            proxy_backend,
+            timeouts(5000, 5000),
+        ));
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"answer", "the answer, then the end");
@@ -335,7 +360,11 @@ mod tests {
     async fn a_slow_reader_gets_every_byte_in_order() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(10_000, 10_000)));
+        let relay = tokio::spawn(watched_relay(
+            proxy_client,
+            proxy_backend,
+            timeouts(10_000, 10_000),
+        ));
         // Far more than the sockets buffer: the relay must hold what the client cannot take
         // yet and send it on later, in order.
         let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -365,7 +394,7 @@ mod tests {
         let (mut client, proxy_client) = pair().await;
         let (proxy_backend, _backend) = pair().await;
         let started = Instant::now();
-        let (_, _, end) = relay(proxy_client, proxy_backend, timeouts(300, 300))
+        let (_, _, end) = watched_relay(proxy_client, proxy_backend, timeouts(300, 300))
             .await
             .unwrap();
         assert_eq!(end, End::TimedOut);
@@ -382,7 +411,11 @@ mod tests {
     async fn traffic_in_one_direction_keeps_the_connection_open() {
         let (client, proxy_client) = pair().await;
         let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(400, 400)));
+        let relay = tokio::spawn(watched_relay(
+            proxy_client,
+            proxy_backend,
+            timeouts(400, 400),
+        ));
         // The backend streams for 1.2 s while the client says nothing.
         for _ in 0..12 {
             backend.write_all(b"tick").await.unwrap();
@@ -401,7 +434,11 @@ mod tests {
         let (mut client, proxy_client) = pair().await;
         let (proxy_backend, _backend) = pair().await;
         let started = Instant::now();
-        let relay = tokio::spawn(relay(proxy_client, proxy_backend, timeouts(10_000, 300)));
+        let relay = tokio::spawn(watched_relay(
+            proxy_client,
+            proxy_backend,
+            timeouts(10_000, 300),
+        ));
         client.shutdown().await.unwrap();
         let (_, _, end) = relay.await.unwrap().unwrap();
         assert_eq!(end, End::TimedOut);

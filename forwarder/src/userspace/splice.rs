@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -105,15 +105,24 @@ pub(super) async fn fill(from: &OwnedReadHalf, pipe: &Pipe) -> io::Result<usize>
     }
 }
 
-/// Moves `n` bytes from `pipe` into `to`, waiting for room as needed.
-pub(super) async fn drain(pipe: &Pipe, to: &OwnedWriteHalf, mut n: usize) -> io::Result<()> {
+/// Moves `n` bytes from `pipe` into `to`, waiting for room as needed, counting into `moved`
+/// as it goes.
+pub(super) async fn drain(
+    pipe: &Pipe,
+    to: &OwnedWriteHalf,
+    mut n: usize,
+    moved: &AtomicU64,
+) -> io::Result<()> {
     let stream: &TcpStream = to.as_ref();
     while n > 0 {
         stream.writable().await?;
         match stream.try_io(Interest::WRITABLE, || {
             splice(pipe.read.as_raw_fd(), stream.as_raw_fd(), n)
         }) {
-            Ok(moved) => n -= moved,
+            Ok(sent) => {
+                moved.fetch_add(sent as u64, Ordering::Relaxed);
+                n -= sent;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

@@ -1,6 +1,7 @@
 //! One TCP frontend: accept (within the shared connection limit), admit by source range,
 //! connect to a backend (the next one on failure, three tries at most), optionally write the
-//! PROXY v2 header, then relay until either side is done or a timeout fires.
+//! PROXY v2 header, then relay until either side is done or the listener's watchdog finds the
+//! connection quiet for too long.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,10 +14,12 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
 use super::Shared;
 use super::relay::{End, relay};
+use super::watchdog::{Watch, Watchdog};
 use crate::proxy_protocol;
 
 /// Backends tried for one connection before giving up on it.
@@ -28,6 +31,12 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
     // This listener's connections: they end with it (dropping the set aborts them), so a
     // connection needs no stop signal of its own to watch on every wake-up.
     let mut connections: JoinSet<()> = JoinSet::new();
+    // Their timeouts, from one sweep while there are any (an idle listener stays asleep),
+    // which goes on at the connection limit too: that is when idle connections must give
+    // their places up.
+    let mut watchdog = Watchdog::new(shared.limits.timeouts);
+    let mut sweeps = tokio::time::interval(watchdog.period());
+    sweeps.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         while connections.try_join_next().is_some() {}
         // At the limit, stop accepting: the kernel's backlog holds new clients meanwhile.
@@ -36,10 +45,18 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
                 Ok(p) => p,
                 Err(_) => return,
             },
+            _ = sweeps.tick(), if !watchdog.is_empty() => {
+                watchdog.sweep(Instant::now());
+                continue;
+            }
             _ = crate::stopped(&mut stop) => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            _ = sweeps.tick(), if !watchdog.is_empty() => {
+                watchdog.sweep(Instant::now());
+                continue;
+            }
             _ = crate::stopped(&mut stop) => return,
         };
         let (client, peer) = match accepted {
@@ -63,10 +80,10 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
             shared.metrics.refused();
             continue;
         }
-        let shared = shared.clone();
+        let (shared, watch) = (shared.clone(), watchdog.watch());
         connections.spawn(async move {
             let _permit = permit;
-            connection(client, peer, &shared).await;
+            connection(client, peer, &shared, &watch).await;
         });
     }
 }
@@ -135,7 +152,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     }
 }
 
-async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch: &Watch) {
     let frontend = shared.frontend();
     let limits = shared.limits;
     let mut failed = Vec::new();
@@ -173,7 +190,7 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
     }
     shared.metrics.opened();
-    let result = relay(client, stream, limits.timeouts).await;
+    let result = relay(client, stream, watch).await;
     shared.metrics.closed();
     match result {
         Ok((up, down, End::TimedOut)) => {
