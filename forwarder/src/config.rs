@@ -93,7 +93,7 @@ pub struct Config {
     #[arg(long, env = "FERRY_HALF_CLOSE_TIMEOUT", default_value = "1m", value_parser = duration)]
     pub half_close_timeout: Duration,
 
-    /// TCP connections relayed at once (userspace); accepting pauses at the limit.
+    /// TCP connections relayed at once (userspace); past it, new clients wait for a place.
     #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

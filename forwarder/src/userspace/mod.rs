@@ -7,9 +7,10 @@
 //! the workers and each connection lives its whole life on one thread — no work stealing and
 //! no cross-thread wake-ups on the hot path, the way HAProxy and nginx run their threads.
 //!
-//! Bounded everywhere: a connection limit shared by all frontends (accepting pauses at the
-//! limit), connect, idle and half-close timeouts (from each listener's `watchdog`), and a UDP
-//! flow table per frontend with idle expiry. Changing a frontend's backends keeps its listener and its connections; removing a
+//! Bounded everywhere: a connection limit shared by all frontends (at the limit each listener
+//! holds one client waiting for the next free place and the kernel's backlog the rest),
+//! connect, idle and half-close timeouts (from each listener's `watchdog`), and a UDP flow
+//! table per frontend with idle expiry. Changing a frontend's backends keeps its listener and its connections; removing a
 //! frontend closes its listener and its connections.
 
 pub mod relay;
@@ -301,13 +302,68 @@ mod tests {
         }
     }
 
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn frontend(port: u16, backend: SocketAddr) -> Frontend {
+        Frontend {
+            service: "default/web".into(),
+            vip: "127.0.0.1".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            backends: vec![backend],
+            health: HealthCheck::Connect,
+            affinity: None,
+            proxy_protocol: false,
+            source_ranges: vec![],
+            local: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_connection_limit_an_idle_connection_gives_its_place_up() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = free_port();
+        let mut limits = limits();
+        limits.max_connections = 1;
+        limits.timeouts.idle = Duration::from_millis(400);
+        let mut userspace = Userspace::new(limits, Arc::new(DataplaneMetrics::default()));
+        let f = frontend(port, backend.local_addr().unwrap());
+        assert!(userspace.apply(std::slice::from_ref(&f)).is_empty());
+
+        let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let _first = backend.accept().await.unwrap();
+        // The second client waits in the backlog: the only place is taken.
+        let _waiting = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), backend.accept())
+                .await
+                .is_err(),
+            "relayed past the limit"
+        );
+        // Once the first has been quiet for the idle timeout it is closed, and the second
+        // gets its place.
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut buf))
+            .await
+            .expect("the idle connection is closed");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        tokio::time::timeout(Duration::from_secs(3), backend.accept())
+            .await
+            .expect("the waiting client is relayed")
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn removing_a_frontend_closes_its_open_connections() {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let frontend = Frontend {
             service: "default/web".into(),
             vip: "127.0.0.1".parse().unwrap(),

@@ -32,25 +32,13 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
     // connection needs no stop signal of its own to watch on every wake-up.
     let mut connections: JoinSet<()> = JoinSet::new();
     // Their timeouts, from one sweep while there are any (an idle listener stays asleep),
-    // which goes on at the connection limit too: that is when idle connections must give
-    // their places up.
+    // which goes on while a client waits for a place: at the connection limit idle
+    // connections must give their places up.
     let mut watchdog = Watchdog::new(shared.limits.timeouts);
     let mut sweeps = tokio::time::interval(watchdog.period());
     sweeps.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         while connections.try_join_next().is_some() {}
-        // At the limit, stop accepting: the kernel's backlog holds new clients meanwhile.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = sweeps.tick(), if !watchdog.is_empty() => {
-                watchdog.sweep(Instant::now());
-                continue;
-            }
-            _ = crate::stopped(&mut stop) => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = sweeps.tick(), if !watchdog.is_empty() => {
@@ -80,6 +68,20 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
             shared.metrics.refused();
             continue;
         }
+        // At the limit the client waits here for a place, and the kernel's backlog holds
+        // the ones after it. Waiting with a client in hand (rather than for a place before
+        // accepting) means a place freed goes to a listener that has someone to serve, not to
+        // one whose backlog is empty while another's fills.
+        let permit = loop {
+            tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return,
+                },
+                _ = sweeps.tick(), if !watchdog.is_empty() => watchdog.sweep(Instant::now()),
+                _ = crate::stopped(&mut stop) => return,
+            }
+        };
         let (shared, watch) = (shared.clone(), watchdog.watch());
         connections.spawn(async move {
             let _permit = permit;
