@@ -229,6 +229,21 @@ impl Cluster {
         )
     }
 
+    /// `GET /` from the client's address `source` (one it has); the body.
+    fn get_from(&self, source: &str, ip: &str, port: u16) -> anyhow::Result<String> {
+        self.topo.client.ns().exec(
+            "curl",
+            &[
+                "-sf",
+                "--max-time",
+                "3",
+                "--interface",
+                source,
+                &format!("http://{ip}:{port}/"),
+            ],
+        )
+    }
+
     /// Waits until `GET /` through `ip:port` answers.
     async fn wait_for_traffic(&self, ip: &str, port: u16) -> String {
         eventually(WAIT, &format!("traffic through {ip}:{port}"), || async {
@@ -357,6 +372,53 @@ async fn serves_traffic(c: &Cluster, kernel: bool) {
         seen.len() > 1,
         "still stuck to {seen:?} after the affinity timeout"
     );
+
+    // A sticky client stays with its backend when the owner's data plane changes for another
+    // port of the Service (kernel mode replaces the node's table, and carries the recent
+    // clients over; a new table's round robin would start again at the first backend).
+    delete_and_wait(&c.svcs, "sticky", WAIT).await;
+    let http = json!({ "name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP" });
+    let long = c
+        .service(
+            "sticky-long",
+            json!({ "type": "LoadBalancer", "sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 600 } },
+                    "ports": [http] }),
+            json!({}),
+        )
+        .await;
+    c.wait_for_single_owner(&long).await;
+    // The client's own address is the first new client and takes the first backend; a
+    // second address of the client's is the next, and is spread to the next backend.
+    c.wait_for_traffic(&long, 80).await;
+    let second = "10.213.0.101";
+    c.topo
+        .client
+        .ns()
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", "eth0"])
+        .unwrap();
+    let stuck = body_node(&c.get_from(second, &long, 80).unwrap());
+    c.svcs
+        .patch(
+            "sticky-long",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "ports": [http,
+                { "name": "udp", "port": 81, "nodePort": 30054, "protocol": "UDP" }] } })),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, "the added port served", || async {
+        c.udp(&long, 81).ok()
+    })
+    .await;
+    for _ in 0..5 {
+        let body = c.get_from(second, &long, 80).unwrap();
+        assert_eq!(
+            body_node(&body),
+            stuck,
+            "affinity lost when the data plane changed"
+        );
+    }
 
     // Local: only fwd-node-2 has endpoints, so only it may hold the VIP, and only it serves.
     c.endpoints_on("local", "fwd-node-2").await;

@@ -14,17 +14,21 @@
 //!
 //! ClientIP affinity keeps a set of recent clients per backend whose elements expire after the
 //! Service's timeout (refreshed by each new connection), so a returning client goes back to its
-//! backend and a client quiet for longer is spread anew; the sets start empty whenever this
-//! node's table is replaced. Connections sent to another node are masqueraded so replies come
-//! back through this one; with `externalTrafficPolicy: Local` the backend is this node and the
-//! client's address is kept. Source ranges are enforced before steering.
+//! backend and a client quiet for longer is spread anew. A set is named after its frontend and
+//! backend, and when the table is replaced the recent clients of the sets that stay are read
+//! from the old table and written into the new one. Connections sent to another node are
+//! masqueraded so replies come back through this one; with `externalTrafficPolicy: Local` the
+//! backend is this node and the client's address is kept. Source ranges are enforced before
+//! steering.
 //!
 //! The ruleset is text for the `nft` tool, the interface kube-proxy's nftables mode uses too;
 //! `ruleset` is pure and carries the tests.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
+use std::time::Duration;
 
 use ferry_providers::Protocol;
 use tokio::io::AsyncWriteExt;
@@ -81,9 +85,55 @@ pub fn servable(frontends: &[Frontend]) -> Vec<Frontend> {
         .collect()
 }
 
+/// Recent clients of affinity sets, by set name: each client's address and how long it has
+/// left in the set.
+pub type AffinityClients = BTreeMap<String, Vec<(IpAddr, Duration)>>;
+
+/// The name of the set of recent clients of `backend` behind `f`: the same for as long as the
+/// frontend and the backend exist, so its clients can be carried into a new table.
+fn affinity_set(f: &Frontend, backend: &SocketAddr) -> String {
+    let word = |s: String| s.replace('.', "_").replace(':', "x");
+    format!(
+        "aff_{}_{}_{}_{}_{}",
+        word(f.vip.to_string()),
+        proto(f.protocol),
+        f.port,
+        word(backend.ip().to_string()),
+        backend.port()
+    )
+}
+
+/// The recent clients in `nft -j list table` output, for the affinity sets in it.
+pub fn affinity_clients(json: &str) -> AffinityClients {
+    let mut clients = AffinityClients::new();
+    let Ok(listing) = serde_json::from_str::<serde_json::Value>(json) else {
+        return clients;
+    };
+    let objects = listing["nftables"].as_array().into_iter().flatten();
+    for set in objects.filter_map(|o| o.get("set")) {
+        let Some(name) = set["name"].as_str().filter(|n| n.starts_with("aff_")) else {
+            continue;
+        };
+        let elements = set["elem"].as_array().into_iter().flatten();
+        let kept: Vec<(IpAddr, Duration)> = elements
+            .filter_map(|e| {
+                let elem = &e["elem"];
+                let ip = elem["val"].as_str()?.parse().ok()?;
+                let left = elem["expires"].as_u64().filter(|s| *s > 0)?;
+                Some((ip, Duration::from_secs(left)))
+            })
+            .collect();
+        if !kept.is_empty() {
+            clients.insert(name.to_string(), kept);
+        }
+    }
+    clients
+}
+
 /// The whole `inet ferry` table for `frontends`, as one transaction that replaces the old
-/// table (creating it first, so deleting never fails).
-pub fn ruleset(frontends: &[Frontend]) -> String {
+/// table (creating it first, so deleting never fails); `kept` are recent clients to put back
+/// into affinity sets the new table has too.
+pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     let frontends = servable(frontends);
     let mut admit = String::new();
     let mut dispatch = String::new();
@@ -152,12 +202,25 @@ pub fn ruleset(frontends: &[Frontend]) -> String {
                 // As kube-proxy's nftables mode: a set of recent clients per backend, each
                 // element living `timeout` past the client's last new connection. A known
                 // client goes back to its backend; a new one is spread and remembered.
-                let _ = writeln!(
+                let set = affinity_set(f, b);
+                let _ = write!(
                     sets,
-                    "\tset aff_{i}_{j} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n\t}}"
+                    "\tset {set} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n"
                 );
-                let _ = writeln!(chains, "\t\t{fam} saddr @aff_{i}_{j} goto be_{i}_{j}");
-                let _ = writeln!(steer, "\t\tupdate @aff_{i}_{j} {{ {fam} saddr }}");
+                let timeout = Duration::from_secs(secs);
+                let elements: Vec<String> = kept
+                    .get(&set)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(ip, _)| ip.is_ipv6() == f.vip.is_ipv6())
+                    .map(|(ip, left)| format!("{ip} expires {}s", left.min(&timeout).as_secs()))
+                    .collect();
+                if !elements.is_empty() {
+                    let _ = writeln!(sets, "\t\telements = {{ {} }}", elements.join(", "));
+                }
+                sets.push_str("\t}\n");
+                let _ = writeln!(chains, "\t\t{fam} saddr @{set} goto be_{i}_{j}");
+                let _ = writeln!(steer, "\t\tupdate @{set} {{ {fam} saddr }}");
             }
             let _ = writeln!(
                 steer,
@@ -248,6 +311,22 @@ async fn nft(script: &str) -> Result<(), KernelError> {
     }
 }
 
+/// The recent clients in this node's affinity sets now (none when the table cannot be read,
+/// e.g. before it exists).
+async fn current_affinity_clients() -> AffinityClients {
+    let listed = Command::new("nft")
+        .args(["-j", "list", "table", "inet", TABLE])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match listed {
+        Ok(out) if out.status.success() => affinity_clients(&String::from_utf8_lossy(&out.stdout)),
+        _ => AffinityClients::new(),
+    }
+}
+
 /// Programs the node's nftables.
 #[derive(Debug, Default)]
 pub struct Kernel {
@@ -257,17 +336,29 @@ pub struct Kernel {
 impl Kernel {
     /// Whether this node lets us program nftables: `nft` runs and accepts our table.
     pub async fn probe() -> Result<(), KernelError> {
-        nft(&ruleset(&[])).await?;
+        nft(&ruleset(&[], &AffinityClients::new())).await?;
         nft(&format!("delete table inet {TABLE}\n")).await
     }
 
-    /// Replaces the table with one for `frontends` (nothing to do when unchanged).
+    /// Replaces the table with one for `frontends` (nothing to do when unchanged). The recent
+    /// clients of affinity sets the new table keeps are read from the old one and put back,
+    /// so a change to any Service on this node does not make sticky clients start afresh
+    /// (clients that arrive between the read and the replacement are not carried over).
     pub async fn apply(&mut self, frontends: &[Frontend]) -> Result<(), KernelError> {
-        let script = ruleset(frontends);
+        let script = ruleset(frontends, &AffinityClients::new());
         if self.applied.as_deref() == Some(script.as_str()) {
             return Ok(());
         }
-        nft(&script).await?;
+        let kept = if script.contains("\tset aff_") {
+            current_affinity_clients().await
+        } else {
+            AffinityClients::new()
+        };
+        if kept.is_empty() {
+            nft(&script).await?;
+        } else {
+            nft(&ruleset(frontends, &kept)).await?;
+        }
         self.applied = Some(script);
         Ok(())
     }
@@ -302,12 +393,15 @@ mod tests {
 
     #[test]
     fn new_connections_are_steered_round_robin_then_bound_with_masquerade() {
-        let r = ruleset(&[frontend(
-            "192.0.2.10",
-            80,
-            Protocol::Tcp,
-            &["10.0.0.1:30080", "10.0.0.2:30080"],
-        )]);
+        let r = ruleset(
+            &[frontend(
+                "192.0.2.10",
+                80,
+                Protocol::Tcp,
+                &["10.0.0.1:30080", "10.0.0.2:30080"],
+            )],
+            &AffinityClients::new(),
+        );
         // Steering: after conntrack, before NAT, first packets only.
         assert!(
             r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
@@ -348,7 +442,7 @@ mod tests {
             ],
         );
         sticky.affinity = Some(Duration::from_secs(60));
-        let r = ruleset(&[local, sticky]);
+        let r = ruleset(&[local, sticky], &AffinityClients::new());
         let fe0 = &r[r.find("chain fe_0").unwrap()..r.find("chain fe_1").unwrap()];
         assert!(!fe0.contains("meta mark set"), "{fe0}");
         assert!(fe0.contains("goto be_0_0"), "{fe0}");
@@ -359,31 +453,106 @@ mod tests {
         // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
         // its set of recent clients expiring after the Service's timeout.
         let fe1 = &r[r.find("chain fe_1").unwrap()..];
-        assert!(fe1.contains("ip6 saddr @aff_1_0 goto be_1_0"), "{r}");
-        assert!(fe1.contains("ip6 saddr @aff_1_1 goto be_1_1"), "{r}");
-        assert!(!fe1.contains("aff_1_2"), "{r}");
+        // Set names follow the frontend and backend, not their places in the plan.
+        let set_0 = "aff_2001xdb8xx10_tcp_443_2001xdb8xx1_30443";
+        let set_1 = "aff_2001xdb8xx10_tcp_443_2001xdb8xx2_30443";
+        assert!(
+            fe1.contains(&format!("ip6 saddr @{set_0} goto be_1_0")),
+            "{r}"
+        );
+        assert!(
+            fe1.contains(&format!("ip6 saddr @{set_1} goto be_1_1")),
+            "{r}"
+        );
+        assert!(!fe1.contains("10_0_0_3"), "{r}");
         assert!(
             fe1.contains("numgen inc mod 2 vmap { 0 : goto be_1_0, 1 : goto be_1_1 }"),
             "{r}"
         );
         assert!(
-            r.contains(
-                "set aff_1_1 {\n\t\ttype ipv6_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 60s\n"
-            ),
+            r.contains(&format!(
+                "set {set_1} {{\n\t\ttype ipv6_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 60s\n"
+            )),
             "{r}"
         );
-        assert!(r.contains(
-            "chain be_1_1 {\n\t\tupdate @aff_1_1 { ip6 saddr }\n\t\tip6 daddr set 2001:db8::2 tcp dport set 30443\n"
-        ), "{r}");
+        assert!(r.contains(&format!(
+            "chain be_1_1 {{\n\t\tupdate @{set_1} {{ ip6 saddr }}\n\t\tip6 daddr set 2001:db8::2 tcp dport set 30443\n"
+        )), "{r}");
         assert!(
             r.contains("ip6 daddr 2001:db8::2 tcp dport 30443 dnat ip6 to [2001:db8::2]:30443\n"),
             "{r}"
         );
     }
 
+    #[test]
+    fn recent_clients_are_read_back_and_put_into_the_new_table() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"set": {"family": "inet", "name": "aff_192_0_2_10_tcp_80_10_0_0_1_30080",
+              "table": "ferry", "type": "ipv4_addr", "timeout": 60,
+              "elem": [{"elem": {"val": "198.51.100.7", "expires": 30}},
+                       {"elem": {"val": "198.51.100.8", "expires": 0}}]}},
+            {"set": {"family": "inet", "name": "other", "table": "ferry", "type": "ipv4_addr"}},
+            {"chain": {"family": "inet", "table": "ferry", "name": "fe_0"}}]}"#;
+        let kept = affinity_clients(json);
+        assert_eq!(
+            kept,
+            AffinityClients::from([(
+                "aff_192_0_2_10_tcp_80_10_0_0_1_30080".to_string(),
+                vec![("198.51.100.7".parse().unwrap(), Duration::from_secs(30))]
+            )])
+        );
+        assert!(affinity_clients("not json").is_empty());
+
+        let mut sticky = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080"],
+        );
+        sticky.affinity = Some(Duration::from_secs(20));
+        let r = ruleset(&[sticky], &kept);
+        // Put back, never past the Service's (perhaps shortened) timeout.
+        assert!(
+            r.contains("set aff_192_0_2_10_tcp_80_10_0_0_1_30080 {\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 20s\n\t\tsize 65536\n\t\telements = { 198.51.100.7 expires 20s }\n\t}"),
+            "{r}"
+        );
+        assert_eq!(r.matches("elements").count(), 1, "{r}");
+    }
+
+    /// Runs `script` with `nft -f` in a network namespace of its own, then lists the table
+    /// there as JSON; `None` where that cannot run (not root, or no nft).
+    async fn in_private_netns(script: &str) -> Option<String> {
+        let mut child = Command::new("unshare")
+            .args([
+                "--net",
+                "sh",
+                "-c",
+                "nft -f - && nft -j list table inet ferry",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        child
+            .stdin
+            .take()?
+            .write_all(script.as_bytes())
+            .await
+            .ok()?;
+        let out = child.wait_with_output().await.ok()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.starts_with("unshare:") || stderr.contains("not found") {
+            eprintln!("skipped: {stderr}");
+            return None;
+        }
+        assert!(out.status.success(), "{stderr}\n{script}");
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The whole ruleset, committed by the kernel in a network namespace of its own (`nft
-    /// --check` stops before the kernel validates chain types); skipped where that cannot
-    /// run (not root, or no nft).
+    /// --check` stops before the kernel validates chain types), recent clients included and
+    /// read back.
     #[tokio::test]
     async fn the_kernel_accepts_the_ruleset() {
         let mut sticky = frontend(
@@ -402,37 +571,26 @@ mod tests {
             Protocol::Tcp,
             &["10.0.0.1:30080", "10.0.0.2:30080", "10.0.0.3:30080"],
         );
-        let script = ruleset(&[sticky, local, web]);
-        let Ok(mut child) = Command::new("unshare")
-            .args(["--net", "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        else {
-            eprintln!("skipped: unshare cannot run here");
+        let set = affinity_set(&sticky, &sticky.backends[1]);
+        let client: IpAddr = "2001:db8:1::7".parse().unwrap();
+        let kept = AffinityClients::from([(set.clone(), vec![(client, Duration::from_secs(8))])]);
+        let script = ruleset(&[sticky, local, web], &kept);
+        let Some(listing) = in_private_netns(&script).await else {
             return;
         };
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .await
-            .unwrap();
-        let out = child.wait_with_output().await.unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.starts_with("unshare:") || stderr.contains("No such file") {
-            eprintln!("skipped: {stderr}");
-            return;
-        }
-        assert!(out.status.success(), "{stderr}\n{script}");
+        let read = affinity_clients(&listing);
+        let back = read.get(&set).map(Vec::as_slice).unwrap_or_default();
+        assert!(
+            matches!(back, [(ip, left)] if *ip == client && left.as_secs() >= 6),
+            "{read:?}"
+        );
     }
 
     #[test]
     fn source_ranges_drop_everyone_else() {
         let mut f = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
         f.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
-        let r = ruleset(&[f]);
+        let r = ruleset(&[f], &AffinityClients::new());
         assert!(
             r.contains("ip daddr 192.0.2.10 tcp dport 80 ip saddr != { 198.51.100.0/24 } drop"),
             "{r}"
@@ -441,7 +599,7 @@ mod tests {
 
     #[test]
     fn an_empty_plan_leaves_an_empty_table() {
-        let r = ruleset(&[]);
+        let r = ruleset(&[], &AffinityClients::new());
         assert!(r.starts_with("table inet ferry\ndelete table inet ferry\n"));
         assert!(!r.contains("goto"));
     }
