@@ -32,9 +32,13 @@ $(uname -r). A client namespace and a node namespace on a bridge (its own namesp
 backends (iperf3, and nginx with one worker answering a 3-byte body) listen on the node's
 NodePorts; every path forwards to them on the node itself. HAProxy $(haproxy -v | head -1 | awk '{print $3}')
 (TCP mode, 2 threads), nginx $(nginx -v 2>&1 | sed 's|.*/||') stream (auto workers), socat (fork),
-ferry-forwarder (2 tokio workers) driven by the real control plane and operator. All paths in
-one run, medians of the runs; wrk: 2 threads, 32 connections. conntrack's TIME_WAIT timeout
-in the node namespace is 1 s, so no path inherits the previous one's closed connections.
+ferry-forwarder (one data-plane thread per core) driven by the real control plane and
+operator; the forwarder runs through every path, as its DaemonSet would, so its heartbeats
+load the control plane during every measurement alike. All paths in one run, medians of the
+runs; wrk: 2 threads, 32 connections. conntrack's TIME_WAIT timeout in the node namespace is
+1 s, so no path inherits the previous one's closed connections. Proxy CPU is the process's
+user + system time (all threads, from /proc) over each wrk run, divided by the requests or
+connections wrk completed.
 
 $table
 <!-- forwarder-bench:end -->
