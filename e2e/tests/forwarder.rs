@@ -504,7 +504,9 @@ async fn userspace_mode_serves_a_vip_from_one_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
     let _serial = serial().await;
-    let mut c = Cluster::start("ipv6", NodePorts::Listening, &["--mode", "userspace"]).await;
+    // Kernel mode, and the Nodes have IPv4 addresses only: NAT cannot take an IPv6 VIP to
+    // them, so the forwarder's userspace side serves it.
+    let mut c = Cluster::start("ipv6", NodePorts::Listening, &["--mode", "kernel"]).await;
     c.topo.add_ipv6().unwrap();
     Api::<LoadBalancerPool>::all(c.admin.clone())
         .create(

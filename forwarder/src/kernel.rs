@@ -85,6 +85,17 @@ pub fn servable(frontends: &[Frontend]) -> Vec<Frontend> {
         .collect()
 }
 
+/// Splits a kernel-mode node's frontends into those for nftables and those its userspace side
+/// serves: the ones asking for PROXY protocol (a header the kernel cannot write), and the ones
+/// whose backends are all of the other family (an IPv6 VIP on nodes with IPv4 addresses only:
+/// NAT cannot cross families, a relay can).
+pub fn split(frontends: &[Frontend]) -> (Vec<Frontend>, Vec<Frontend>) {
+    frontends.iter().cloned().partition(|f| {
+        let same_family = f.backends.iter().any(|b| b.is_ipv6() == f.vip.is_ipv6());
+        !f.proxy_protocol && (same_family || f.protocol == Protocol::Sctp)
+    })
+}
+
 /// Recent clients of affinity sets, by set name: each client's address and how long it has
 /// left in the set.
 pub type AffinityClients = BTreeMap<String, Vec<(IpAddr, Duration)>>;
@@ -595,6 +606,26 @@ mod tests {
             r.contains("ip daddr 192.0.2.10 tcp dport 80 ip saddr != { 198.51.100.0/24 } drop"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn what_the_kernel_cannot_serve_goes_to_the_userspace_side() {
+        let plain = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let mut proxied = frontend("192.0.2.10", 443, Protocol::Tcp, &["10.0.0.1:30443"]);
+        proxied.proxy_protocol = true;
+        let across = frontend("2001:db8::10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let mixed = frontend(
+            "2001:db8::11",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "[2001:db8::1]:30080"],
+        );
+        let (kernel, userspace) = split(&[plain, proxied, across, mixed]);
+        let ports = |v: &[Frontend]| -> Vec<String> {
+            v.iter().map(|f| format!("{}:{}", f.vip, f.port)).collect()
+        };
+        assert_eq!(ports(&kernel), ["192.0.2.10:80", "2001:db8::11:80"]);
+        assert_eq!(ports(&userspace), ["192.0.2.10:443", "2001:db8::10:80"]);
     }
 
     #[test]

@@ -192,7 +192,7 @@ fn apply_retry_delay(attempts: u32) -> Duration {
 
 /// The data plane chosen at start.
 enum Dataplane {
-    /// nftables, with a userspace side for Services that want PROXY protocol.
+    /// nftables, with a userspace side for what nftables cannot serve (`kernel::split`).
     Kernel(Kernel, Userspace),
     Userspace(Userspace),
 }
@@ -201,10 +201,9 @@ impl Dataplane {
     async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<()> {
         let (userspace, rest) = match self {
             Dataplane::Kernel(kernel, userspace) => {
-                let (proxied, kernel_side): (Vec<Frontend>, Vec<Frontend>) =
-                    frontends.iter().cloned().partition(|f| f.proxy_protocol);
+                let (kernel_side, userspace_side) = kernel::split(frontends);
                 kernel.apply(&kernel_side).await?;
-                (userspace, proxied)
+                (userspace, userspace_side)
             }
             Dataplane::Userspace(userspace) => (userspace, frontends.to_vec()),
         };
