@@ -72,9 +72,7 @@ pub fn init_logging(config: &Config) -> anyhow::Result<()> {
 
 /// Runs the forwarder until SIGTERM/Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let client = ferry_runtime::kube_client().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         ferry_runtime::shutdown_signal().await;

@@ -172,10 +172,37 @@ pub(crate) fn provider_triggers_for_test(
 /// Runs the operator with the ambient Kubernetes configuration (KUBECONFIG, ~/.kube/config
 /// or in-cluster) until SIGTERM/Ctrl-C or lost leadership.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let client = ferry_runtime::kube_client().await?;
     run_with_client(config, client).await
+}
+
+/// Whether a failed call is worth repeating: the server is throttling (429), failing (5xx) or
+/// not answering. Anything else (no permission, a certificate it refuses) will not change by
+/// itself.
+fn transient(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+/// Waits until the API server answers, retrying with backoff (1 s to 30 s) while it throttles,
+/// fails or cannot be reached; any other error ends the operator with its cause.
+async fn reach_api_server(client: &Client) -> anyhow::Result<()> {
+    let mut attempt = 0u32;
+    loop {
+        match client.apiserver_version().await {
+            Ok(_) => return Ok(()),
+            Err(err) if transient(&err) => {
+                attempt = attempt.saturating_add(1);
+                let wait = reconcile::backoff(attempt, "api-server").min(Duration::from_secs(30));
+                warn!(error = %err, retry_in = ?wait, "the Kubernetes API server is not answering yet");
+                tokio::time::sleep(wait).await;
+            }
+            Err(err) => return Err(err).context("cannot use the Kubernetes API server"),
+        }
+    }
 }
 
 /// Runs the operator with `client` until SIGTERM/Ctrl-C or lost leadership.
@@ -217,10 +244,10 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
     };
 
     // A standby replica is healthy and ready: it is only waiting.
-    client
-        .apiserver_version()
-        .await
-        .context("cannot reach the Kubernetes API server")?;
+    tokio::select! {
+        reached = reach_api_server(&client) => reached?,
+        _ = shutdown.clone() => return Ok(()),
+    }
     health.set_ready(true);
 
     let identity = identity(&config);
@@ -431,6 +458,23 @@ async fn run_controllers(
 mod tests {
     use super::*;
     use crate::fixtures::service;
+
+    #[test]
+    fn throttling_server_errors_and_silence_are_waited_out_and_refusals_are_not() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(transient(&api(429)));
+        assert!(transient(&api(503)));
+        assert!(transient(&kube::Error::Service(
+            "connection refused".into()
+        )));
+        assert!(!transient(&api(403)));
+        assert!(!transient(&api(401)));
+    }
 
     #[test]
     fn a_spec_change_is_noticed_even_though_services_keep_their_generation() {

@@ -1,6 +1,7 @@
 //! What every ferry process does the same way: a bad flag is one line and exit code 2
-//! (`parse_args`), logs go through `tracing` (text for people, JSON for pipelines), the HTTP
-//! endpoints in `server`, and SIGTERM or Ctrl-C ends it (`shutdown_signal`). The operator and
+//! (`parse_args`), logs go through `tracing` (text for people, JSON for pipelines), the
+//! Kubernetes client (`kube_client`), the HTTP endpoints in `server`, and SIGTERM or Ctrl-C
+//! ends it (`shutdown_signal`). The operator and
 //! the forwarder each keep their own metrics; this crate only serves their encoded text.
 
 pub mod server;
@@ -26,6 +27,20 @@ pub fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
     }
     Ok(())
+}
+
+/// A Kubernetes client from the ambient configuration (KUBECONFIG, ~/.kube/config or
+/// in-cluster) that does not retry throttled requests by itself. kube's default retry layer
+/// retries 429, 503 and 504 up to 15 times with a backoff that doubles past the server's
+/// Retry-After, holding the caller for minutes under sustained throttling (one reconcile, one
+/// heartbeat renewal); ferry's callers retry on their own schedule instead: the operator per
+/// Service after the server's Retry-After, the forwarder at its next renewal.
+pub async fn kube_client() -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .context("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    config.default_retry = false;
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// A clap value parser for durations such as `500ms`, `15s`, `10m`.
