@@ -256,7 +256,11 @@ impl Topology {
 
     /// Gives every host an IPv6 address on the switch too: `fd00:213::<n>` where `n` is the
     /// last octet of its IPv4 address (no duplicate address detection, so usable at once).
+    /// Nodes forward IPv6 as they do IPv4.
     pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        for host in &self.nodes {
+            host.ns().sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         for host in self.nodes.iter().chain([&self.client]) {
             host.ns().ip(&[
                 "-6",
@@ -288,6 +292,15 @@ impl Topology {
         words.next().map(str::to_lowercase)
     }
 
+    /// The nodes as dual-stack Node objects (their `add_ipv6` address as a second InternalIP).
+    pub fn dual_stack_nodes(&self) -> Vec<crate::nodes::SimulatedNode> {
+        let mut nodes = self.simulated_nodes();
+        for (node, host) in nodes.iter_mut().zip(&self.nodes) {
+            node.ipv6 = Some(Self::ipv6_of(host));
+        }
+        nodes
+    }
+
     /// The nodes as Node objects to register (name and InternalIP).
     pub fn simulated_nodes(&self) -> Vec<crate::nodes::SimulatedNode> {
         self.nodes
@@ -295,6 +308,7 @@ impl Topology {
             .map(|h| crate::nodes::SimulatedNode {
                 name: h.name.clone(),
                 ip: h.ip,
+                ipv6: None,
             })
             .collect()
     }

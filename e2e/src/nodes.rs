@@ -6,7 +6,7 @@
 //! Service, so a test or a person can see which node served them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ const IDLE: Duration = Duration::from_secs(30);
 pub struct SimulatedNode {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// A second InternalIP, for a dual-stack node.
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// The i-th simulated node (0-based): `sandbox-node-1` at 127.0.1.1, and so on.
@@ -39,6 +41,7 @@ pub fn simulated_node(prefix: &str, i: usize) -> SimulatedNode {
     SimulatedNode {
         name: format!("{prefix}-{n}"),
         ip: Ipv4Addr::new(127, 0, 1, n),
+        ipv6: None,
     }
 }
 
@@ -75,16 +78,19 @@ pub async fn register(client: &Client, nodes: &[SimulatedNode]) -> anyhow::Resul
         api.patch(&node.name, &params, &Patch::Apply(&value))
             .await?;
         let status = NodeStatus {
-            addresses: Some(vec![
-                NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: node.ip.to_string(),
-                },
-                NodeAddress {
-                    type_: "Hostname".into(),
-                    address: node.name.clone(),
-                },
-            ]),
+            addresses: Some(
+                std::iter::once(IpAddr::V4(node.ip))
+                    .chain(node.ipv6.map(IpAddr::V6))
+                    .map(|ip| NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: ip.to_string(),
+                    })
+                    .chain([NodeAddress {
+                        type_: "Hostname".into(),
+                        address: node.name.clone(),
+                    }])
+                    .collect(),
+            ),
             conditions: Some(vec![NodeCondition {
                 type_: "Ready".into(),
                 status: "True".into(),
@@ -95,10 +101,12 @@ pub async fn register(client: &Client, nodes: &[SimulatedNode]) -> anyhow::Resul
             }]),
             ..NodeStatus::default()
         };
+        // A merge patch, not an apply: the API server's apply schema keys addresses by type,
+        // so a dual-stack node's two InternalIPs cannot be applied (kubelet patches too).
         api.patch_status(
             &node.name,
-            &params,
-            &Patch::Apply(&json!({ "apiVersion": "v1", "kind": "Node", "status": status })),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
         )
         .await?;
     }

@@ -571,6 +571,71 @@ async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_mode_nats_an_ipv6_vip_to_dual_stack_nodes_and_relays_it_without_forwarding() {
+    let _serial = serial().await;
+    let c = Cluster::start("dualstack", NodePorts::Listening, &["--mode", "kernel"]).await;
+    c.topo.add_ipv6().unwrap();
+    register(&c.admin, &c.topo.dual_stack_nodes())
+        .await
+        .unwrap();
+    Api::<LoadBalancerPool>::all(c.admin.clone())
+        .create(
+            &PostParams::default(),
+            &pool("fwd6", &["fd00:213::200/125"]),
+        )
+        .await
+        .unwrap();
+    let ipv6_service = |name: &'static str, node_port: u16| {
+        c.service(
+            name,
+            json!({ "type": "LoadBalancer", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
+                    "ports": [ { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+    };
+    let owner_of = |vip: String| {
+        let c = &c;
+        async move {
+            eventually(WAIT, &format!("one node holding {vip}"), || async {
+                let h = c.holders(&vip);
+                (h.len() == 1).then(|| h[0].clone())
+            })
+            .await
+        }
+    };
+    let table = |node: &str| {
+        c.topo.nodes[c.node_index(node)]
+            .ns()
+            .exec("nft", &["list", "table", "inet", "ferry"])
+            .unwrap_or_default()
+    };
+
+    // The nodes have IPv6 InternalIPs and forward IPv6: nftables takes the VIP to all three.
+    let vip = ipv6_service("web6", 30080).await;
+    let owner = owner_of(vip.clone()).await;
+    let host = format!("[{vip}]");
+    c.wait_for_traffic(&host, 80).await;
+    let nodes = c.spread(&host, 80, 30);
+    assert_eq!(nodes.len(), 3, "requests reached {nodes:?}");
+    assert!(table(&owner).contains(&vip), "{}", table(&owner));
+
+    // Without IPv6 forwarding NAT could reach only the owner's own NodePort; a VIP created
+    // then is relayed by the owner's userspace side, and still reaches every node.
+    for node in &c.topo.nodes {
+        node.ns()
+            .sysctl("net.ipv6.conf.all.forwarding", "0")
+            .unwrap();
+    }
+    let relayed = ipv6_service("relayed6", 30081).await;
+    let owner = owner_of(relayed.clone()).await;
+    let host = format!("[{relayed}]");
+    c.wait_for_traffic(&host, 80).await;
+    let nodes = c.spread(&host, 80, 30);
+    assert_eq!(nodes.len(), 3, "requests reached {nodes:?}");
+    assert!(!table(&owner).contains(&relayed), "{}", table(&owner));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vip_moves_when_its_owner_fails() {
     let _serial = serial().await;
     let mut c = Cluster::start("failover", NodePorts::Listening, &[]).await;

@@ -85,14 +85,60 @@ pub fn servable(frontends: &[Frontend]) -> Vec<Frontend> {
         .collect()
 }
 
+/// Whether this node routes packets of each family on (`net.ipv4.ip_forward`,
+/// `net.ipv6.conf.all.forwarding`): NAT to another node's NodePort needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forwarding {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Forwarding {
+    /// Both families on.
+    pub const ON: Forwarding = Forwarding {
+        ipv4: true,
+        ipv6: true,
+    };
+
+    /// The node's settings now (a family whose setting cannot be read counts as off).
+    pub fn read() -> Forwarding {
+        let on = |path: &str| std::fs::read_to_string(path).is_ok_and(|s| s.trim() == "1");
+        Forwarding {
+            ipv4: on("/proc/sys/net/ipv4/ip_forward"),
+            ipv6: on("/proc/sys/net/ipv6/conf/all/forwarding"),
+        }
+    }
+
+    fn of(&self, ip: &IpAddr) -> bool {
+        if ip.is_ipv6() { self.ipv6 } else { self.ipv4 }
+    }
+}
+
 /// Splits a kernel-mode node's frontends into those for nftables and those its userspace side
-/// serves: the ones asking for PROXY protocol (a header the kernel cannot write), and the ones
+/// serves: the ones asking for PROXY protocol (a header the kernel cannot write), the ones
 /// whose backends are all of the other family (an IPv6 VIP on nodes with IPv4 addresses only:
-/// NAT cannot cross families, a relay can).
-pub fn split(frontends: &[Frontend]) -> (Vec<Frontend>, Vec<Frontend>) {
+/// NAT cannot cross families, a relay can), and the ones with backends on other nodes while
+/// the node does not forward their family (NAT would send them nowhere; a relay connects from
+/// the node itself). `own` are the node's addresses. SCTP, which the userspace side does not
+/// relay, always stays with nftables.
+pub fn split(
+    frontends: &[Frontend],
+    forwarding: Forwarding,
+    own: &[IpAddr],
+) -> (Vec<Frontend>, Vec<Frontend>) {
     frontends.iter().cloned().partition(|f| {
-        let same_family = f.backends.iter().any(|b| b.is_ipv6() == f.vip.is_ipv6());
-        !f.proxy_protocol && (same_family || f.protocol == Protocol::Sctp)
+        if f.protocol == Protocol::Sctp {
+            return true;
+        }
+        let mut natted = f.backends.iter().filter(|b| b.is_ipv6() == f.vip.is_ipv6());
+        let Some(first) = natted.next() else {
+            return false;
+        };
+        let routed = !forwarding.of(&f.vip)
+            && std::iter::once(first)
+                .chain(natted)
+                .any(|b| !own.contains(&b.ip()));
+        !f.proxy_protocol && !routed
     })
 }
 
@@ -620,12 +666,52 @@ mod tests {
             Protocol::Tcp,
             &["10.0.0.1:30080", "[2001:db8::1]:30080"],
         );
-        let (kernel, userspace) = split(&[plain, proxied, across, mixed]);
-        let ports = |v: &[Frontend]| -> Vec<String> {
-            v.iter().map(|f| format!("{}:{}", f.vip, f.port)).collect()
-        };
+        let (kernel, userspace) = split(&[plain, proxied, across, mixed], Forwarding::ON, &[]);
         assert_eq!(ports(&kernel), ["192.0.2.10:80", "2001:db8::11:80"]);
         assert_eq!(ports(&userspace), ["192.0.2.10:443", "2001:db8::10:80"]);
+    }
+
+    fn ports(v: &[Frontend]) -> Vec<String> {
+        v.iter().map(|f| format!("{}:{}", f.vip, f.port)).collect()
+    }
+
+    #[test]
+    fn without_forwarding_only_vips_served_by_the_node_itself_stay_in_the_kernel() {
+        let own: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let spread = frontend(
+            "2001:db8::10",
+            80,
+            Protocol::Tcp,
+            &["[2001:db8::1]:30080", "[2001:db8::2]:30080"],
+        );
+        let mut local = frontend("2001:db8::11", 80, Protocol::Tcp, &["[2001:db8::1]:30081"]);
+        local.local = true;
+        let v4 = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080"],
+        );
+        let sctp = frontend("2001:db8::12", 80, Protocol::Sctp, &["[2001:db8::2]:30082"]);
+        let all = [spread, local, v4, sctp];
+
+        let no_ipv6 = Forwarding {
+            ipv4: true,
+            ipv6: false,
+        };
+        let (kernel, userspace) = split(&all, no_ipv6, &own);
+        assert_eq!(
+            ports(&kernel),
+            ["2001:db8::11:80", "192.0.2.10:80", "2001:db8::12:80"]
+        );
+        assert_eq!(ports(&userspace), ["2001:db8::10:80"]);
+
+        let no_ipv4 = Forwarding {
+            ipv4: false,
+            ipv6: true,
+        };
+        let (_, userspace) = split(&all, no_ipv4, &own);
+        assert_eq!(ports(&userspace), ["192.0.2.10:80"]);
     }
 
     #[test]

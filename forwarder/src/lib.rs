@@ -48,7 +48,7 @@ use crate::announce::Announcer;
 use crate::config::{Announce, Config, Mode};
 use crate::health::HealthChecker;
 use crate::heartbeat::{Heartbeat, Liveness};
-use crate::kernel::Kernel;
+use crate::kernel::{Forwarding, Kernel};
 use crate::metrics::Metrics;
 use crate::plan::{ClusterView, Frontend, NodePlan, Notice};
 use crate::userspace::{Limits, Userspace, relay::Timeouts};
@@ -190,16 +190,18 @@ fn apply_retry_delay(attempts: u32) -> Duration {
 
 /// The data plane chosen at start.
 enum Dataplane {
-    /// nftables, with a userspace side for what nftables cannot serve (`kernel::split`).
-    Kernel(Kernel, Userspace),
+    /// nftables, with a userspace side for what nftables cannot serve (`kernel::split`);
+    /// the node's own addresses.
+    Kernel(Kernel, Userspace, Vec<IpAddr>),
     Userspace(Userspace),
 }
 
 impl Dataplane {
     async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<()> {
         let (userspace, rest) = match self {
-            Dataplane::Kernel(kernel, userspace) => {
-                let (kernel_side, userspace_side) = kernel::split(frontends);
+            Dataplane::Kernel(kernel, userspace, own) => {
+                let (kernel_side, userspace_side) =
+                    kernel::split(frontends, Forwarding::read(), own);
                 kernel.apply(&kernel_side).await?;
                 (userspace, userspace_side)
             }
@@ -221,7 +223,7 @@ impl Dataplane {
 
     async fn clear(&mut self) {
         match self {
-            Dataplane::Kernel(kernel, userspace) => {
+            Dataplane::Kernel(kernel, userspace, _) => {
                 if let Err(err) = kernel.clear().await {
                     warn!(error = %err, "removing the nftables table");
                 }
@@ -240,16 +242,27 @@ fn valid_pools(store: &Store<LoadBalancerPool>) -> Vec<ferry_providers::local::i
     pools::validate(&all).valid
 }
 
-fn ip_forwarding_enabled() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|s| s.trim() == "1")
-}
-
 async fn choose_dataplane(
     config: &Config,
     limits: Limits,
     metrics: &Metrics,
+    own: &[IpAddr],
 ) -> anyhow::Result<Dataplane> {
     let userspace = Userspace::new(limits, metrics.dataplane.clone());
+    let kernel = |userspace| Dataplane::Kernel(Kernel::default(), userspace, own.to_vec());
+    let forwarding = Forwarding::read();
+    let off = match (forwarding.ipv4, forwarding.ipv6) {
+        (true, true) => None,
+        (false, true) => Some("net.ipv4.ip_forward is 0"),
+        (true, false) => Some("net.ipv6.conf.all.forwarding is 0"),
+        (false, false) => Some("net.ipv4.ip_forward and net.ipv6.conf.all.forwarding are 0"),
+    };
+    if let Some(off) = off.filter(|_| config.mode != Mode::Userspace) {
+        info!(
+            "{off}: VIPs of that family with backends on other nodes are relayed by the \
+             userspace side (NAT would need the node to forward)"
+        );
+    }
     match config.mode {
         Mode::Userspace => {
             info!("data plane: userspace (as configured)");
@@ -259,22 +272,13 @@ async fn choose_dataplane(
             Kernel::probe()
                 .await
                 .context("--mode kernel, but nftables cannot be programmed here")?;
-            if !ip_forwarding_enabled() {
-                warn!(
-                    "net.ipv4.ip_forward is 0: traffic for other nodes' NodePorts will not be forwarded"
-                );
-            }
             info!("data plane: kernel (nftables, as configured)");
-            Ok(Dataplane::Kernel(Kernel::default(), userspace))
+            Ok(kernel(userspace))
         }
         Mode::Auto => match Kernel::probe().await {
-            Ok(()) if ip_forwarding_enabled() => {
-                info!("data plane: kernel (nftables works and IP forwarding is on)");
-                Ok(Dataplane::Kernel(Kernel::default(), userspace))
-            }
             Ok(()) => {
-                info!("data plane: userspace (nftables works, but net.ipv4.ip_forward is 0)");
-                Ok(Dataplane::Userspace(userspace))
+                info!("data plane: kernel (nftables works)");
+                Ok(kernel(userspace))
             }
             Err(err) => {
                 info!(reason = %err, "data plane: userspace (nftables cannot be programmed here)");
@@ -436,7 +440,7 @@ pub async fn run_with_client(
             "the open-file limit caps relayed TCP connections below --max-connections"
         );
     }
-    let mut dataplane = choose_dataplane(&config, limits, &metrics).await?;
+    let mut dataplane = choose_dataplane(&config, limits, &metrics, &node_ips).await?;
 
     let live_now = || {
         liveness

@@ -7,9 +7,10 @@
 //! `ferry-test-backend --name NODE [--address IP] [--tcp PORT]… [--udp PORT]… [--health PORT]`
 //!
 //! `--address` binds the TCP and UDP ports to one address (a pod's, behind NodePort NAT)
-//! instead of every address of the node.
+//! instead of every address of the node, IPv4 and IPv6 (a client's IPv4 address is reported
+//! as such, not IPv4-mapped).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use ferry_forwarder::proxy_protocol;
@@ -94,7 +95,9 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, name: String) -> std
             }
             "/hold" => {
                 stream
-                    .write_all(response(&format!("{name} {}\n", client.ip())).as_bytes())
+                    .write_all(
+                        response(&format!("{name} {}\n", client.ip().to_canonical())).as_bytes(),
+                    )
                     .await?;
                 // Keep the socket open whatever the client does.
                 let mut sink = [0u8; 1024];
@@ -104,7 +107,9 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, name: String) -> std
             }
             _ => {
                 stream
-                    .write_all(response(&format!("{name} {}\n", client.ip())).as_bytes())
+                    .write_all(
+                        response(&format!("{name} {}\n", client.ip().to_canonical())).as_bytes(),
+                    )
                     .await?
             }
         }
@@ -128,13 +133,16 @@ async fn udp(address: IpAddr, port: u16, name: String) -> std::io::Result<()> {
     loop {
         let (_, peer) = socket.recv_from(&mut buf).await?;
         let _ = socket
-            .send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer)
+            .send_to(
+                format!("{name} {}\n", peer.ip().to_canonical()).as_bytes(),
+                peer,
+            )
             .await;
     }
 }
 
 async fn health(port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await?;
     loop {
         let (mut stream, _) = listener.accept().await?;
         tokio::spawn(async move {
@@ -155,7 +163,7 @@ async fn main() {
         }
     };
     let _ = ferry_forwarder::raise_open_files_limit();
-    let address = args.address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let address = args.address.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     let mut tasks = tokio::task::JoinSet::new();
     for port in args.tcp {
         tasks.spawn(tcp(address, port, args.name.clone()));
