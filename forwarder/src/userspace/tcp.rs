@@ -1,12 +1,19 @@
 //! One TCP frontend: accept (within the shared connection limit), admit by source range,
-//! connect to a backend (the next one on failure, three tries at most), optionally write the
-//! PROXY v2 header, then relay until either side is done or the listener's watchdog finds the
-//! connection quiet for too long.
+//! connect to a backend (the next one on failure, three tries at most), send what must go
+//! first (the PROXY v2 header, and whatever the client has sent already), then relay until
+//! either side is done or the listener's watchdog finds the connection quiet for too long.
+//!
+//! Data in hand at connect time saves a packet: the connect asks for the handshake's last
+//! ACK to be held (TCP_QUICKACK off) and it leaves with that data's first segment, which also
+//! hands the backend its connection and its first bytes in one go (HAProxy's
+//! `tcp-smart-connect`). A client that has not spoken yet (a protocol where the server speaks
+//! first) gets the usual connect: there is nothing to hold the ACK for.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
@@ -24,6 +31,10 @@ use crate::proxy_protocol;
 
 /// Backends tried for one connection before giving up on it.
 const CONNECT_TRIES: usize = 3;
+
+/// At most this much of what a client sent before its backend connect is read ahead; the
+/// rest is relayed as usual.
+const EARLY: usize = 4096;
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Semaphore>) {
     let mut stop = shared.stop.clone();
@@ -97,12 +108,16 @@ enum Connecting {
 }
 
 /// Starts a connect to a backend: a non-blocking socket made in one call, NODELAY set before
-/// the handshake. A connect to this node's own NodePort has usually finished by the time
-/// connect(2) returns (the handshake runs through loopback within the call), which a
-/// zero-timeout poll(2) tells: such a connect costs neither a wait for readiness nor a timer.
-fn start_connect(addr: SocketAddr) -> io::Result<Connecting> {
+/// the handshake, and with `hold_ack` the handshake's last ACK held for the first data. A
+/// connect to this node's own NodePort has usually finished by the time connect(2) returns
+/// (the handshake runs through loopback within the call), which a zero-timeout poll(2) tells:
+/// such a connect costs neither a wait for readiness nor a timer.
+fn start_connect(addr: SocketAddr, hold_ack: bool) -> io::Result<Connecting> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     socket.set_tcp_nodelay(true)?;
+    if hold_ack {
+        socket.set_tcp_quickack(false)?;
+    }
     match socket.connect(&addr.into()) {
         Ok(()) => return Ok(Connecting::Done(TcpStream::from_std(socket.into())?)),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -144,9 +159,9 @@ async fn established(stream: TcpStream) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Connects to `addr` within `timeout`.
-async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    match start_connect(addr)? {
+/// Connects to `addr` within `timeout`; `hold_ack` when data is in hand to send at once.
+async fn connect(addr: SocketAddr, timeout: Duration, hold_ack: bool) -> io::Result<TcpStream> {
+    match start_connect(addr, hold_ack)? {
         Connecting::Done(stream) => Ok(stream),
         Connecting::Pending(stream) => tokio::time::timeout(timeout, established(stream))
             .await
@@ -154,9 +169,56 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     }
 }
 
+/// What the client has sent so far, up to `EARLY` bytes, appended to `into` without waiting
+/// (nothing when it has not spoken yet, has finished, or failed: the relay finds those out).
+fn read_early(client: &TcpStream, into: &mut Vec<u8>) -> usize {
+    let mut buf = [0u8; EARLY];
+    // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let n = usize::try_from(n).unwrap_or(0);
+    into.extend_from_slice(&buf[..n]);
+    n
+}
+
+/// Sends `first` on a connection just established: straight to the socket (its send buffer
+/// is empty, so it takes it all at once), waiting for room only for what it did not take.
+async fn send_first(stream: &mut TcpStream, first: &[u8]) -> io::Result<()> {
+    // SAFETY: send reads at most `first.len()` bytes from memory `first` borrows.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            first.as_ptr().cast(),
+            first.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    let sent = match usize::try_from(n) {
+        Ok(sent) => sent,
+        Err(_) => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => 0,
+            e => return Err(e),
+        },
+    };
+    stream.write_all(&first[sent..]).await
+}
+
 async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch: &Watch) {
     let frontend = shared.frontend();
     let limits = shared.limits;
+    // What goes to the backend before the relay starts.
+    let mut first = Vec::new();
+    if frontend.proxy_protocol {
+        let vip = SocketAddr::new(frontend.vip, frontend.port);
+        first.extend_from_slice(&proxy_protocol::header(peer, vip));
+    }
+    let early = read_early(&client, &mut first);
     let mut failed = Vec::new();
     let mut backend = None;
     while failed.len() < CONNECT_TRIES {
@@ -167,7 +229,7 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch:
         else {
             break;
         };
-        match connect(addr, limits.connect_timeout).await {
+        match connect(addr, limits.connect_timeout, !first.is_empty()).await {
             Ok(stream) => {
                 backend = Some((addr, stream));
                 break;
@@ -181,15 +243,12 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch:
         debug!(client = %peer, service = %frontend.service, "no backend could be reached");
         return;
     };
-    if frontend.proxy_protocol {
-        let vip = SocketAddr::new(frontend.vip, frontend.port);
-        if stream
-            .write_all(&proxy_protocol::header(peer, vip))
-            .await
-            .is_err()
-        {
+    if !first.is_empty() {
+        if let Err(err) = send_first(&mut stream, &first).await {
+            debug!(client = %peer, backend = %addr, error = %err, "connection ended");
             return;
         }
+        watch.up.fetch_add(early as u64, Ordering::Relaxed);
     }
     shared.metrics.opened();
     let result = relay(client, stream, watch).await;
@@ -213,7 +272,7 @@ mod tests {
     #[tokio::test]
     async fn connect_reaches_a_listener_with_nodelay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = connect(listener.local_addr().unwrap(), SECOND)
+        let stream = connect(listener.local_addr().unwrap(), SECOND, false)
             .await
             .unwrap();
         assert!(stream.nodelay().unwrap());
@@ -228,9 +287,62 @@ mod tests {
         // The handshake runs within connect(2) unless softirq work is deferred (a loaded
         // machine), so most of these, not necessarily all, are done at once.
         let done = (0..20)
-            .filter(|_| matches!(start_connect(addr), Ok(Connecting::Done(_))))
+            .filter(|_| matches!(start_connect(addr, false), Ok(Connecting::Done(_))))
             .count();
         assert!(done > 0, "no loopback connect was established at once");
+    }
+
+    #[tokio::test]
+    async fn what_a_client_sent_before_the_connect_reaches_the_backend_first_and_whole() {
+        use tokio::io::AsyncReadExt;
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = front.accept().await.unwrap();
+
+        // Nothing sent yet: nothing read, and the connect would not hold its ACK.
+        let mut first = Vec::new();
+        assert_eq!(read_early(&accepted, &mut first), 0);
+        assert!(first.is_empty());
+
+        // More than is read ahead: the rest stays for the relay, in order.
+        let request: Vec<u8> = (0..EARLY + 100).map(|i| (i % 251) as u8).collect();
+        client.write_all(&request).await.unwrap();
+        let early = eventually_read(&accepted, &mut first).await;
+        assert_eq!(early, EARLY);
+        assert_eq!(first, request[..EARLY]);
+
+        let mut upstream = connect(back.local_addr().unwrap(), SECOND, true)
+            .await
+            .unwrap();
+        send_first(&mut upstream, &first).await.unwrap();
+        // The held ACK rides on the data, so the backend's accept completes with it.
+        let (mut server, _) = tokio::time::timeout(SECOND, back.accept())
+            .await
+            .expect("the backend sees the connection with its first data")
+            .unwrap();
+        let mut got = vec![0u8; EARLY];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request[..EARLY]);
+        let mut rest = vec![0u8; 100];
+        let mut accepted = accepted;
+        accepted.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, request[EARLY..]);
+    }
+
+    /// `read_early` once the client's bytes have arrived (loopback delivers them within the
+    /// client's write, but the test does not rely on it).
+    async fn eventually_read(client: &TcpStream, into: &mut Vec<u8>) -> usize {
+        for _ in 0..100 {
+            let n = read_early(client, into);
+            if n > 0 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("nothing arrived");
     }
 
     #[tokio::test]
@@ -241,7 +353,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(2), connect(addr, SECOND))
+        let err = tokio::time::timeout(Duration::from_secs(2), connect(addr, SECOND, false))
             .await
             .expect("a refused connect does not hang")
             .unwrap_err();
