@@ -250,6 +250,8 @@ async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch:
         }
         watch.up.fetch_add(early as u64, Ordering::Relaxed);
     }
+    // Not held for the connection's life: ten thousand idle connections hold no buffers.
+    drop(first);
     shared.metrics.opened();
     let result = relay(client, stream, watch).await;
     shared.metrics.closed();
