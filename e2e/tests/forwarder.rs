@@ -194,6 +194,38 @@ impl Cluster {
         self.topo.holders(ip)
     }
 
+    /// Gives every host an IPv6 address and adds the IPv6 pool `fwd6`.
+    async fn add_ipv6_pool(&self) {
+        self.topo.add_ipv6().unwrap();
+        Api::<LoadBalancerPool>::all(self.admin.clone())
+            .create(
+                &PostParams::default(),
+                &pool("fwd6", &["fd00:213::200/125"]),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A single-stack IPv6 Service with one TCP port, 80, on `node_port`; waits for its address.
+    async fn ipv6_http_service(&self, name: &str, node_port: u16) -> String {
+        self.service(
+            name,
+            json!({ "type": "LoadBalancer", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
+                    "ports": [ { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await
+    }
+
+    /// Waits until exactly one node holds `ip` (no ARP check: IPv6 has none); returns it.
+    async fn wait_for_one_holder(&self, ip: &str) -> String {
+        eventually(WAIT, &format!("one node holding {ip}"), || async {
+            let h = self.holders(ip);
+            (h.len() == 1).then(|| h[0].clone())
+        })
+        .await
+    }
+
     /// Waits until exactly one node holds `ip` and it alone answers ARP for it (checked
     /// twice, so a handover in flight does not count); returns that node.
     async fn wait_for_single_owner(&self, ip: &str) -> String {
@@ -507,28 +539,10 @@ async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
     // Kernel mode, and the Nodes have IPv4 addresses only: NAT cannot take an IPv6 VIP to
     // them, so the forwarder's userspace side serves it.
     let mut c = Cluster::start("ipv6", NodePorts::Listening, &["--mode", "kernel"]).await;
-    c.topo.add_ipv6().unwrap();
-    Api::<LoadBalancerPool>::all(c.admin.clone())
-        .create(
-            &PostParams::default(),
-            &pool("fwd6", &["fd00:213::200/125"]),
-        )
-        .await
-        .unwrap();
-    let vip = c
-        .service(
-            "web6",
-            json!({ "type": "LoadBalancer", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
-                    "ports": [ { "name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP" } ] }),
-            json!({}),
-        )
-        .await;
+    c.add_ipv6_pool().await;
+    let vip = c.ipv6_http_service("web6", 30080).await;
     assert!(vip.starts_with("fd00:213::"), "{vip}");
-    let owner = eventually(WAIT, "one node holding the IPv6 VIP", || async {
-        let h = c.holders(&vip);
-        (h.len() == 1).then(|| h[0].clone())
-    })
-    .await;
+    let owner = c.wait_for_one_holder(&vip).await;
     let url_host = format!("[{vip}]");
     let body = c.wait_for_traffic(&url_host, 80).await;
     assert!(NODES.contains(&body_node(&body).as_str()), "{body}");
@@ -547,11 +561,7 @@ async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
     c.forwarders[i].as_mut().unwrap().kill();
     c.backends[i].as_mut().unwrap().kill();
     drop(c.topo.unplug(i).unwrap());
-    let successor = eventually(WAIT, "another node holding the IPv6 VIP", || async {
-        let h = c.holders(&vip);
-        (h.len() == 1).then(|| h[0].clone())
-    })
-    .await;
+    let successor = c.wait_for_one_holder(&vip).await;
     let successor_mac = c.topo.nodes[c.node_index(&successor)].mac.to_lowercase();
     assert_ne!(successor_mac, owner_mac);
     eventually(
@@ -574,35 +584,10 @@ async fn an_ipv6_vip_is_announced_by_neighbour_advertisement_and_moves() {
 async fn kernel_mode_nats_an_ipv6_vip_to_dual_stack_nodes_and_relays_it_without_forwarding() {
     let _serial = serial().await;
     let c = Cluster::start("dualstack", NodePorts::Listening, &["--mode", "kernel"]).await;
-    c.topo.add_ipv6().unwrap();
+    c.add_ipv6_pool().await;
     register(&c.admin, &c.topo.dual_stack_nodes())
         .await
         .unwrap();
-    Api::<LoadBalancerPool>::all(c.admin.clone())
-        .create(
-            &PostParams::default(),
-            &pool("fwd6", &["fd00:213::200/125"]),
-        )
-        .await
-        .unwrap();
-    let ipv6_service = |name: &'static str, node_port: u16| {
-        c.service(
-            name,
-            json!({ "type": "LoadBalancer", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
-                    "ports": [ { "name": "http", "port": 80, "nodePort": node_port, "protocol": "TCP" } ] }),
-            json!({}),
-        )
-    };
-    let owner_of = |vip: String| {
-        let c = &c;
-        async move {
-            eventually(WAIT, &format!("one node holding {vip}"), || async {
-                let h = c.holders(&vip);
-                (h.len() == 1).then(|| h[0].clone())
-            })
-            .await
-        }
-    };
     let table = |node: &str| {
         c.topo.nodes[c.node_index(node)]
             .ns()
@@ -611,8 +596,8 @@ async fn kernel_mode_nats_an_ipv6_vip_to_dual_stack_nodes_and_relays_it_without_
     };
 
     // The nodes have IPv6 InternalIPs and forward IPv6: nftables takes the VIP to all three.
-    let vip = ipv6_service("web6", 30080).await;
-    let owner = owner_of(vip.clone()).await;
+    let vip = c.ipv6_http_service("web6", 30080).await;
+    let owner = c.wait_for_one_holder(&vip).await;
     let host = format!("[{vip}]");
     c.wait_for_traffic(&host, 80).await;
     let nodes = c.spread(&host, 80, 30);
@@ -626,8 +611,8 @@ async fn kernel_mode_nats_an_ipv6_vip_to_dual_stack_nodes_and_relays_it_without_
             .sysctl("net.ipv6.conf.all.forwarding", "0")
             .unwrap();
     }
-    let relayed = ipv6_service("relayed6", 30081).await;
-    let owner = owner_of(relayed.clone()).await;
+    let relayed = c.ipv6_http_service("relayed6", 30081).await;
+    let owner = c.wait_for_one_holder(&relayed).await;
     let host = format!("[{relayed}]");
     c.wait_for_traffic(&host, 80).await;
     let nodes = c.spread(&host, 80, 30);

@@ -130,14 +130,15 @@ pub fn split(
         if f.protocol == Protocol::Sctp {
             return true;
         }
-        let mut natted = f.backends.iter().filter(|b| b.is_ipv6() == f.vip.is_ipv6());
-        let Some(first) = natted.next() else {
+        let mut natted = f
+            .backends
+            .iter()
+            .filter(|b| b.is_ipv6() == f.vip.is_ipv6())
+            .peekable();
+        if natted.peek().is_none() {
             return false;
-        };
-        let routed = !forwarding.of(&f.vip)
-            && std::iter::once(first)
-                .chain(natted)
-                .any(|b| !own.contains(&b.ip()));
+        }
+        let routed = !forwarding.of(&f.vip) && natted.any(|b| !own.contains(&b.ip()));
         !f.proxy_protocol && !routed
     })
 }
