@@ -24,6 +24,7 @@ pub const POOL_READY_CONDITION: &str = "Ready";
     doc = "A pool of addresses that ferry's local provider assigns to LoadBalancer Services.",
     printcolumn = r#"{"name":"Addresses","type":"string","jsonPath":".spec.addresses"}"#,
     printcolumn = r#"{"name":"Auto Assign","type":"boolean","jsonPath":".spec.autoAssign"}"#,
+    printcolumn = r#"{"name":"Classes","type":"string","priority":1,"jsonPath":".spec.loadBalancerClasses"}"#,
     printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated"}"#,
     printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -58,6 +59,13 @@ pub struct LoadBalancerPoolSpec {
     /// with the `ferry.dev/ip-mode` annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_mode: Option<IpMode>,
+
+    /// The `loadBalancerClass`es of the ferry instances that may allocate from this pool.
+    /// Empty (the default) means `ferry.dev/local`, the local provider's default class; an
+    /// instance serving another class uses only pools that name it, so two local instances
+    /// never hand out the same address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_classes: Vec<String>,
 }
 
 impl LoadBalancerPoolSpec {
@@ -70,6 +78,7 @@ impl LoadBalancerPoolSpec {
             service_selector: None,
             namespace_selector: None,
             ip_mode: None,
+            load_balancer_classes: Vec::new(),
         }
     }
 }

@@ -57,6 +57,36 @@ fn next_identity() -> String {
     format!("operator-{}-{n}", std::process::id())
 }
 
+/// Flags every test operator gets unless the test names them itself: a Lease of its own
+/// (so a test never waits for the Lease a killed operator of an earlier test left), and
+/// short election timings (a restarted process waits a whole lease duration for the Lease
+/// a SIGKILLed one held, as client-go's election does).
+fn test_defaults(args: &[String]) -> Vec<String> {
+    static LEASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let given = |flag: &str| {
+        args.iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let mut out = Vec::new();
+    if !given("--leader-elect-lease-name") {
+        let n = LEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        out.extend([
+            "--leader-elect-lease-name".to_string(),
+            format!("ferry-operator-{}-{n}", std::process::id()),
+        ]);
+    }
+    for (flag, value) in [
+        ("--leader-elect-lease-duration", "4s"),
+        ("--leader-elect-renew-deadline", "3s"),
+        ("--leader-elect-retry-period", "500ms"),
+    ] {
+        if !given(flag) {
+            out.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    out
+}
+
 impl OperatorProcess {
     /// Starts the operator; `args` are extra flags.
     pub fn start(kubeconfig: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
@@ -74,7 +104,8 @@ impl OperatorProcess {
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let program = binary("ferry-operator")?;
         let kubeconfig = kubeconfig.to_path_buf();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.extend(test_defaults(&args));
         let process = ProcessUnderTest::start(
             "operator's",
             dir.join(format!("operator-{}.log", next_log_number())),

@@ -131,3 +131,18 @@ pub async fn delete_pools(client: &Client) {
         }
     }
 }
+
+/// The identity the operator reads for this control plane (`--cluster-id` and the
+/// `kube-system` namespace's UID), for tests that drive a provider directly.
+pub async fn cluster_identity(
+    client: &Client,
+    cluster_id: &str,
+) -> anyhow::Result<ferry_providers::ClusterIdentity> {
+    let ns = Api::<Namespace>::all(client.clone())
+        .get("kube-system")
+        .await?;
+    Ok(ferry_providers::ClusterIdentity {
+        id: cluster_id.to_string(),
+        uid: ns.uid().unwrap_or_default(),
+    })
+}

@@ -907,3 +907,138 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
     assert!(everything_gone(&world, &busy).await);
     delete_nodes(&admin, "aws-rough").await;
 }
+
+/// A target group as an interrupted ensure or delete leaves it: ferry's name and tags for
+/// the Service `uid` of the cluster `cluster_uid`, and no balancer.
+async fn stray_target_group(world: &AwsWorld, cluster_uid: &str, uid: &str) -> String {
+    use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag};
+    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    let out = world
+        .elb
+        .create_target_group()
+        .name(format!(
+            "{}80-tcp",
+            target_group_prefix(&world.cluster_id, uid)
+        ))
+        .protocol(ProtocolEnum::Tcp)
+        .port(80)
+        .vpc_id(&world.vpc)
+        .tags(tag("ferry.dev/cluster", &world.cluster_id))
+        .tags(tag("ferry.dev/cluster-uid", cluster_uid))
+        .tags(tag("ferry.dev/service-namespace", "gone"))
+        .tags(tag("ferry.dev/service-name", "gone"))
+        .tags(tag("ferry.dev/service-uid", uid))
+        .send()
+        .await
+        .unwrap();
+    out.target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_string()
+}
+
+async fn target_group_exists(world: &AwsWorld, arn: &str) -> bool {
+    let out = world.elb.describe_target_groups().send().await.unwrap();
+    out.target_groups()
+        .iter()
+        .any(|t| t.target_group_arn() == Some(arn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_with_one_cluster_id_never_collect_each_others_balancers() {
+    let _serial = serial().await;
+    let here = shared();
+    let there = ferry_e2e::control_plane::start_in_keeper_thread(Default::default());
+    let admin_here = here.admin_client().await.unwrap();
+    let admin_there = there.admin_client().await.unwrap();
+    delete_nodes(&admin_here, "twin").await;
+    sweep_services(&admin_here).await;
+    // One account, one --cluster-id ("e2e"), copied to both clusters.
+    let world = AwsWorld::start(
+        &here.dir,
+        Seed {
+            instances: 2,
+            eips: 0,
+            internal_subnets: false,
+        },
+    )
+    .await
+    .unwrap();
+    aws_nodes(&admin_here, "twin", &world, 0..2).await;
+    aws_nodes(&admin_there, "twin", &world, 0..2).await;
+    let fast = ["--orphan-interval", "2s"];
+    let mut op_here = start_operator(here, &world, &fast);
+    let mut op_there = start_operator(&there, &world, &fast);
+    let ns_here = namespace(&admin_here, "twin").await.unwrap();
+    let ns_there = namespace(&admin_there, "twin").await.unwrap();
+    let svcs_here: Api<Service> = Api::namespaced(admin_here.clone(), &ns_here);
+    let svcs_there: Api<Service> = Api::namespaced(admin_there.clone(), &ns_there);
+    for svcs in [&svcs_here, &svcs_there] {
+        svcs.create(
+            &PostParams::default(),
+            &aws_service("web", vec![port("http", "TCP", 80, 31480)], &[]),
+        )
+        .await
+        .unwrap();
+    }
+    wait_for_hostname(&svcs_here, "web").await;
+    wait_for_hostname(&svcs_there, "web").await;
+    let web_here = svcs_here.get("web").await.unwrap();
+    let web_there = svcs_there.get("web").await.unwrap();
+
+    // Leftovers of each cluster: each collects its own, and only its own.
+    let uid_here = cluster_identity(&admin_here, "e2e").await.unwrap().uid;
+    let uid_there = cluster_identity(&admin_there, "e2e").await.unwrap().uid;
+    assert_ne!(uid_here, uid_there);
+    let stray_here = stray_target_group(&world, &uid_here, "uid-gone-here").await;
+    let stray_there = stray_target_group(&world, &uid_there, "uid-gone-there").await;
+    eventually(
+        WAIT,
+        "each cluster to collect its own stray target group",
+        || async {
+            (!target_group_exists(&world, &stray_here).await
+                && !target_group_exists(&world, &stray_there).await)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Several orphan periods later, neither has lost its balancer to the other.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        balancer(&world, &web_here).await.is_some(),
+        "this cluster's balancer"
+    );
+    assert!(
+        balancer(&world, &web_there).await.is_some(),
+        "the other cluster's balancer"
+    );
+    for svcs in [&svcs_here, &svcs_there] {
+        assert_eq!(
+            condition(svcs, "web").await.map(|c| c.0),
+            Some("True".to_string())
+        );
+    }
+    // Each sees the other's resources, warns, and counts them.
+    for op in [&op_here, &op_there] {
+        let metrics = operator_metrics(op).await;
+        let foreign = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_foreign_resources "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        assert!(
+            foreign >= 2,
+            "the other's balancer and security group at least:\n{metrics}"
+        );
+        assert!(op.log_text().contains("not its identity"));
+    }
+
+    delete_and_wait(&svcs_here, "web", WAIT).await;
+    delete_and_wait(&svcs_there, "web", WAIT).await;
+    assert!(everything_gone(&world, &web_here).await);
+    assert!(everything_gone(&world, &web_there).await);
+    op_here.terminate();
+    op_there.terminate();
+    delete_nodes(&admin_here, "twin").await;
+}

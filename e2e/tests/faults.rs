@@ -187,6 +187,8 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_hands_over_at_once() {
         .await
         .unwrap();
     let timing = [
+        "--leader-elect-lease-name",
+        "ferry-operator",
         "--leader-elect-lease-duration",
         "3s",
         "--leader-elect-renew-deadline",

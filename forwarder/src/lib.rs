@@ -236,10 +236,14 @@ impl Dataplane {
     }
 }
 
-/// The pools the operator allocates from (the same validation, so both agree on them).
-fn valid_pools(store: &Store<LoadBalancerPool>) -> Vec<ferry_providers::local::ipam::Pool> {
+/// The pools the operator of this class allocates from (the same validation, so both agree
+/// on them).
+fn valid_pools(
+    store: &Store<LoadBalancerPool>,
+    class: &str,
+) -> Vec<ferry_providers::local::ipam::Pool> {
     let all: Vec<LoadBalancerPool> = store.state().iter().map(|p| (**p).clone()).collect();
-    pools::validate(&all).valid
+    pools::validate_for(&all, class).valid
 }
 
 async fn choose_dataplane(
@@ -505,7 +509,7 @@ pub async fn run_with_client(
             continue;
         }
         last_pass = Instant::now();
-        let valid_pools = valid_pools(&pool_store);
+        let valid_pools = valid_pools(&pool_store, &class.class);
         let (services_now, nodes_now, slices_now) =
             (services.state(), nodes.state(), slices.state());
         let (plan, notices) = plan::plan(&ClusterView {
@@ -595,7 +599,9 @@ pub async fn run_with_client(
     info!("shutting down: withdrawing VIPs first");
     health.set_ready(false);
     if let Some(a) = &announcer
-        && let Err(err) = a.sync(&BTreeSet::new(), &valid_pools(&pool_store)).await
+        && let Err(err) = a
+            .sync(&BTreeSet::new(), &valid_pools(&pool_store, &class.class))
+            .await
     {
         error!(error = %err, "cannot withdraw VIPs");
     }

@@ -163,13 +163,23 @@ impl Config {
             .unwrap_or_else(|| "ferry".to_string())
     }
 
-    /// Parses `args`; on a bad or missing flag returns the message as one line.
+    /// Parses `args`; on a bad or missing flag, or flags that cannot work together, returns
+    /// the message as one line.
     pub fn parse_args<I, T>(args: I) -> Result<Config, ParseOutcome>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        ferry_runtime::parse_args(args)
+        let config: Config = ferry_runtime::parse_args(args)?;
+        if config.leader_elect {
+            crate::leader::validate_timing(
+                config.leader_elect_lease_duration,
+                config.leader_elect_renew_deadline,
+                config.leader_elect_retry_period,
+            )
+            .map_err(|e| ParseOutcome::Error(format!("error: {e}")))?;
+        }
+        Ok(config)
     }
 }
 
@@ -211,6 +221,8 @@ mod tests {
         assert!(e.contains("--concurrency"), "{e}");
         let e = error(&["--default-class", "maybe"]);
         assert!(e.contains("--default-class"), "{e}");
+        let e = error(&["--leader-elect-renew-deadline", "20s"]);
+        assert!(!e.contains('\n') && e.contains("renew deadline"), "{e}");
     }
 
     #[test]

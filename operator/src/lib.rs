@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ferry_providers::local::{LocalConfig, LocalProvider, ServiceLens};
-use ferry_providers::{LoadBalancerProvider, ProviderSignal};
+use ferry_providers::{ClusterIdentity, LoadBalancerProvider, ProviderSignal};
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -40,6 +40,9 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
 use ferry_runtime::server::{self, Health, MetricsText};
 
+/// The namespace whose UID is this cluster's identity.
+const CLUSTER_IDENTITY_NAMESPACE: &str = "kube-system";
+
 /// How long in-flight work may run after SIGTERM before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -52,13 +55,22 @@ pub fn init_logging(config: &Config) -> anyhow::Result<()> {
 /// Status writes and finalizer changes, including ferry's own, do not trigger a reconcile:
 /// each would otherwise cost a second pass per Service, often on a stale copy that repeats
 /// the status write. (A finalizer removed by hand is restored at the periodic resync.)
+/// This instance's own record is left out for the same reason; whether *another* instance's
+/// record is there is kept in, so its release wakes the Service up.
 /// Services do not maintain `metadata.generation`, so the spec itself is hashed.
-fn service_fingerprint(svc: &Service) -> Option<u64> {
+fn service_fingerprint(svc: &Service, class: &str) -> Option<u64> {
     let mut h = DefaultHasher::new();
     serde_json::to_string(&svc.spec)
         .unwrap_or_default()
         .hash(&mut h);
-    svc.metadata.annotations.hash(&mut h);
+    let recorded = class::provisioned_by(svc);
+    svc.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != class::PROVISIONED_BY)
+        .for_each(|kv| kv.hash(&mut h));
+    recorded.is_some_and(|c| c != class).hash(&mut h);
     svc.metadata.labels.hash(&mut h);
     svc.metadata
         .deletion_timestamp
@@ -72,17 +84,26 @@ async fn build_provider(
     config: &Config,
     client: Client,
     class: ClassFilter,
+    cluster: ClusterIdentity,
 ) -> anyhow::Result<Arc<dyn LoadBalancerProvider>> {
     match config.provider {
         ProviderKind::Local => {
+            // The Services whose addresses this instance holds: those it serves, and those it
+            // provisioned and has not cleaned up yet (held exclusively until then).
+            let lens_class = class.clone();
             let lens: ServiceLens = Arc::new(move |svc: &Service| {
-                if !class.owns(svc) {
+                if !lens_class.may_hold(svc) {
                     return None;
+                }
+                if !lens_class.owns(svc) {
+                    return Some(Err(desired::id_of(svc)));
                 }
                 Some(desired::desired(svc, &[]).map_err(|_| desired::id_of(svc)))
             });
+            let _ = cluster;
             Ok(Arc::new(LocalProvider::new(LocalConfig {
                 client,
+                class: class.class,
                 lens,
                 repair_interval: Duration::from_secs(180),
             })))
@@ -93,7 +114,7 @@ async fn build_provider(
             let aws = AwsConfig {
                 region: config.aws_region.clone(),
                 calls_per_second: config.aws_api_rate,
-                ..AwsConfig::new(config.cluster_id())
+                ..AwsConfig::new(cluster)
             };
             Ok(Arc::new(AwsProvider::from_env(aws).await?))
         }
@@ -102,6 +123,22 @@ async fn build_provider(
             other.as_str()
         ),
     }
+}
+
+/// This cluster's identity: the free-text id and the `kube-system` namespace's UID, which
+/// only this cluster's API can give (see `ClusterIdentity`).
+async fn cluster_identity(client: &Client, id: String) -> anyhow::Result<ClusterIdentity> {
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get(CLUSTER_IDENTITY_NAMESPACE)
+        .await
+        .context(
+            "reading the kube-system namespace, whose UID marks this cluster's cloud resources",
+        )?;
+    let uid = namespace
+        .uid()
+        .filter(|u| !u.is_empty())
+        .context("the kube-system namespace has no UID")?;
+    Ok(ClusterIdentity { id, uid })
 }
 
 fn identity(config: &Config) -> String {
@@ -211,14 +248,14 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         class: config.class(),
         default_class: config.default_class,
     };
-    let provider = build_provider(&config, client.clone(), class.clone()).await?;
     let mut metrics = Metrics::new();
-    provider.register_metrics(metrics.registry_mut());
-    let metrics = Arc::new(metrics);
     let health = Arc::new(Health::default());
+    // The endpoints answer from the start (liveness while the API server is away); metrics
+    // appear once the provider has registered its own.
+    let published: Arc<std::sync::OnceLock<Arc<Metrics>>> = Arc::default();
     let metrics_text: MetricsText = {
-        let metrics = metrics.clone();
-        Arc::new(move || metrics.encode())
+        let published = published.clone();
+        Arc::new(move || published.get().map(|m| m.encode()).unwrap_or_default())
     };
     let (metrics_addr, health_addr) = server::serve_endpoints(
         config.metrics_addr,
@@ -227,8 +264,6 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         health.clone(),
     )
     .await?;
-    info!(provider = provider.name(), class = %class.class, default_class = class.default_class,
-          %metrics_addr, %health_addr, "ferry-operator starting");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -243,11 +278,19 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         .shared()
     };
 
-    // A standby replica is healthy and ready: it is only waiting.
     tokio::select! {
         reached = reach_api_server(&client) => reached?,
         _ = shutdown.clone() => return Ok(()),
     }
+    let cluster = cluster_identity(&client, config.cluster_id()).await?;
+    let provider = build_provider(&config, client.clone(), class.clone(), cluster.clone()).await?;
+    provider.register_metrics(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let _ = published.set(metrics.clone());
+    info!(provider = provider.name(), class = %class.class, default_class = class.default_class,
+          cluster_id = %cluster.id, cluster_uid = %cluster.uid,
+          %metrics_addr, %health_addr, "ferry-operator starting");
+    // A standby replica is healthy and ready: it is only waiting.
     health.set_ready(true);
 
     let identity = identity(&config);
@@ -262,65 +305,74 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
                     .or_else(|| std::env::var("POD_NAMESPACE").ok())
                     .unwrap_or_else(|| "ferry-system".to_string()),
                 identity: identity.clone(),
+                class: class.class.clone(),
                 lease_duration: config.leader_elect_lease_duration,
                 renew_deadline: config.leader_elect_renew_deadline,
                 retry_period: config.leader_elect_retry_period,
             },
         )
     });
-    if let Some(elector) = &elector {
-        tokio::select! {
-            _ = elector.acquire() => {}
+    let term_began = match &elector {
+        Some(elector) => tokio::select! {
+            at = elector.acquire() => Some(at),
             _ = shutdown.clone() => return Ok(()),
-        }
-    }
+        },
+        None => None,
+    };
     metrics.leader.set(1);
 
-    // The provider rebuilds its state before the first reconcile.
-    let mut attempt = 0;
-    loop {
-        match provider.start().await {
-            Ok(()) => break,
-            Err(err) => {
-                attempt += 1;
-                let wait = reconcile::backoff(attempt, "provider-start");
-                warn!(error = %err, retry_in = ?wait, "provider could not start");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.clone() => return Ok(()),
+    // Renewal runs from the moment leadership is won, through the provider's start-up.
+    let leadership_lost = async {
+        match (&elector, term_began) {
+            (Some(e), Some(at)) => e.hold(at).await,
+            _ => futures::future::pending().await,
+        }
+    };
+    let work = async {
+        // The provider rebuilds its state before the first reconcile.
+        let mut attempt = 0;
+        loop {
+            match provider.start().await {
+                Ok(()) => break,
+                Err(err) => {
+                    attempt += 1;
+                    let wait = reconcile::backoff(attempt, "provider-start");
+                    warn!(error = %err, retry_in = ?wait, "provider could not start");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.clone() => return,
+                    }
                 }
             }
         }
-    }
-
-    let leadership_lost = async {
-        match &elector {
-            Some(e) => e.hold().await,
-            None => futures::future::pending().await,
-        }
+        run_controllers(
+            &config,
+            client.clone(),
+            provider.clone(),
+            class,
+            metrics.clone(),
+            identity,
+            shutdown.clone(),
+        )
+        .await;
     };
-    let work = run_controllers(
-        &config,
-        client.clone(),
-        provider.clone(),
-        class,
-        metrics.clone(),
-        identity,
-        shutdown.clone(),
-    );
     // After a shutdown signal, in-flight reconciles get a grace period, not forever.
     let grace = async {
         shutdown.clone().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
         warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period over; exiting with work in flight");
     };
+    // Losing leadership drops every reconcile in flight at once: nothing more is allocated
+    // or written by this process.
     let lost = tokio::select! {
         _ = work => false,
         _ = leadership_lost => true,
         _ = grace => false,
     };
+    metrics.leader.set(0);
+    provider.stop().await;
     if let Some(elector) = &elector {
-        // Best effort: an unreachable API server must not keep the process alive.
+        // Best effort (and only if it is still ours): an unreachable API server must not keep the process alive.
         if tokio::time::timeout(Duration::from_secs(3), elector.release())
             .await
             .is_err()
@@ -328,7 +380,6 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
             warn!("could not release the leader lease in time; it will expire");
         }
     }
-    metrics.leader.set(0);
     if lost {
         anyhow::bail!("lost leadership; exiting so that a fresh process campaigns again");
     }
@@ -378,7 +429,13 @@ async fn run_controllers(
     .default_backoff()
     .reflect(svc_writer)
     .applied_objects()
-    .predicate_filter(service_fingerprint, Default::default());
+    .predicate_filter(
+        {
+            let class = class.class.clone();
+            move |svc: &Service| service_fingerprint(svc, &class)
+        },
+        Default::default(),
+    );
 
     let recorder = Recorder::new(
         client.clone(),
@@ -482,10 +539,29 @@ mod tests {
         let mut cluster_ip = lb.clone();
         cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
         assert_eq!(lb.metadata.generation, cluster_ip.metadata.generation);
-        assert_ne!(service_fingerprint(&lb), service_fingerprint(&cluster_ip));
+        let fp = |svc: &Service| service_fingerprint(svc, "ferry.dev/local");
+        assert_ne!(fp(&lb), fp(&cluster_ip));
         // Status is not part of it: ferry's own writes do not wake it up.
         let mut with_status = lb.clone();
         with_status.status = Some(Default::default());
-        assert_eq!(service_fingerprint(&lb), service_fingerprint(&with_status));
+        assert_eq!(fp(&lb), fp(&with_status));
+    }
+
+    #[test]
+    fn only_another_instances_record_and_its_release_wake_a_service_up() {
+        let lb = service("web").lb().port(80, 30080).build();
+        let fp = |svc: &Service| service_fingerprint(svc, "ferry.dev/local");
+        let ours = service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized_by("ferry.dev/local")
+            .build();
+        assert_eq!(fp(&lb), fp(&ours), "claiming it ourselves wakes nothing");
+        let theirs = service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized_by("ferry.dev/aws")
+            .build();
+        assert_ne!(fp(&lb), fp(&theirs), "the other's release is noticed");
     }
 }

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub provider_call_duration: Family<Labels, Histogram>,
     pub leader: Gauge,
     pub orphans_deleted: Counter,
+    pub foreign_resources: Gauge,
 }
 
 impl Default for Metrics {
@@ -41,6 +42,7 @@ impl Metrics {
         );
         let leader = Gauge::default();
         let orphans_deleted = Counter::default();
+        let foreign_resources = Gauge::default();
         registry.register(
             "ferry_reconciles",
             "Service reconciles, by result (ok, error)",
@@ -76,6 +78,11 @@ impl Metrics {
             "Balancers deleted because no Service claimed them",
             orphans_deleted.clone(),
         );
+        registry.register(
+            "ferry_foreign_resources",
+            "Cloud resources with this cluster's --cluster-id but another cluster's identity (or none) at the last orphan pass; never deleted",
+            foreign_resources.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -85,6 +92,7 @@ impl Metrics {
             provider_call_duration,
             leader,
             orphans_deleted,
+            foreign_resources,
         }
     }
 

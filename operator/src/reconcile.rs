@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::class::ClassFilter;
+use crate::class::{ClassFilter, PROVISIONED_BY, Provisioner, provisioned_by};
 use crate::desired::{self, InvalidService, id_of};
 use crate::eligibility::eligible_targets;
 use crate::metrics::Metrics;
@@ -174,33 +174,72 @@ fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-async fn add_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), kube::Error> {
-    let finalizers = svc.finalizers();
-    // The test makes a concurrent writer's change fail the patch instead of being lost.
-    let ops = if finalizers.is_empty() {
-        json!([
-            { "op": "test", "path": "/metadata/finalizers", "value": null },
-            { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
-        ])
-    } else {
-        json!([
-            { "op": "test", "path": "/metadata/finalizers", "value": finalizers },
-            { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
-        ])
-    };
-    patch_json(api, svc, ops).await
+/// `/metadata/annotations/<PROVISIONED_BY>` as a JSON pointer.
+fn record_path() -> String {
+    format!(
+        "/metadata/annotations/{}",
+        PROVISIONED_BY.replace('~', "~0").replace('/', "~1")
+    )
 }
 
-async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), kube::Error> {
-    let Some(index) = svc.finalizers().iter().position(|f| f == FINALIZER) else {
+/// The JSON patch that gives `svc` ferry's finalizer and `class`'s record, or `None` when it
+/// has both. `test` operations make a concurrent writer's change fail the patch instead of
+/// being lost.
+fn claim_ops(svc: &Service, class: &str) -> Option<serde_json::Value> {
+    let finalizers = svc.finalizers();
+    let recorded = provisioned_by(svc) == Some(class);
+    if has_finalizer(svc) && recorded {
+        return None;
+    }
+    let mut ops = Vec::new();
+    if !has_finalizer(svc) {
+        if finalizers.is_empty() {
+            ops.push(json!({ "op": "test", "path": "/metadata/finalizers", "value": null }));
+            ops.push(json!({ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }));
+        } else {
+            ops.push(json!({ "op": "test", "path": "/metadata/finalizers", "value": finalizers }));
+            ops.push(json!({ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }));
+        }
+    }
+    if !recorded {
+        match svc.metadata.annotations.as_ref() {
+            None => {
+                ops.push(json!({ "op": "test", "path": "/metadata/annotations", "value": null }));
+                ops.push(json!({ "op": "add", "path": "/metadata/annotations", "value": { PROVISIONED_BY: class } }));
+            }
+            Some(annotations) => {
+                ops.push(json!({ "op": "test", "path": record_path(), "value": annotations.get(PROVISIONED_BY) }));
+                ops.push(json!({ "op": "add", "path": record_path(), "value": class }));
+            }
+        }
+    }
+    Some(serde_json::Value::Array(ops))
+}
+
+/// Claims the Service for this instance: finalizer and record, in one write.
+async fn claim(api: &Api<Service>, svc: &Service, class: &str) -> Result<(), kube::Error> {
+    match claim_ops(svc, class) {
+        Some(ops) => patch_json(api, svc, ops).await,
+        None => Ok(()),
+    }
+}
+
+/// Releases the Service: the finalizer and, when it names `class`, the record, in one write.
+async fn release(api: &Api<Service>, svc: &Service, class: &str) -> Result<(), kube::Error> {
+    let mut ops = Vec::new();
+    if let Some(index) = svc.finalizers().iter().position(|f| f == FINALIZER) {
+        let path = format!("/metadata/finalizers/{index}");
+        ops.push(json!({ "op": "test", "path": path, "value": FINALIZER }));
+        ops.push(json!({ "op": "remove", "path": path }));
+    }
+    if provisioned_by(svc) == Some(class) {
+        ops.push(json!({ "op": "test", "path": record_path(), "value": class }));
+        ops.push(json!({ "op": "remove", "path": record_path() }));
+    }
+    if ops.is_empty() {
         return Ok(());
-    };
-    let path = format!("/metadata/finalizers/{index}");
-    let ops = json!([
-        { "op": "test", "path": path, "value": FINALIZER },
-        { "op": "remove", "path": path },
-    ]);
-    match patch_json(api, svc, ops).await {
+    }
+    match patch_json(api, svc, serde_json::Value::Array(ops)).await {
         // Already gone with the object: nothing left to do.
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other,
@@ -258,18 +297,65 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let id = id_of(svc);
     let deleting = svc.metadata.deletion_timestamp.is_some();
-    if deleting || !ctx.class.owns(svc) {
-        if has_finalizer(svc) {
-            cleanup(svc, &id, deleting, &api, ctx).await?;
+    let serving = !deleting && ctx.class.owns(svc);
+    match ctx.class.provisioner(svc) {
+        // Another instance provisioned it: only that instance may clean it up, and it must
+        // have done so before this one provisions anything (the release of its record
+        // wakes this Service up again).
+        Provisioner::Other(class) => {
+            ctx.forget(&id.uid);
+            if !serving {
+                return Ok(Action::await_change());
+            }
+            let message = format!(
+                "waiting for the ferry instance of class {class:?}, which provisioned this Service, to release it (it removes the {PROVISIONED_BY} annotation and the {FINALIZER} finalizer; if no such instance runs any more, remove both by hand)"
+            );
+            info!(previous = %class, "Service moved to this class; waiting for the previous instance to clean up");
+            ctx.event(
+                svc,
+                EventType::Normal,
+                "EnsuringLoadBalancer",
+                message.clone(),
+                "Ensure",
+            )
+            .await;
+            write_status(
+                &api,
+                svc,
+                None,
+                Some(&Readiness::failed("ReleasedByPreviousClass", message)),
+            )
+            .await?;
+            return Ok(Action::requeue(SLOW_RETRY));
         }
-        ctx.forget(&id.uid);
-        return Ok(Action::await_change());
+        Provisioner::Us if !serving => {
+            cleanup(svc, &id, deleting, &api, ctx).await?;
+            ctx.forget(&id.uid);
+            return Ok(Action::await_change());
+        }
+        // A finalizer from before records: cleaned up only by the instance whose provider
+        // holds something for the Service.
+        Provisioner::Unrecorded if !serving => {
+            if ctx.call("get", ctx.provider.get(&id)).await?.is_some() {
+                cleanup(svc, &id, deleting, &api, ctx).await?;
+            } else {
+                debug!(
+                    "ferry's finalizer without a record, and nothing of this instance's; leaving it to its owner"
+                );
+            }
+            ctx.forget(&id.uid);
+            return Ok(Action::await_change());
+        }
+        Provisioner::Nobody if !serving => {
+            ctx.forget(&id.uid);
+            return Ok(Action::await_change());
+        }
+        Provisioner::Us | Provisioner::Unrecorded | Provisioner::Nobody => {}
     }
 
-    // The finalizer goes on before anything is provisioned, so nothing can outlive the Service.
-    if !has_finalizer(svc) {
-        add_finalizer(&api, svc).await?;
-    }
+    // The finalizer and the record go on before anything is provisioned, so nothing can
+    // outlive the Service and only this instance will clean it up.
+    claim(&api, svc, &ctx.class.class).await?;
 
     let targets = ctx.targets();
     let desired = match desired::desired(svc, &targets) {
@@ -397,6 +483,15 @@ async fn cleanup(
         "Delete",
     )
     .await;
+    // What this instance published, so that only that is withdrawn: the controller the
+    // Service moved to may already have written its own.
+    let published = if deleting {
+        None
+    } else {
+        ctx.call("get", ctx.provider.get(id))
+            .await?
+            .map(|observed| ingress_of(&observed))
+    };
     if let Err(err) = ctx.call("delete", ctx.provider.delete(id)).await {
         ctx.event(
             svc,
@@ -410,9 +505,10 @@ async fn cleanup(
     }
     if !deleting {
         // The Service stays but is no longer ours: take back what ferry published.
-        write_status(api, svc, Some(&[]), None).await?;
+        let ours = published.is_some_and(|p| same_addresses(&current_ingress(svc), &p));
+        write_status(api, svc, ours.then_some(&[][..]), None).await?;
     }
-    remove_finalizer(api, svc).await?;
+    release(api, svc, &ctx.class.class).await?;
     info!("load balancer deleted");
     ctx.event(
         svc,
@@ -423,6 +519,16 @@ async fn cleanup(
     )
     .await;
     Ok(())
+}
+
+/// Whether every address or name in `shown` is one of `ours` (ipMode aside).
+fn same_addresses(
+    shown: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
+    ours: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
+) -> bool {
+    let key =
+        |i: &k8s_openapi::api::core::v1::LoadBalancerIngress| (i.ip.clone(), i.hostname.clone());
+    shown.iter().all(|s| ours.iter().any(|o| key(o) == key(s)))
 }
 
 /// Spreads periodic resyncs so that they do not all land at once.

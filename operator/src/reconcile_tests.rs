@@ -512,10 +512,17 @@ async fn a_service_that_stops_being_ours_is_cleaned_up() {
         "203.0.113.1",
     );
     svc.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-    let w = world(&svc, FakeProvider::new(), &[]);
+    // The provider holds the balancer that published 203.0.113.1.
+    let fake = FakeProvider::new();
+    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
+    fake.ensure(&ours).await.unwrap();
+    let w = world(&svc, fake, &[]);
     let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
     assert_eq!(action, Action::await_change());
-    assert_eq!(w.fake.calls(), vec![Call::Delete("default/web".into())]);
+    assert_eq!(
+        w.fake.calls().last(),
+        Some(&Call::Delete("default/web".into()))
+    );
     let body = &w.api.status_patches()[0];
     assert_eq!(
         body["status"]["loadBalancer"],
@@ -606,6 +613,178 @@ async fn orphans_are_deleted_and_live_balancers_kept() {
     assert!(
         w.api.seen().iter().any(|s| s.is("GET", "/api/v1/services")),
         "a fresh list, not a cache"
+    );
+}
+
+#[tokio::test]
+async fn resources_of_a_cluster_with_the_same_id_are_reported_never_deleted() {
+    let svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    let twin = ferry_providers::ForeignResource {
+        id: ferry_providers::LoadBalancerId {
+            namespace: "default".into(),
+            name: "theirs".into(),
+            uid: "uid-in-the-other-cluster".into(),
+        },
+        resource: "load balancer ferry-0123".into(),
+        cluster_uid: Some("other-cluster".into()),
+    };
+    w.fake.insert_foreign(twin);
+    // An old resource of a live Service of ours, from before the identity mark.
+    w.fake.insert_foreign(ferry_providers::ForeignResource {
+        id: ferry_providers::LoadBalancerId {
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: "uid-web".into(),
+        },
+        resource: "target group ferry-abcd-80-tcp".into(),
+        cluster_uid: None,
+    });
+    let deleted = crate::orphans::collect_orphans(&w.ctx).await.unwrap();
+    assert_eq!(deleted, 0);
+    assert!(
+        !w.fake.calls().iter().any(|c| matches!(c, Call::Delete(_))),
+        "nothing deleted: {:?}",
+        w.fake.calls()
+    );
+    assert_eq!(w.ctx.metrics.foreign_resources.get(), 1);
+    assert!(w.ctx.metrics.encode().contains("ferry_foreign_resources 1"));
+}
+
+#[tokio::test]
+async fn the_finalizer_and_the_record_go_on_in_one_write() {
+    let svc = service("web").lb().port(80, 30080).build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    let seen = w.api.seen();
+    let claims: Vec<_> = seen.iter().filter(|s| s.is("PATCH", SVC)).collect();
+    assert_eq!(claims.len(), 1, "one metadata write");
+    let ops = &claims[0].body;
+    assert!(
+        ops.as_array().unwrap().iter().any(|op| op["op"] == "add"
+            && op["path"] == "/metadata/annotations"
+            && op["value"][PROVISIONED_BY] == "ferry.dev/local"),
+        "{ops}"
+    );
+}
+
+#[tokio::test]
+async fn an_unrecorded_service_of_ours_gets_its_record_and_nothing_else() {
+    let svc = provisioned(
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .annotate("team", "web")
+            .finalized_unrecorded()
+            .build(),
+        "203.0.113.1",
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    let seen = w.api.seen();
+    let claims: Vec<_> = seen.iter().filter(|s| s.is("PATCH", SVC)).collect();
+    assert_eq!(claims.len(), 1);
+    let ops = claims[0].body.as_array().unwrap();
+    assert_eq!(ops.len(), 2, "test and add the record: {ops:?}");
+    assert_eq!(
+        ops[1]["path"],
+        "/metadata/annotations/ferry.dev~1provisioned-by"
+    );
+}
+
+#[tokio::test]
+async fn another_instances_service_is_never_cleaned_up_here() {
+    // Provisioned by the aws instance, now of a class nobody here serves, being deleted:
+    // the aws instance's business alone.
+    for svc in [
+        service("web")
+            .lb()
+            .class("ferry.dev/aws")
+            .port(80, 30080)
+            .finalized_by("ferry.dev/aws")
+            .build(),
+        service("web")
+            .lb()
+            .class("ferry.dev/aws")
+            .port(80, 30080)
+            .finalized_by("ferry.dev/aws")
+            .deleting()
+            .build(),
+        service("web")
+            .port(80, 30080)
+            .finalized_by("ferry.dev/aws")
+            .build(),
+    ] {
+        let w = world(&svc, FakeProvider::new(), &[]);
+        let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert!(w.api.seen().is_empty(), "{:?}", w.api.seen());
+        assert!(w.fake.calls().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_service_moved_here_waits_for_the_previous_instance() {
+    // Now of our class (no class, default), but the aws instance has not cleaned up yet.
+    let svc = service("web")
+        .lb()
+        .port(80, 30080)
+        .finalized_by("ferry.dev/aws")
+        .build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(SLOW_RETRY));
+    assert!(w.fake.calls().is_empty(), "nothing provisioned yet");
+    assert!(
+        !w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
+        "the other's finalizer and record are left alone"
+    );
+    let body = &w.api.status_patches()[0];
+    assert_eq!(condition(body)["status"], "False");
+    assert_eq!(condition(body)["reason"], "ReleasedByPreviousClass");
+    assert!(body["status"].get("loadBalancer").is_none());
+}
+
+#[tokio::test]
+async fn cleanup_withdraws_only_the_ingress_this_instance_published() {
+    let mut svc = provisioned(
+        service("web").lb().port(80, 30080).finalized().build(),
+        "192.0.2.99",
+    );
+    svc.spec.as_mut().unwrap().load_balancer_class = Some("metallb.io/metallb".into());
+    let fake = FakeProvider::new();
+    // What this instance had: another address than the one the Service shows now.
+    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
+    fake.ensure(&ours).await.unwrap();
+    let w = world(&svc, fake, &[]);
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert!(w.fake.calls().contains(&Call::Delete("default/web".into())));
+    for body in w.api.status_patches() {
+        assert!(
+            body["status"].get("loadBalancer").is_none(),
+            "MetalLB's address is kept: {body}"
+        );
+    }
+    let release = w
+        .api
+        .seen()
+        .into_iter()
+        .find(|s| s.is("PATCH", SVC))
+        .expect("finalizer released");
+    let paths: Vec<_> = release
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("provisioned-by")),
+        "{paths:?}"
     );
 }
 

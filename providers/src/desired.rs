@@ -313,7 +313,12 @@ pub fn desired(
         traffic_policy,
         session_affinity,
         service_labels: svc.labels().clone(),
-        annotations: annotations.clone(),
+        // ferry's own bookkeeping is not part of what the user asked for.
+        annotations: annotations
+            .iter()
+            .filter(|(k, _)| k.as_str() != crate::class::PROVISIONED_BY)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 

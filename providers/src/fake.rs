@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::{
-    DesiredLoadBalancer, Ingress, IpMode, LoadBalancerId, LoadBalancerProvider,
-    ObservedLoadBalancer, ProviderError, ProviderSignal,
+    DesiredLoadBalancer, ForeignResource, Ingress, IpMode, LoadBalancerId, LoadBalancerProvider,
+    ObservedLoadBalancer, Owned, ProviderError, ProviderSignal,
 };
 
 /// A recorded call, for assertions.
@@ -26,6 +26,7 @@ struct State {
     balancers: BTreeMap<LoadBalancerId, ObservedLoadBalancer>,
     calls: Vec<Call>,
     fail_next: Vec<ProviderError>,
+    foreign: Vec<ForeignResource>,
     next_octet: u8,
     delay: std::time::Duration,
 }
@@ -85,6 +86,11 @@ impl FakeProvider {
 
     pub fn balancers(&self) -> Vec<LoadBalancerId> {
         self.state().balancers.keys().cloned().collect()
+    }
+
+    /// Pretends another cluster (same cluster id, other identity) has a balancer.
+    pub fn insert_foreign(&self, foreign: ForeignResource) {
+        self.state().foreign.push(foreign);
     }
 
     /// Pretends a balancer exists that no Service claims.
@@ -182,8 +188,11 @@ impl LoadBalancerProvider for FakeProvider {
         Ok(self.state().balancers.get(id).cloned())
     }
 
-    async fn list_owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError> {
-        Ok(self.balancers())
+    async fn list_owned(&self) -> Result<Owned, ProviderError> {
+        Ok(Owned {
+            ours: self.balancers(),
+            foreign: self.state().foreign.clone(),
+        })
     }
 
     fn take_signals(&self) -> Option<mpsc::Receiver<ProviderSignal>> {

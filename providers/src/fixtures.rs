@@ -111,7 +111,17 @@ impl ServiceBuilder {
             .insert(key.into(), value.into());
         self
     }
-    pub fn finalized(mut self) -> Self {
+    /// Provisioned by the default local instance: ferry's finalizer and its record.
+    pub fn finalized(self) -> Self {
+        self.finalized_by(crate::class::DEFAULT_LOCAL_CLASS)
+    }
+    /// Provisioned by the instance serving `class`.
+    pub fn finalized_by(self, class: &str) -> Self {
+        self.finalized_unrecorded()
+            .annotate(crate::class::PROVISIONED_BY, class)
+    }
+    /// ferry's finalizer without a record of who provisioned it (ferry before records).
+    pub fn finalized_unrecorded(mut self) -> Self {
         self.0.metadata.finalizers = Some(vec![crate::class::FINALIZER.into()]);
         self
     }

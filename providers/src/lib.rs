@@ -60,6 +60,10 @@ pub trait LoadBalancerProvider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Ends what `start` began (background passes): called when leadership is lost or the
+    /// operator stops. A stopped provider is not started again; the process exits.
+    async fn stop(&self) {}
+
     /// Creates the balancer or converges it to `desired`.
     async fn ensure(
         &self,
@@ -82,8 +86,9 @@ pub trait LoadBalancerProvider: Send + Sync + 'static {
     async fn get(&self, id: &LoadBalancerId)
     -> Result<Option<ObservedLoadBalancer>, ProviderError>;
 
-    /// Every balancer this provider created for this cluster, for orphan collection.
-    async fn list_owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError>;
+    /// Every balancer this provider created for this cluster, for orphan collection, and
+    /// what carries this cluster's id without its identity (see `ClusterIdentity`).
+    async fn list_owned(&self) -> Result<Owned, ProviderError>;
 
     /// The provider's signals, if it has any; taken once by the operator.
     fn take_signals(&self) -> Option<mpsc::Receiver<ProviderSignal>> {

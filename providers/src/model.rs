@@ -204,3 +204,34 @@ pub struct ObservedLoadBalancer {
     pub ingress: Vec<Ingress>,
     pub port_errors: Vec<PortError>,
 }
+
+/// Which cluster a cloud resource belongs to, by two marks. `id` is the operator's free-text
+/// `--cluster-id` (it names resources and can be copied to a second cluster by mistake);
+/// `uid` is the cluster's identity read from its own API (the `kube-system` namespace's UID),
+/// which a copied flag cannot forge. Orphan collection deletes only what carries both.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterIdentity {
+    pub id: String,
+    pub uid: String,
+}
+
+/// What a provider found of its own in the cloud, for orphan collection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Balancers (or their leftovers) carrying both marks of this cluster, by Service.
+    pub ours: Vec<LoadBalancerId>,
+    /// Resources with this cluster's id but another cluster's identity, or none: never
+    /// deleted, only reported.
+    pub foreign: Vec<ForeignResource>,
+}
+
+/// A resource tagged with this cluster's id that this cluster cannot prove is its own.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ForeignResource {
+    /// The Service its tags name.
+    pub id: LoadBalancerId,
+    /// What it is, for the log (`load balancer ferry-…`, `target group …`).
+    pub resource: String,
+    /// The identity it carries, if any.
+    pub cluster_uid: Option<String>,
+}

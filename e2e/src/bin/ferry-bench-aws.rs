@@ -283,7 +283,9 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
     let provider = Arc::new(AwsProvider::with_clients(
         AwsConfig {
             calls_per_second: args.rate,
-            ..AwsConfig::new(world.cluster_id.clone())
+            ..AwsConfig::new(
+                ferry_e2e::scenario::cluster_identity(&admin, &world.cluster_id).await?,
+            )
         },
         aws_sdk_elasticloadbalancingv2::Client::new(&world.sdk_via_proxy().await),
         aws_sdk_ec2::Client::new(&world.sdk_via_proxy().await),

@@ -17,10 +17,13 @@ use tracing::{info, warn};
 
 use super::calls::ApiError;
 use super::options::{AddressType, HealthProtocol, PREFIX, Scheme, SubnetChoice};
-use super::spec::{self, BalancerSpec, Rule, TAG_CLUSTER, TAG_EIPS, TargetGroupSpec, TgProtocol};
+use super::spec::{
+    self, BalancerSpec, Mark, Rule, TAG_CLUSTER, TAG_EIPS, TargetGroupSpec, TgProtocol,
+};
 use super::{AwsProvider, KnownGroup};
 use crate::{
-    DesiredLoadBalancer, Ingress, IpMode, LoadBalancerId, ObservedLoadBalancer, ProviderError,
+    DesiredLoadBalancer, ForeignResource, Ingress, IpMode, LoadBalancerId, ObservedLoadBalancer,
+    Owned, ProviderError,
 };
 
 /// A subnet the balancer lives in.
@@ -176,9 +179,14 @@ impl AwsProvider {
         &self,
         desired: &DesiredLoadBalancer,
     ) -> Result<(BTreeMap<String, KnownGroup>, ObservedLoadBalancer), ProviderError> {
-        let spec = spec::plan(desired, &self.cluster_id)?;
+        let spec = spec::plan(desired, &self.cluster)?;
         let subnets = self.subnets(&spec).await?;
-        let vpc = subnets[0].vpc.clone();
+        // `subnets` refuses an empty choice with its reason; this only keeps a cloud's odd
+        // answer from becoming a panic.
+        let vpc = subnets
+            .first()
+            .map(|s| s.vpc.clone())
+            .ok_or_else(|| missing("a subnet"))?;
         let eips = self.eips(&spec, &subnets).await?;
         let security_group = self.ensure_security_group(&spec, desired, &vpc).await?;
         let lb = self
@@ -1198,9 +1206,12 @@ impl AwsProvider {
         Ok(())
     }
 
-    /// Every Service with a ferry balancer or security group of this cluster.
-    pub(super) async fn owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError> {
+    /// Every Service with a ferry balancer, target group or security group of this cluster,
+    /// and what carries this cluster's id without its identity. Target groups count on
+    /// their own: an ensure or delete interrupted after the balancer was gone leaves them.
+    pub(super) async fn owned(&self) -> Result<Owned, ProviderError> {
         let mut arns = Vec::new();
+        let mut what: HashMap<String, String> = HashMap::new();
         let mut marker: Option<String> = None;
         loop {
             let out = self
@@ -1213,26 +1224,43 @@ impl AwsProvider {
                         .send()
                 })
                 .await?;
-            arns.extend(
-                out.load_balancers()
-                    .iter()
-                    .filter(|lb| {
-                        lb.load_balancer_name()
-                            .is_some_and(|n| n.starts_with("ferry-"))
-                    })
-                    .filter_map(|lb| lb.load_balancer_arn().map(str::to_string)),
-            );
+            for lb in out.load_balancers() {
+                if let (Some(name), Some(arn)) = (lb.load_balancer_name(), lb.load_balancer_arn())
+                    && name.starts_with("ferry-")
+                {
+                    what.insert(arn.to_string(), format!("load balancer {name}"));
+                    arns.push(arn.to_string());
+                }
+            }
             match out.next_marker() {
                 Some(m) if !m.is_empty() => marker = Some(m.to_string()),
                 _ => break,
             }
         }
-        let mut owners: BTreeSet<LoadBalancerId> = self
-            .tags_of(&arns)
-            .await?
-            .values()
-            .filter_map(|tags| spec::owner(&self.cluster_id, tags))
-            .collect();
+        for (name, arn) in self.target_groups_named("ferry-").await? {
+            what.insert(arn.clone(), format!("target group {name}"));
+            arns.push(arn);
+        }
+        let mut owned = Owned::default();
+        let mut ours = BTreeSet::new();
+        let mut sort = |resource: String, tags: &BTreeMap<String, String>| match spec::owner(
+            &self.cluster,
+            tags,
+        ) {
+            Mark::Ours(id) => {
+                ours.insert(id);
+            }
+            Mark::Foreign { id, cluster_uid } => owned.foreign.push(ForeignResource {
+                id,
+                resource,
+                cluster_uid,
+            }),
+            Mark::NotOurs => {}
+        };
+        for (arn, tags) in self.tags_of(&arns).await? {
+            let resource = what.get(&arn).cloned().unwrap_or(arn);
+            sort(resource, &tags);
+        }
         // A security group left by an ensure interrupted before the balancer existed.
         let groups = self
             .calls
@@ -1248,15 +1276,18 @@ impl AwsProvider {
                     .send()
             })
             .await?;
-        owners.extend(groups.security_groups().iter().filter_map(|g| {
+        for g in groups.security_groups() {
             let tags = g
                 .tags()
                 .iter()
                 .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
                 .collect();
-            spec::owner(&self.cluster_id, &tags)
-        }));
-        Ok(owners.into_iter().collect())
+            let resource = format!("security group {}", g.group_id().unwrap_or("?"));
+            sort(resource, &tags);
+        }
+        owned.ours = ours.into_iter().collect();
+        owned.foreign.sort();
+        Ok(owned)
     }
 }
 

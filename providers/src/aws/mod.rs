@@ -29,8 +29,8 @@ use aws_config::timeout::TimeoutConfig;
 use prometheus_client::registry::Registry;
 
 use crate::{
-    DesiredLoadBalancer, LoadBalancerId, LoadBalancerProvider, NodeTarget, ObservedLoadBalancer,
-    ProviderError,
+    ClusterIdentity, DesiredLoadBalancer, LoadBalancerId, LoadBalancerProvider, NodeTarget,
+    ObservedLoadBalancer, Owned, ProviderError,
 };
 use calls::{Calls, RetryPolicy};
 
@@ -45,8 +45,8 @@ pub fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
 /// How the AWS provider is set up.
 #[derive(Clone, Debug)]
 pub struct AwsConfig {
-    /// Tags every resource and scopes orphan collection to this cluster.
-    pub cluster_id: String,
+    /// Tags every resource and scopes orphan collection to this cluster (both marks).
+    pub cluster: ClusterIdentity,
     /// The region; `None` takes the SDK's default chain (`AWS_REGION`, profile, IMDS).
     pub region: Option<String>,
     /// AWS calls per second across all Services (the call budget), with bursts of twice it.
@@ -55,9 +55,9 @@ pub struct AwsConfig {
 }
 
 impl AwsConfig {
-    pub fn new(cluster_id: impl Into<String>) -> Self {
+    pub fn new(cluster: ClusterIdentity) -> Self {
         Self {
-            cluster_id: cluster_id.into(),
+            cluster,
             region: None,
             calls_per_second: 10.0,
             retry: RetryPolicy::default(),
@@ -81,6 +81,8 @@ struct KnownGroup {
 }
 
 pub struct AwsProvider {
+    cluster: ClusterIdentity,
+    /// `cluster.id`, which names resources.
     cluster_id: String,
     elb: aws_sdk_elasticloadbalancingv2::Client,
     ec2: aws_sdk_ec2::Client,
@@ -125,7 +127,8 @@ impl AwsProvider {
         ec2: aws_sdk_ec2::Client,
     ) -> Self {
         Self {
-            cluster_id: config.cluster_id,
+            cluster_id: config.cluster.id.clone(),
+            cluster: config.cluster,
             elb,
             ec2,
             calls: Calls::new(config.calls_per_second, config.retry),
@@ -143,7 +146,7 @@ impl AwsProvider {
         &self,
         desired: &DesiredLoadBalancer,
     ) -> Option<Result<ObservedLoadBalancer, ProviderError>> {
-        let spec = spec::plan(desired, &self.cluster_id).ok()?;
+        let spec = spec::plan(desired, &self.cluster).ok()?;
         let mut known = self.known().get(&desired.id.uid).cloned()?;
         let wanted: BTreeSet<&str> = spec.target_groups.iter().map(|t| t.name.as_str()).collect();
         if !known
@@ -235,7 +238,7 @@ impl LoadBalancerProvider for AwsProvider {
             .map(|lb| converge::observed(&lb, &[])))
     }
 
-    async fn list_owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError> {
+    async fn list_owned(&self) -> Result<Owned, ProviderError> {
         self.owned().await
     }
 

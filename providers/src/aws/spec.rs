@@ -14,8 +14,8 @@ use super::options::{
     self, AddressType, AwsOptions, HealthPort, HealthProtocol, PREFIX, Scheme, SubnetChoice,
 };
 use crate::{
-    DesiredLoadBalancer, IpFamily, IpFamilyPolicy, LoadBalancerId, Protocol, ProviderError,
-    TrafficPolicy,
+    ClusterIdentity, DesiredLoadBalancer, IpFamily, IpFamilyPolicy, LoadBalancerId, Protocol,
+    ProviderError, TrafficPolicy,
 };
 
 /// Tag keys on everything ferry creates.
@@ -23,6 +23,8 @@ pub const TAG_CLUSTER: &str = "ferry.dev/cluster";
 pub const TAG_NAMESPACE: &str = "ferry.dev/service-namespace";
 pub const TAG_NAME: &str = "ferry.dev/service-name";
 pub const TAG_UID: &str = "ferry.dev/service-uid";
+/// The cluster's identity (`ClusterIdentity::uid`), the mark a copied `--cluster-id` lacks.
+pub const TAG_CLUSTER_UID: &str = "ferry.dev/cluster-uid";
 /// On the balancer only: the subnet:allocation pairs it was created with (they cannot change
 /// in place). Never in `BalancerSpec::tags`, whose ferry.dev/ keys users cannot set.
 pub const TAG_EIPS: &str = "ferry.dev/eip-allocations";
@@ -166,32 +168,61 @@ pub fn instance_id(provider_id: &str) -> Option<&str> {
 
 /// The tags of every resource ferry creates for `id`.
 pub fn tags(
-    cluster_id: &str,
+    cluster: &ClusterIdentity,
     id: &LoadBalancerId,
     additional: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut tags = additional.clone();
     tags.insert(
-        format!("kubernetes.io/cluster/{cluster_id}"),
+        format!("kubernetes.io/cluster/{}", cluster.id),
         "owned".into(),
     );
-    tags.insert(TAG_CLUSTER.into(), cluster_id.into());
+    tags.insert(TAG_CLUSTER.into(), cluster.id.clone());
+    tags.insert(TAG_CLUSTER_UID.into(), cluster.uid.clone());
     tags.insert(TAG_NAMESPACE.into(), id.namespace.clone());
     tags.insert(TAG_NAME.into(), id.name.clone());
     tags.insert(TAG_UID.into(), id.uid.clone());
     tags
 }
 
-/// The Service that `tags` name, if they are ferry's tags of `cluster_id`.
-pub fn owner(cluster_id: &str, tags: &BTreeMap<String, String>) -> Option<LoadBalancerId> {
-    if tags.get(TAG_CLUSTER).map(String::as_str) != Some(cluster_id) {
-        return None;
+/// Whose a resource is, by its tags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// Both marks of this cluster: ferry's resource for this Service.
+    Ours(LoadBalancerId),
+    /// This cluster's id but another identity (or none): never to be deleted from here.
+    Foreign {
+        id: LoadBalancerId,
+        cluster_uid: Option<String>,
+    },
+    /// Not ferry's, or another cluster id.
+    NotOurs,
+}
+
+/// The Service that `tags` name, and whether they carry both marks of `cluster`.
+pub fn owner(cluster: &ClusterIdentity, tags: &BTreeMap<String, String>) -> Mark {
+    if tags.get(TAG_CLUSTER) != Some(&cluster.id) {
+        return Mark::NotOurs;
     }
-    Some(LoadBalancerId {
-        namespace: tags.get(TAG_NAMESPACE)?.clone(),
-        name: tags.get(TAG_NAME)?.clone(),
-        uid: tags.get(TAG_UID)?.clone(),
-    })
+    let (Some(namespace), Some(name), Some(uid)) = (
+        tags.get(TAG_NAMESPACE),
+        tags.get(TAG_NAME),
+        tags.get(TAG_UID),
+    ) else {
+        return Mark::NotOurs;
+    };
+    let id = LoadBalancerId {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: uid.clone(),
+    };
+    match tags.get(TAG_CLUSTER_UID) {
+        Some(u) if *u == cluster.uid => Mark::Ours(id),
+        other => Mark::Foreign {
+            id,
+            cluster_uid: other.cloned(),
+        },
+    }
 }
 
 fn health_check(
@@ -244,11 +275,12 @@ fn health_check(
     }
 }
 
-/// The NLB `desired` should be, for the cluster `cluster_id`.
+/// The NLB `desired` should be, for `cluster`.
 pub fn plan(
     desired: &DesiredLoadBalancer,
-    cluster_id: &str,
+    cluster: &ClusterIdentity,
 ) -> Result<BalancerSpec, ProviderError> {
+    let cluster_id = cluster.id.as_str();
     let o: AwsOptions = options::parse(&desired.annotations)?;
     let uid = &desired.id.uid;
 
@@ -381,7 +413,7 @@ pub fn plan(
         })
         .collect();
 
-    let tags = tags(cluster_id, &desired.id, &o.additional_tags);
+    let tags = tags(cluster, &desired.id, &o.additional_tags);
     Ok(BalancerSpec {
         name: balancer_name(cluster_id, uid),
         target_group_prefix: target_group_prefix(cluster_id, uid),
@@ -413,6 +445,13 @@ mod tests {
     use crate::desired::desired;
     use crate::fixtures::service;
     use crate::{NodeTarget, PortSpec};
+
+    fn cluster(id: &str) -> ClusterIdentity {
+        ClusterIdentity {
+            id: id.into(),
+            uid: format!("uid-of-{id}"),
+        }
+    }
 
     fn node(name: &str, provider_id: &str) -> NodeTarget {
         NodeTarget {
@@ -474,7 +513,7 @@ mod tests {
             .port(80, 30080)
             .build();
         let d = desired(&svc, &[]).unwrap();
-        let s = plan(&d, "c").unwrap();
+        let s = plan(&d, &cluster("c")).unwrap();
         let got: Vec<_> = s
             .target_groups
             .iter()
@@ -505,7 +544,7 @@ mod tests {
     #[test]
     fn local_policy_checks_the_health_check_node_port_over_http() {
         let svc = service("web").lb().port(80, 30080).local(32000).build();
-        let s = plan(&desired(&svc, &[]).unwrap(), "c").unwrap();
+        let s = plan(&desired(&svc, &[]).unwrap(), &cluster("c")).unwrap();
         let h = &s.target_groups[0].health;
         assert_eq!(
             (h.protocol, h.port.as_str(), h.path.as_deref()),
@@ -529,7 +568,7 @@ mod tests {
         ] {
             d.annotations.insert(format!("{PREFIX}{k}"), v.into());
         }
-        let s = plan(&d, "c").unwrap();
+        let s = plan(&d, &cluster("c")).unwrap();
         let tg = &s.target_groups[0];
         assert_eq!(tg.health.protocol, HealthProtocol::Tcp);
         assert_eq!(tg.health.port, "8080");
@@ -539,7 +578,7 @@ mod tests {
         assert_eq!(tg.attributes["proxy_protocol_v2.enabled"], "true");
         // Without the annotation, PROXY protocol is turned off explicitly.
         assert_eq!(
-            plan(&web(), "c").unwrap().target_groups[0].attributes["proxy_protocol_v2.enabled"],
+            plan(&web(), &cluster("c")).unwrap().target_groups[0].attributes["proxy_protocol_v2.enabled"],
             "false"
         );
     }
@@ -552,7 +591,7 @@ mod tests {
             .source_range("203.0.113.0/24")
             .source_range("198.51.100.7/32")
             .build();
-        let s = plan(&desired(&svc, &[]).unwrap(), "c").unwrap();
+        let s = plan(&desired(&svc, &[]).unwrap(), &cluster("c")).unwrap();
         let cidrs: Vec<_> = s.rules.iter().map(|r| r.cidr.as_str()).collect();
         assert_eq!(cidrs, ["198.51.100.7/32", "203.0.113.0/24"]);
     }
@@ -564,19 +603,41 @@ mod tests {
             format!("{PREFIX}additional-resource-tags"),
             "team=web".into(),
         );
-        let s = plan(&d, "prod").unwrap();
+        let s = plan(&d, &cluster("prod")).unwrap();
         assert_eq!(s.tags["kubernetes.io/cluster/prod"], "owned");
         assert_eq!(s.tags[TAG_CLUSTER], "prod");
         assert_eq!(s.tags[TAG_NAME], d.id.name);
         assert_eq!(s.tags[TAG_UID], d.id.uid);
         assert_eq!(s.tags["team"], "web");
-        assert_eq!(owner("prod", &s.tags), Some(d.id.clone()));
-        assert_eq!(owner("staging", &s.tags), None);
+        assert_eq!(s.tags[TAG_CLUSTER_UID], "uid-of-prod");
+        assert_eq!(owner(&cluster("prod"), &s.tags), Mark::Ours(d.id.clone()));
+        assert_eq!(owner(&cluster("staging"), &s.tags), Mark::NotOurs);
+        // The same --cluster-id copied to another cluster: its identity differs.
+        let twin = ClusterIdentity {
+            id: "prod".into(),
+            uid: "uid-of-the-twin".into(),
+        };
+        assert_eq!(
+            owner(&twin, &s.tags),
+            Mark::Foreign {
+                id: d.id.clone(),
+                cluster_uid: Some("uid-of-prod".into())
+            }
+        );
+        let mut legacy = s.tags.clone();
+        legacy.remove(TAG_CLUSTER_UID);
+        assert!(matches!(
+            owner(&cluster("prod"), &legacy),
+            Mark::Foreign {
+                cluster_uid: None,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn what_an_nlb_cannot_do_is_refused_with_a_reason() {
-        let reason = |d: &DesiredLoadBalancer| match plan(d, "c") {
+        let reason = |d: &DesiredLoadBalancer| match plan(d, &cluster("c")) {
             Err(ProviderError::InvalidInput { reason, .. }) => reason,
             other => panic!("expected InvalidInput, got {other:?}"),
         };
@@ -611,10 +672,13 @@ mod tests {
     #[test]
     fn dual_stack_services_get_dualstack_balancers() {
         let mut d = web();
-        assert_eq!(plan(&d, "c").unwrap().address_type, AddressType::Ipv4);
+        assert_eq!(
+            plan(&d, &cluster("c")).unwrap().address_type,
+            AddressType::Ipv4
+        );
         d.ip_families = vec![IpFamily::V4, IpFamily::V6];
         d.ip_family_policy = IpFamilyPolicy::PreferDualStack;
-        let s = plan(&d, "c").unwrap();
+        let s = plan(&d, &cluster("c")).unwrap();
         assert_eq!(s.address_type, AddressType::Dualstack);
         assert!(s.rules.iter().any(|r| r.cidr == "::/0"));
     }

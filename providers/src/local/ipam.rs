@@ -105,8 +105,14 @@ pub enum AllocError {
     },
     #[error("{ip} is in address pool {pool:?}, which is not ready (see its conditions)")]
     PoolNotReady { ip: IpAddr, pool: String },
+    #[error(
+        "{ip} is in address pool {pool:?}, which serves other loadBalancerClasses (its spec.loadBalancerClasses)"
+    )]
+    OtherClass { ip: IpAddr, pool: String },
     #[error("address pool {0:?} does not exist or is not ready")]
     UnknownPool(String),
+    #[error("address pool {0:?} serves other loadBalancerClasses (its spec.loadBalancerClasses)")]
+    ForeignPool(String),
     #[error("address pool {0:?} does not select this Service")]
     PoolNotSelecting(String),
     #[error(
@@ -133,7 +139,9 @@ impl AllocError {
             Self::NotSelected { .. } | Self::PoolNotSelecting(_) => "PoolDoesNotSelectService",
             Self::WrongPool { .. } => "IPNotInRequestedPool",
             Self::PoolNotReady { .. } => "PoolNotReady",
+            Self::OtherClass { .. } => "PoolOfAnotherClass",
             Self::UnknownPool(_) => "UnknownPool",
+            Self::ForeignPool(_) => "PoolOfAnotherClass",
             Self::InUse { .. } => "IPInUse",
             Self::NoPool { .. } => "NoPoolForFamily",
             Self::Exhausted { .. } => "PoolExhausted",
@@ -181,8 +189,14 @@ pub struct PoolAllocator {
     /// Parsed ranges of pools that exist but are not ready (overlapping, bad selector): their
     /// addresses stay with the Services holding them, but nothing new comes from them.
     unready: Vec<(String, Vec<AddressRange>)>,
+    /// Pools of other classes: only named in errors.
+    foreign: Vec<(String, Vec<AddressRange>)>,
     by_ip: BTreeMap<IpAddr, BTreeMap<String, Holder>>,
     by_service: HashMap<String, Vec<Assigned>>,
+    /// Counts commits; each Service remembers the commit that gave it what it holds, so a
+    /// repair pass can tell allocations made after it listed Services from leaks.
+    epoch: u64,
+    committed: HashMap<String, u64>,
 }
 
 impl PoolAllocator {
@@ -198,6 +212,12 @@ impl PoolAllocator {
         });
         self.pools = pools;
         self.unready = unready;
+    }
+
+    /// Pools other instances allocate from, so that a request for one of their addresses
+    /// is refused with the right reason.
+    pub fn set_foreign(&mut self, foreign: Vec<(String, Vec<AddressRange>)>) {
+        self.foreign = foreign;
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -245,6 +265,18 @@ impl PoolAllocator {
             .map(|(name, _)| name.as_str())
     }
 
+    fn foreign_pool_of(&self, ip: &IpAddr) -> Option<&str> {
+        self.foreign
+            .iter()
+            .find(|(_, ranges)| ranges.iter().any(|r| r.contains(ip)))
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Whether `ip` lies in one of this instance's pools, ready or not.
+    pub fn is_ours(&self, ip: &IpAddr) -> bool {
+        self.pool_of(ip).is_some() || self.unready_pool_of(ip).is_some()
+    }
+
     /// Families to allocate, in order: those of the requested addresses, else as the
     /// Service's policy says. The second entry of a PreferDualStack Service is optional.
     fn wanted(req: &AllocationRequest) -> Vec<IpFamily> {
@@ -280,13 +312,19 @@ impl PoolAllocator {
             });
         }
         let Some(pool) = self.pool_of(&ip) else {
-            return Err(match self.unready_pool_of(&ip) {
-                Some(pool) => AllocError::PoolNotReady {
-                    ip,
-                    pool: pool.to_string(),
+            return Err(
+                match (self.unready_pool_of(&ip), self.foreign_pool_of(&ip)) {
+                    (Some(pool), _) => AllocError::PoolNotReady {
+                        ip,
+                        pool: pool.to_string(),
+                    },
+                    (None, Some(pool)) => AllocError::OtherClass {
+                        ip,
+                        pool: pool.to_string(),
+                    },
+                    (None, None) => AllocError::NotInAnyPool { ip },
                 },
-                None => AllocError::NotInAnyPool { ip },
-            });
+            );
         };
         if let Some(requested) = &req.pool
             && requested != &pool.name
@@ -322,11 +360,13 @@ impl PoolAllocator {
     ) -> Result<Vec<&Pool>, AllocError> {
         let serves = |p: &&Pool| p.ranges.iter().any(|r| r.family() == family);
         if let Some(name) = &req.pool {
-            let pool = self
-                .pools
-                .iter()
-                .find(|p| &p.name == name)
-                .ok_or_else(|| AllocError::UnknownPool(name.clone()))?;
+            let pool = self.pools.iter().find(|p| &p.name == name).ok_or_else(|| {
+                if self.foreign.iter().any(|(n, _)| n == name) {
+                    AllocError::ForeignPool(name.clone())
+                } else {
+                    AllocError::UnknownPool(name.clone())
+                }
+            })?;
             if !pool.selects(req) {
                 return Err(AllocError::PoolNotSelecting(name.clone()));
             }
@@ -483,8 +523,20 @@ impl PoolAllocator {
         Ok(plan)
     }
 
+    /// The number of the last commit.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The commit that gave `uid` what it holds.
+    pub fn committed_at(&self, uid: &str) -> Option<u64> {
+        self.committed.get(uid).copied()
+    }
+
     fn commit(&mut self, req: &AllocationRequest, assigned: Vec<Assigned>) {
         self.release(&req.id.uid);
+        self.epoch += 1;
+        self.committed.insert(req.id.uid.clone(), self.epoch);
         for a in &assigned {
             self.by_ip
                 .entry(a.ip)
@@ -496,6 +548,7 @@ impl PoolAllocator {
 
     /// Frees what `uid` holds; returns whether it held anything.
     pub fn release(&mut self, uid: &str) -> bool {
+        self.committed.remove(uid);
         let Some(assigned) = self.by_service.remove(uid) else {
             return false;
         };
@@ -537,6 +590,7 @@ impl PoolAllocator {
     pub fn clear(&mut self) {
         self.by_ip.clear();
         self.by_service.clear();
+        self.committed.clear();
     }
 }
 

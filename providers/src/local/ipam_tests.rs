@@ -226,12 +226,13 @@ fn ipv6_and_dual_stack() {
     ]);
     assert_eq!(
         ips(&a.allocate(&svc("six").v6().0).unwrap()),
-        [ip("2001:db8::")]
+        [ip("2001:db8::1")],
+        "the subnet-router anycast address is not handed out"
     );
     let both = a
         .allocate(&svc("both").dual(IpFamilyPolicy::RequireDualStack).0)
         .unwrap();
-    assert_eq!(ips(&both), [ip("192.0.2.0"), ip("2001:db8::1")]);
+    assert_eq!(ips(&both), [ip("192.0.2.0"), ip("2001:db8::2")]);
     // No IPv6 pool: PreferDualStack settles for IPv4, RequireDualStack fails.
     let mut b = alloc(vec![pool("v4", &["192.0.2.0/30"])]);
     assert_eq!(
@@ -257,7 +258,7 @@ fn ipv6_and_dual_stack() {
         ips(&b
             .allocate(&svc("p").dual(IpFamilyPolicy::PreferDualStack).0)
             .unwrap()),
-        [ip("192.0.2.0"), ip("2001:db8::")]
+        [ip("192.0.2.0"), ip("2001:db8::1")]
     );
 }
 

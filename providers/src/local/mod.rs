@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     DesiredLoadBalancer, Ingress, IpMode, LoadBalancerId, LoadBalancerProvider,
-    ObservedLoadBalancer, Protocol, ProviderError, ProviderSignal, TrafficPolicy,
+    ObservedLoadBalancer, Owned, Protocol, ProviderError, ProviderSignal, TrafficPolicy,
 };
 use ipam::{AllocationRequest, Assigned, PoolAllocator};
 
@@ -64,6 +64,8 @@ pub type ServiceLens =
 
 pub struct LocalConfig {
     pub client: Client,
+    /// The `loadBalancerClass` this instance serves: it allocates only from pools for it.
+    pub class: String,
     pub lens: ServiceLens,
     /// How often the repair pass compares allocations with Services' status.
     pub repair_interval: Duration,
@@ -80,6 +82,7 @@ struct State {
 
 struct Inner {
     client: Client,
+    class: String,
     lens: ServiceLens,
     repair_interval: Duration,
     state: Mutex<State>,
@@ -93,14 +96,19 @@ struct Inner {
 
 pub struct LocalProvider {
     inner: Arc<Inner>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The stores' writers until `start` hands them to their watches.
+    writers: Mutex<Option<Writers>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+struct Writers {
+    pools: reflector::store::Writer<LoadBalancerPool>,
+    namespaces: reflector::store::Writer<Namespace>,
 }
 
 impl Drop for LocalProvider {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.stop_tasks();
     }
 }
 
@@ -159,13 +167,14 @@ fn status_ips(svc: &Service) -> Vec<IpAddr> {
 }
 
 impl LocalProvider {
-    /// Starts watching pools and namespaces; call `start` (through the trait) before use.
+    /// A provider that does nothing until `start` (through the trait).
     pub fn new(config: LocalConfig) -> Self {
         let (pool_reader, pool_writer) = reflector::store();
         let (ns_reader, ns_writer) = reflector::store();
         let (signal_tx, signal_rx) = mpsc::channel(64);
         let inner = Arc::new(Inner {
             client: config.client.clone(),
+            class: config.class,
             lens: config.lens,
             repair_interval: config.repair_interval,
             state: Mutex::new(State {
@@ -181,14 +190,31 @@ impl LocalProvider {
             status_dirty: Notify::new(),
             pool_addresses: Family::default(),
         });
+        Self {
+            inner,
+            writers: Mutex::new(Some(Writers {
+                pools: pool_writer,
+                namespaces: ns_writer,
+            })),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
 
+    /// Starts the watches and background passes, once.
+    fn spawn_tasks(&self) {
+        let Some(writers) = self.writers.lock().ok().and_then(|mut w| w.take()) else {
+            return;
+        };
+        let client = self.inner.client.clone();
         let mut tasks = Vec::new();
-        let pools_api: Api<LoadBalancerPool> = Api::all(config.client.clone());
-        let pool_inner = inner.clone();
+        let pools_api: Api<LoadBalancerPool> = Api::all(client.clone());
+        let pool_inner = self.inner.clone();
         tasks.push(tokio::spawn(async move {
-            let events =
-                reflector::reflector(pool_writer, watcher(pools_api, watcher::Config::default()))
-                    .default_backoff();
+            let events = reflector::reflector(
+                writers.pools,
+                watcher(pools_api, watcher::Config::default()),
+            )
+            .default_backoff();
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
                 match event {
@@ -204,10 +230,10 @@ impl LocalProvider {
                 }
             }
         }));
-        let ns_api: Api<Namespace> = Api::all(config.client);
+        let ns_api: Api<Namespace> = Api::all(client);
         tasks.push(tokio::spawn(async move {
             let events = reflector::reflector(
-                ns_writer,
+                writers.namespaces,
                 watcher(ns_api, watcher::Config::default()).default_backoff(),
             );
             futures::pin_mut!(events);
@@ -217,15 +243,30 @@ impl LocalProvider {
                 }
             }
         }));
-        let status_inner = inner.clone();
+        let status_inner = self.inner.clone();
         tasks.push(tokio::spawn(async move {
             status_inner.write_pool_status_forever().await;
         }));
-        let repair_inner = inner.clone();
+        let repair_inner = self.inner.clone();
         tasks.push(tokio::spawn(async move {
             repair_inner.repair_forever().await;
         }));
-        Self { inner, tasks }
+        if let Ok(mut held) = self.tasks.lock() {
+            held.extend(tasks);
+        }
+    }
+
+    fn stop_tasks(&self) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+
+    /// Whether the background work runs (a standby's does not).
+    pub fn is_running(&self) -> bool {
+        self.tasks.lock().map(|t| !t.is_empty()).unwrap_or(false)
     }
 }
 
@@ -258,7 +299,7 @@ impl Inner {
         if self.lock().applied_specs.as_ref() == Some(&specs) {
             return;
         }
-        let set = pools::validate(&objects);
+        let set = pools::validate_for(&objects, &self.class);
         for (name, verdict) in &set.verdicts {
             if !verdict.ready {
                 warn!(pool = %name, reason = verdict.reason, message = %verdict.message, "address pool not ready");
@@ -267,6 +308,7 @@ impl Inner {
         {
             let mut state = self.lock();
             state.allocator.set_pools(set.valid, set.unready);
+            state.allocator.set_foreign(set.foreign);
             state.verdicts = set.verdicts;
             state.applied_specs = Some(specs);
         }
@@ -277,7 +319,11 @@ impl Inner {
     /// What the allocator would be asked for `svc`, if it is ours. A Service whose spec is
     /// invalid still holds its addresses, exclusively (no sharing key), so nobody else gets them.
     fn request_of(&self, svc: &Service) -> Option<AllocationRequest> {
-        Some(match (self.lens)(svc)? {
+        Some(self.request_from((self.lens)(svc)?))
+    }
+
+    fn request_from(&self, seen: Result<DesiredLoadBalancer, LoadBalancerId>) -> AllocationRequest {
+        match seen {
             Ok(desired) => {
                 allocation_request(&desired, self.namespace_labels(&desired.id.namespace))
             }
@@ -285,7 +331,7 @@ impl Inner {
                 id,
                 ..AllocationRequest::default()
             },
-        })
+        }
     }
 
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
@@ -354,9 +400,15 @@ impl Inner {
                 if ips.is_empty() {
                     continue;
                 }
-                let Some(req) = self.request_of(svc) else {
+                let Some(seen) = (self.lens)(svc) else {
                     continue;
                 };
+                // A Service this instance no longer serves holds only addresses of its own
+                // pools: that is what proves an unrecorded one was provisioned here.
+                if seen.is_err() && !ips.iter().all(|ip| state.allocator.is_ours(ip)) {
+                    continue;
+                }
+                let req = self.request_from(seen);
                 match state.allocator.restore(&req, &ips) {
                     Ok(()) => restored += 1,
                     Err(err) => {
@@ -383,6 +435,9 @@ impl Inner {
     /// whose status shows addresses other than what they hold are re-ensured (duplicates,
     /// stale status), as the upstream ClusterIP repair loop does.
     async fn repair(&self) -> Result<(), kube::Error> {
+        // Only what was allocated before the list began can be missing from it for good: a
+        // Service allocated while the list is under way is live even though it is not in it.
+        let listed_after = self.lock().allocator.epoch();
         let services = Api::<Service>::all(self.client.clone())
             .list(&ListParams::default())
             .await?;
@@ -402,7 +457,11 @@ impl Inner {
                 return Ok(());
             }
             for holder in state.allocator.holders() {
-                if !live.contains_key(&holder.uid) {
+                let seen_by_list = state
+                    .allocator
+                    .committed_at(&holder.uid)
+                    .is_some_and(|at| at <= listed_after);
+                if seen_by_list && !live.contains_key(&holder.uid) {
                     leaked.push(holder);
                 }
             }
@@ -545,7 +604,13 @@ impl LoadBalancerProvider for LocalProvider {
     }
 
     async fn start(&self) -> Result<(), ProviderError> {
+        self.spawn_tasks();
         self.inner.rebuild().await
+    }
+
+    async fn stop(&self) {
+        self.stop_tasks();
+        self.inner.lock().started = false;
     }
 
     async fn ensure(
@@ -615,8 +680,11 @@ impl LoadBalancerProvider for LocalProvider {
         }))
     }
 
-    async fn list_owned(&self) -> Result<Vec<LoadBalancerId>, ProviderError> {
-        Ok(self.inner.lock().allocator.holders())
+    async fn list_owned(&self) -> Result<Owned, ProviderError> {
+        Ok(Owned {
+            ours: self.inner.lock().allocator.holders(),
+            foreign: Vec::new(),
+        })
     }
 
     fn take_signals(&self) -> Option<mpsc::Receiver<ProviderSignal>> {

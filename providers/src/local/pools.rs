@@ -1,6 +1,11 @@
 //! Turns `LoadBalancerPool` objects into the allocator's pools and a verdict per pool.
 //! A malformed pool, or one overlapping an older pool, is not used (the older one keeps
 //! working) and gets a condition saying why; it never stops the operator.
+//!
+//! Each pool serves the classes it names (`spec.loadBalancerClasses`, default
+//! `ferry.dev/local`). Overlap is judged across every pool, whichever class it serves, so two
+//! instances can never both hand out one address; an instance then keeps only its own pools
+//! and leaves the others (and their status) alone.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +49,42 @@ pub struct PoolSet {
     /// Pools that exist but are not used, with the ranges that did parse.
     pub unready: Vec<(String, Vec<AddressRange>)>,
     pub verdicts: BTreeMap<String, Verdict>,
+    /// Pools of other classes (after `validate_for`), with their ranges: never allocated
+    /// from, only named when a Service asks for one of their addresses.
+    pub foreign: Vec<(String, Vec<AddressRange>)>,
+}
+
+/// Whether `pool` serves `class`.
+pub fn serves(pool: &LoadBalancerPool, class: &str) -> bool {
+    if pool.spec.load_balancer_classes.is_empty() {
+        return class == crate::class::DEFAULT_LOCAL_CLASS;
+    }
+    pool.spec.load_balancer_classes.iter().any(|c| c == class)
+}
+
+/// `validate`, then only the pools that serve `class`.
+pub fn validate_for(pools: &[LoadBalancerPool], class: &str) -> PoolSet {
+    let mut set = validate(pools);
+    let ours: std::collections::BTreeSet<String> = pools
+        .iter()
+        .filter(|p| serves(p, class))
+        .map(|p| p.name_any())
+        .collect();
+    let (valid, foreign_valid): (Vec<Pool>, Vec<Pool>) =
+        set.valid.into_iter().partition(|p| ours.contains(&p.name));
+    set.valid = valid;
+    set.foreign = foreign_valid
+        .into_iter()
+        .map(|p| (p.name, p.ranges))
+        .collect();
+    let (unready, foreign_unready): (Vec<_>, Vec<_>) = set
+        .unready
+        .into_iter()
+        .partition(|(name, _)| ours.contains(name));
+    set.unready = unready;
+    set.foreign.extend(foreign_unready);
+    set.verdicts.retain(|name, _| ours.contains(name));
+    set
 }
 
 fn selector(
@@ -189,6 +230,33 @@ mod tests {
         );
         // The malformed pool's good range is remembered so its holders keep their addresses.
         assert!(set.unready.iter().any(|(n, r)| n == "typo" && r.len() == 1));
+    }
+
+    #[test]
+    fn an_instance_keeps_only_the_pools_of_its_class_and_overlap_spans_every_class() {
+        let mut lan = pool("lan", 0, &["192.0.2.0/25"]);
+        lan.spec.load_balancer_classes = vec!["example.com/lan".into()];
+        let default = pool("default", 1, &["198.51.100.0/24"]);
+        // Younger, of the default class, and overlapping the other class's pool.
+        let sneaky = pool("sneaky", 2, &["192.0.2.64/26"]);
+
+        let local = validate_for(
+            &[lan.clone(), default.clone(), sneaky.clone()],
+            "ferry.dev/local",
+        );
+        let names: Vec<_> = local.valid.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default"], "no class named: the default class only");
+        assert_eq!(local.verdicts["sneaky"].reason, "OverlappingPool");
+        assert!(
+            !local.verdicts.contains_key("lan"),
+            "another class's pool is left alone"
+        );
+        assert!(local.foreign.iter().any(|(n, _)| n == "lan"));
+
+        let other = validate_for(&[lan, default, sneaky], "example.com/lan");
+        let names: Vec<_> = other.valid.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["lan"]);
+        assert_eq!(other.verdicts.keys().collect::<Vec<_>>(), ["lan"]);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Address ranges as written in a pool (`192.0.2.0/28`, `192.0.2.10-192.0.2.20`, IPv6 alike):
 //! parsing with errors a user can act on, counting, membership, and walking them in order.
 //! Addresses are handled as `u128` offsets so both families share one arithmetic.
+//!
+//! An IPv6 CIDR leaves out its first address, the subnet-router anycast address (RFC 4291
+//! 2.6.1), which routers on the link answer; a /127 or /128 keeps it (RFC 6164), and so does
+//! an explicit `first-last` range that starts there, which says exactly what it means.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -144,8 +148,14 @@ impl FromStr for AddressRange {
                     network: net.trunc(),
                 });
             }
+            let first = match net {
+                IpNet::V6(v6) if v6.prefix_len() <= 126 => {
+                    IpAddr::V6(Ipv6Addr::from(u128::from(v6.network()) + 1))
+                }
+                _ => net.network(),
+            };
             return Ok(Self {
-                first: net.network(),
+                first,
                 last: net.broadcast(),
             });
         }
@@ -178,10 +188,23 @@ mod tests {
         assert_eq!(r("192.0.2.0/30").first(), ip("192.0.2.0"));
         assert_eq!(r("192.0.2.0/30").last(), ip("192.0.2.3"));
         assert_eq!(r("192.0.2.10 - 192.0.2.20").len(), 11);
-        assert_eq!(r("2001:db8::/120").len(), 256);
-        assert_eq!(r("2001:db8::/64").len(), 1 << 64);
+        assert_eq!(r("2001:db8::/120").len(), 255);
+        assert_eq!(r("2001:db8::/64").len(), (1 << 64) - 1);
         assert_eq!(r("::/0").len(), u128::MAX);
         assert_eq!(r("192.0.2.7").len(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_cidr_leaves_out_its_subnet_router_anycast_address() {
+        assert_eq!(r("2001:db8::/120").first(), ip("2001:db8::1"));
+        assert!(!r("2001:db8::/120").contains(&ip("2001:db8::")));
+        assert_eq!(r("2001:db8::/120").last(), ip("2001:db8::ff"));
+        // Point-to-point and single addresses keep it; so does a range that names it.
+        assert_eq!(r("2001:db8::/127").first(), ip("2001:db8::"));
+        assert_eq!(r("2001:db8::/128").len(), 1);
+        assert_eq!(r("2001:db8::-2001:db8::ff").first(), ip("2001:db8::"));
+        // IPv4 networks are whole (avoidBuggyIPs is the knob there).
+        assert_eq!(r("192.0.2.0/24").first(), ip("192.0.2.0"));
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn provider(cluster: Cluster) -> (LocalProvider, Arc<Mutex<Vec<serde_json::Value
     (
         LocalProvider::new(LocalConfig {
             client,
+            class: crate::class::DEFAULT_LOCAL_CLASS.into(),
             lens,
             repair_interval: Duration::from_secs(3600),
         }),
@@ -169,7 +170,7 @@ async fn allocates_from_pools_and_publishes_proxy_mode() {
     // Idempotent.
     assert_eq!(p.ensure(&desired("a")).await.unwrap(), o);
     assert_eq!(p.get(&desired("a").id).await.unwrap(), Some(o));
-    assert_eq!(p.list_owned().await.unwrap(), vec![desired("a").id]);
+    assert_eq!(p.list_owned().await.unwrap().ours, vec![desired("a").id]);
 
     let mut vip = desired("b");
     vip.annotations
@@ -232,7 +233,7 @@ async fn bad_input_allocates_nothing_and_leaves_others_alone() {
         "IPNotInAnyPool"
     );
 
-    assert_eq!(p.list_owned().await.unwrap(), vec![desired("a").id]);
+    assert_eq!(p.list_owned().await.unwrap().ours, vec![desired("a").id]);
     assert_eq!(p.ensure(&desired("a")).await.unwrap(), first);
 }
 
@@ -326,4 +327,168 @@ async fn pool_status_updates_do_not_requeue_every_service() {
     p.inner.refresh_pools().await;
     p.inner.refresh_pools().await;
     assert!(signals.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_standby_lists_and_watches_nothing_until_it_starts() {
+    let (p, _) = provider(Cluster {
+        pools: vec![pool("default", &["192.0.2.0/30"])],
+        services: vec![],
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!p.is_running(), "no background work before start");
+    p.start().await.unwrap();
+    assert!(p.is_running());
+    p.stop().await;
+    assert!(!p.is_running());
+    assert!(
+        p.ensure(&desired("a")).await.is_err(),
+        "a stopped provider allocates nothing"
+    );
+}
+
+#[tokio::test]
+async fn pools_of_another_class_are_never_allocated_from() {
+    let mut lan = pool("lan", &["198.51.100.0/30"]);
+    lan.spec.load_balancer_classes = vec!["example.com/lan".into()];
+    let (p, _) = provider(Cluster {
+        pools: vec![lan, pool("default", &["192.0.2.0/31"])],
+        services: vec![],
+    });
+    p.start().await.unwrap();
+    assert_eq!(ip_of(&p.ensure(&desired("a")).await.unwrap()), "192.0.2.0");
+    assert_eq!(ip_of(&p.ensure(&desired("b")).await.unwrap()), "192.0.2.1");
+    assert_eq!(
+        p.ensure(&desired("c")).await.unwrap_err().reason(),
+        "PoolExhausted",
+        "the other class's free addresses are not ours"
+    );
+    let mut asks = desired("asks");
+    asks.requested_ips = vec!["198.51.100.1".parse().unwrap()];
+    let err = p.ensure(&asks).await.unwrap_err();
+    assert_eq!(err.reason(), "PoolOfAnotherClass");
+    assert!(err.to_string().contains("\"lan\""), "{err}");
+    let mut named = desired("named");
+    named.requested_pool = Some("lan".into());
+    assert_eq!(
+        p.ensure(&named).await.unwrap_err().reason(),
+        "PoolOfAnotherClass"
+    );
+}
+
+/// A mock API server whose Service lists wait for the test's go-ahead, so a test can act
+/// between the moment a list is answered by the server and the moment the caller sees it.
+fn provider_with_held_lists(
+    cluster: Cluster,
+) -> (
+    LocalProvider,
+    tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+) {
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (held_tx, held_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut parked = Vec::new();
+        let mut lists = 0;
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            if query.contains("watch=true") {
+                parked.push(send);
+                continue;
+            }
+            let reply = if path.ends_with("/loadbalancerpools") {
+                list(
+                    "LoadBalancerPoolList",
+                    serde_json::to_value(&cluster.pools).unwrap(),
+                )
+            } else if path == "/api/v1/namespaces" {
+                list("NamespaceList", json!([]))
+            } else if path == "/api/v1/services" {
+                lists += 1;
+                // The list is what the server saw now; its answer waits (after the first,
+                // which is the rebuild's).
+                let body = list(
+                    "ServiceList",
+                    serde_json::to_value(&cluster.services).unwrap(),
+                );
+                if lists > 1 {
+                    let (go, wait) = tokio::sync::oneshot::channel();
+                    let _ = held_tx.send(go).await;
+                    tokio::spawn(async move {
+                        let _ = wait.await;
+                        send.send_response(Response::new(Body::from(
+                            serde_json::to_vec(&body).unwrap(),
+                        )));
+                    });
+                    continue;
+                }
+                body
+            } else {
+                json!({})
+            };
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&reply).unwrap(),
+            )));
+        }
+    });
+    let lens: ServiceLens = Arc::new(|svc: &Service| {
+        let spec = svc.spec.as_ref()?;
+        (spec.type_.as_deref() == Some("LoadBalancer")).then(|| Ok(desired_of(svc)))
+    });
+    (
+        LocalProvider::new(LocalConfig {
+            client: Client::new(mock, "default"),
+            class: crate::class::DEFAULT_LOCAL_CLASS.into(),
+            lens,
+            repair_interval: Duration::from_secs(3600),
+        }),
+        held_rx,
+    )
+}
+
+#[tokio::test]
+async fn the_repair_pass_never_releases_an_allocation_newer_than_its_list() {
+    let (p, mut held) = provider_with_held_lists(Cluster {
+        pools: vec![pool("default", &["192.0.2.0/30"])],
+        services: vec![lb_service("old", 0, "192.0.2.0")],
+    });
+    p.start().await.unwrap();
+    let inner = p.inner.clone();
+    let repair = tokio::spawn(async move { inner.repair().await });
+    // The server has answered the list (without "new", which does not exist yet)...
+    let go = held.recv().await.unwrap();
+    // ...and "new" is allocated before the answer reaches the repair pass.
+    let new = ip_of(&p.ensure(&desired("new")).await.unwrap());
+    assert_eq!(new, "192.0.2.1");
+    go.send(()).unwrap();
+    repair.await.unwrap().unwrap();
+    assert_eq!(
+        p.get(&desired("new").id).await.unwrap().map(|o| ip_of(&o)),
+        Some(new.clone()),
+        "the new Service keeps its address"
+    );
+    assert_ne!(
+        ip_of(&p.ensure(&desired("next")).await.unwrap()),
+        new,
+        "nobody else gets it"
+    );
+}
+
+#[tokio::test]
+async fn the_repair_pass_releases_what_its_list_proves_gone() {
+    let (p, mut held) = provider_with_held_lists(Cluster {
+        pools: vec![pool("default", &["192.0.2.0/30"])],
+        services: vec![],
+    });
+    p.start().await.unwrap();
+    p.ensure(&desired("gone")).await.unwrap();
+    let inner = p.inner.clone();
+    let repair = tokio::spawn(async move { inner.repair().await });
+    held.recv().await.unwrap().send(()).unwrap();
+    repair.await.unwrap().unwrap();
+    assert_eq!(
+        p.get(&desired("gone").id).await.unwrap(),
+        None,
+        "a leak is released"
+    );
 }
