@@ -1,6 +1,8 @@
 //! A TCP fault proxy between a client (the operator) and kube-apiserver: it can reset every
-//! open connection (dropped watches), refuse new ones for a while (an outage), and delay
-//! every chunk in both directions (latency). TLS passes through untouched.
+//! open connection (dropped watches), refuse new ones for a while (an outage), delay every
+//! chunk in both directions (latency), and black-hole traffic (connections stay open and
+//! everything sent into them is lost, as with a silent network partition: calls hang until
+//! their client gives up). TLS passes through untouched.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use tokio::task::JoinHandle;
 #[derive(Default)]
 struct Faults {
     refuse: AtomicBool,
+    blackhole: AtomicBool,
     latency_ms: AtomicU64,
     resets: AtomicU64,
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -43,6 +46,9 @@ async fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if faults.blackhole.load(Ordering::Relaxed) {
+            continue;
+        }
         let delay = faults.latency_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -115,6 +121,13 @@ impl FaultProxy {
         if on {
             self.reset_all();
         }
+    }
+
+    /// While on, whatever either side sends is dropped without a word; connections opened
+    /// meanwhile are accepted and hang the same way. Lifting it does not revive the calls
+    /// that were lost (their clients time out), as after a real partition.
+    pub fn set_blackhole(&self, on: bool) {
+        self.faults.blackhole.store(on, Ordering::Relaxed);
     }
 
     pub fn set_latency(&self, latency: Duration) {
