@@ -80,6 +80,9 @@ struct ProxyState {
     log: Mutex<Vec<(String, String)>>,
     /// Every n-th call is refused with a throttling error (0: none).
     throttle_every: AtomicU64,
+    /// Every n-th call fails with AWS's internal server error (0: none).
+    fail_every: AtomicU64,
+    failed: AtomicU64,
     throttled: AtomicU64,
     seen: AtomicU64,
     /// The next call of this action is held back this long after AWS answered it.
@@ -115,6 +118,21 @@ fn action_of(body: &[u8]) -> (String, String) {
         _ => "other",
     };
     (service.to_string(), field("Action"))
+}
+
+fn server_error(service: &str) -> Response<Body> {
+    let body = if service == "ec2" {
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>InternalError</Code><Message>An internal error has occurred</Message></Error></Errors><RequestID>ferry-proxy</RequestID></Response>"
+    } else {
+        "<ErrorResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><Error><Type>Receiver</Type><Code>InternalFailure</Code><Message>Internal failure</Message></Error><RequestId>ferry-proxy</RequestId></ErrorResponse>"
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/xml"),
+    );
+    r
 }
 
 fn throttling(service: &str) -> Response<Body> {
@@ -168,6 +186,11 @@ async fn handle(
     if every > 0 && n.is_multiple_of(every) {
         state.throttled.fetch_add(1, Ordering::SeqCst);
         return Ok(throttling(&service));
+    }
+    let fail = state.fail_every.load(Ordering::SeqCst);
+    if fail > 0 && n.is_multiple_of(fail) {
+        state.failed.fetch_add(1, Ordering::SeqCst);
+        return Ok(server_error(&service));
     }
     if let Ok(mut log) = state.log.lock() {
         log.push((service, action.clone()));
@@ -226,6 +249,16 @@ impl AwsProxy {
     /// Every `n`-th call from now on gets a throttling error (0 stops it).
     pub fn throttle_every(&self, n: u64) {
         self.state.throttle_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Every `n`-th call from now on fails with a 500 (0 stops it).
+    pub fn fail_every(&self, n: u64) {
+        self.state.fail_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Calls answered with a server error so far.
+    pub fn failed(&self) -> u64 {
+        self.state.failed.load(Ordering::SeqCst)
     }
 
     /// Calls refused with a throttling error so far.

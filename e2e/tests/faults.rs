@@ -272,7 +272,10 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_hands_over_at_once() {
 fn watch_for_duplicates(
     admin: kube::Client,
     ns: &str,
-) -> (tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let violations = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -292,7 +295,9 @@ fn watch_for_duplicates(
                 .unwrap_or_default();
             let name = svc.name_any();
             for (other, theirs) in &shown {
-                if *other != name && let Some(ip) = ips.intersection(theirs).next() {
+                if *other != name
+                    && let Some(ip) = ips.intersection(theirs).next()
+                {
                     found
                         .lock()
                         .unwrap()
@@ -448,14 +453,21 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
         spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
             holder_identity: Some("clock-behind".into()),
             lease_duration_seconds: Some(4),
-            acquire_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renew)),
-            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renew)),
+            acquire_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                renew,
+            )),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                renew,
+            )),
             ..Default::default()
         }),
     };
     let _ = leases.delete(lease_name, &Default::default()).await;
     leases
-        .create(&PostParams::default(), &lease(jiff::Timestamp::now() - behind))
+        .create(
+            &PostParams::default(),
+            &lease(jiff::Timestamp::now() - behind),
+        )
         .await
         .unwrap();
     let renewing = {
@@ -465,11 +477,14 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Ok(mut current) = leases.get(lease_name).await {
                     if let Some(spec) = current.spec.as_mut() {
-                        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-                            jiff::Timestamp::now() - behind,
-                        ));
+                        spec.renew_time =
+                            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                                jiff::Timestamp::now() - behind,
+                            ));
                     }
-                    let _ = leases.replace(lease_name, &PostParams::default(), &current).await;
+                    let _ = leases
+                        .replace(lease_name, &PostParams::default(), &current)
+                        .await;
                 }
             }
         })
@@ -482,7 +497,13 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
     .unwrap();
     // Two lease durations and more: the renewing holder keeps it.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let holder = leases.get(lease_name).await.unwrap().spec.unwrap().holder_identity;
+    let holder = leases
+        .get(lease_name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
     assert_eq!(holder.as_deref(), Some("clock-behind"));
     assert!(
         !operator.log_text().contains("became leader"),

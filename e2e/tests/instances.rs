@@ -80,11 +80,7 @@ fn finalized(svc: &Service) -> bool {
 
 /// Watches `names` for `period`: every sample must show the same ingress, the finalizer and
 /// `class`'s record. An instance that cleaned up another's Service would flip one of them.
-async fn stays_put(
-    svcs: &Api<Service>,
-    names: &[(&str, Option<&str>, &str)],
-    period: Duration,
-) {
+async fn stays_put(svcs: &Api<Service>, names: &[(&str, Option<&str>, &str)], period: Duration) {
     let until = Instant::now() + period;
     while Instant::now() < until {
         for (name, ip, class) in names {
