@@ -169,6 +169,22 @@ fn the_chart_lints_and_renders_each_provider() {
         Some("192.168.1.240/28")
     );
     assert!(pool["spec"].get("name").is_none());
+    assert_eq!(
+        pool["spec"]["loadBalancerClasses"][0].as_str(),
+        Some("ferry.dev/local"),
+        "a release's pools serve the release's class"
+    );
+    let docs = render(&[
+        "loadBalancerClass=example.com/dmz",
+        "pools[0].name=dmz",
+        "pools[0].addresses[0]=192.168.2.240/28",
+    ])
+    .unwrap();
+    let pool = find(&docs, "LoadBalancerPool").expect("the pool");
+    assert_eq!(
+        pool["spec"]["loadBalancerClasses"][0].as_str(),
+        Some("example.com/dmz")
+    );
 }
 
 #[test]
