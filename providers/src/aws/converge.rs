@@ -335,6 +335,16 @@ impl AwsProvider {
                 found
             }
         };
+        // A cloud that names subnets it then does not describe whole (no id, zone or VPC):
+        // nothing to put a balancer in, and nothing to index.
+        if chosen.is_empty() {
+            return Err(ProviderError::Configuration {
+                reason: "NoSubnets",
+                message: format!(
+                    "EC2 described no usable subnet (with an id, a zone and a VPC) for {role}"
+                ),
+            });
+        }
         let vpcs: BTreeSet<&str> = chosen.iter().map(|s| s.vpc.as_str()).collect();
         if vpcs.len() > 1 {
             return Err(ProviderError::Configuration {
@@ -1294,6 +1304,91 @@ impl AwsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ClusterIdentity;
+    use crate::LoadBalancerProvider;
+    use crate::aws::{AwsConfig, AwsProvider};
+
+    /// An EC2 endpoint that answers every call with an empty subnet list: a cloud's odd
+    /// answer, on the wire, through the real SDK.
+    async fn empty_subnets_endpoint() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = conn.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            continue;
+                        }
+                        buf.drain(..end + 4 + length);
+                        let body = "<DescribeSubnetsResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId><subnetSet/></DescribeSubnetsResponse>";
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_cloud_that_returns_no_subnets_is_an_error_not_a_panic() {
+        let endpoint = empty_subnets_endpoint().await;
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(crate::aws::http_client())
+            .endpoint_url(&endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "a", "b", None, None, "test",
+            ))
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .load()
+            .await;
+        let provider = AwsProvider::with_clients(
+            AwsConfig::new(ClusterIdentity {
+                id: "c".into(),
+                uid: "u".into(),
+            }),
+            aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
+            aws_sdk_ec2::Client::new(&sdk),
+        );
+        for annotation in [None, Some("subnet-0abc")] {
+            let mut svc = crate::fixtures::service("web").lb().port(80, 30080);
+            if let Some(subnets) = annotation {
+                svc = svc.annotate(&format!("{PREFIX}subnets"), subnets);
+            }
+            let desired = crate::desired::desired(&svc.build(), &[]).unwrap();
+            let err = provider.ensure(&desired).await.unwrap_err();
+            assert_eq!(err.reason(), "NoSubnets", "{err}");
+        }
+    }
 
     #[test]
     fn security_group_rules_round_trip_and_foreign_permissions_are_kept_apart() {
