@@ -1,5 +1,5 @@
 //! The randomized fault harness on a short, fixed set of seeds (one of them an AWS run on
-//! moto), so CI replays the same schedules every time. `e2e/bench/chaos.sh --runs N` runs
+//! moto, one on a throttling API server), so CI replays the same schedules every time. `e2e/bench/chaos.sh --runs N` runs
 //! many more; `FERRY_CHAOS_SEEDS=7,8` picks others here.
 
 use ferry_e2e::chaos::{self, Settings};

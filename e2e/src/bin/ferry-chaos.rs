@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cp = start_in_keeper_thread(Options::default());
+    let mut throttling = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -53,10 +54,16 @@ fn main() -> anyhow::Result<()> {
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed = Vec::new();
     let mut cloud_runs = 0;
+    let mut throttled_runs = 0;
     let mut settle = Vec::new();
     for seed in args.first_seed..args.first_seed + args.runs {
         let settings = Settings::for_seed(seed, args.steps);
-        let report = rt.block_on(chaos::run(&cp, &settings))?;
+        let plane = if settings.throttled {
+            &*throttling.get_or_insert_with(|| start_in_keeper_thread(chaos::throttling_options()))
+        } else {
+            &cp
+        };
+        let report = rt.block_on(chaos::run(plane, &settings))?;
         let line = serde_json::to_string(&report)?;
         println!("{line}");
         if let Some(f) = jsonl.as_mut() {
@@ -66,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             *faults.entry(kind.clone()).or_default() += u64::from(*n);
         }
         cloud_runs += u64::from(report.cloud);
+        throttled_runs += u64::from(report.throttled);
         settle.push(report.settle_seconds);
         if !report.violations.is_empty() {
             eprintln!(
@@ -82,9 +90,10 @@ fn main() -> anyhow::Result<()> {
     let max = settle.last().copied().unwrap_or(0.0);
     let total: u64 = faults.values().sum();
     println!(
-        "# {} runs ({} on AWS/moto), {} steps each, {total} faults injected, {} with violations {:?}, settle median {median:.1} s (max {max:.1} s), {:.0} min",
+        "# {} runs ({} on AWS/moto, {} on a throttling API server), {} steps each, {total} faults injected, {} with violations {:?}, settle median {median:.1} s (max {max:.1} s), {:.0} min",
         args.runs,
         cloud_runs,
+        throttled_runs,
         args.steps,
         failed.len(),
         failed,

@@ -3,8 +3,8 @@
 //! another class and, on cloud runs, the AWS provider on moto through the counting proxy,
 //! through a schedule drawn from a seed (`schedule`): Service creations, changes, deletions
 //! and class moves, node churn, SIGKILL and SIGTERM at random points (also between a cloud
-//! call and its answer), API drops, outages, latency and black holes, cloud throttling and
-//! 5xx. Then every fault is lifted, the system settles, and `invariants` checks what a user
+//! call and its answer), API drops, outages, latency and black holes, 429s from an API
+//! server with a tiny max-inflight, cloud throttling and 5xx. Then every fault is lifted, the system settles, and `invariants` checks what a user
 //! would notice. A failing run prints its seed; `ferry-chaos --first-seed N --runs 1`
 //! replays it.
 
@@ -27,16 +27,29 @@ pub struct Settings {
     pub steps: usize,
     /// The instance under test is the AWS provider on moto (else the local provider).
     pub cloud: bool,
+    /// The run needs the throttling control plane (`throttling_options`), whose tiny
+    /// max-inflight answers bursts with 429.
+    pub throttled: bool,
 }
 
 impl Settings {
-    /// The default mix: every third seed is a cloud run.
+    /// The default mix: every third seed is a cloud run, every fifth (from 1) a throttled one.
     pub fn for_seed(seed: u64, steps: usize) -> Self {
         Self {
             seed,
             steps,
             cloud: seed.is_multiple_of(3),
+            throttled: seed % 5 == 1,
         }
+    }
+}
+
+/// The control plane of throttled runs: priority and fairness off, a few requests in
+/// flight at most, so bursts of reconciles, renewals and the harness's own calls get 429s.
+pub fn throttling_options() -> crate::control_plane::Options {
+    crate::control_plane::Options {
+        max_inflight: Some((3, 2)),
+        ..crate::control_plane::Options::default()
     }
 }
 
@@ -45,6 +58,7 @@ impl Settings {
 pub struct Report {
     pub seed: u64,
     pub cloud: bool,
+    pub throttled: bool,
     pub steps: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u32>,
@@ -59,7 +73,8 @@ pub struct Report {
 /// How long a run may take to settle after its faults are lifted.
 pub const SETTLE: Duration = Duration::from_secs(150);
 
-/// Runs one schedule against `cp` and reports what it found. An error is the harness
+/// Runs one schedule against `cp` (the throttling one when `settings.throttled`) and
+/// reports what it found. An error is the harness
 /// failing (could not start a process), not a violation.
 pub async fn run(cp: &ControlPlane, settings: &Settings) -> anyhow::Result<Report> {
     let started = Instant::now();
@@ -85,6 +100,7 @@ pub async fn run(cp: &ControlPlane, settings: &Settings) -> anyhow::Result<Repor
     Ok(Report {
         seed: settings.seed,
         cloud: settings.cloud,
+        throttled: settings.throttled,
         steps: steps.len(),
         faults,
         violations,

@@ -157,6 +157,10 @@ impl World {
         } else {
             ferry_providers::class::DEFAULT_LOCAL_CLASS.to_string()
         };
+        let mut faults = BTreeMap::new();
+        if settings.throttled {
+            faults.insert("api_429_max_inflight".to_string(), 1);
+        }
         let duplicates = Arc::new(Mutex::new(Vec::new()));
         let watcher = watch_duplicates(svcs.clone(), duplicates.clone());
         let mut world = World {
@@ -183,7 +187,7 @@ impl World {
             services: Vec::new(),
             next_service: 0,
             pending: Vec::new(),
-            faults: BTreeMap::new(),
+            faults,
             duplicates,
             watcher,
             foreign_balancer: None,
