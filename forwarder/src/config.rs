@@ -73,6 +73,19 @@ pub struct Config {
     #[arg(long, env = "FERRY_LEASE_RENEW_INTERVAL", default_value = "500ms", value_parser = duration)]
     pub lease_renew_interval: Duration,
 
+    /// UDP port of the direct heartbeats between forwarders, on the node's own address
+    /// (0 turns them off: liveness then comes from the Leases alone, and fails with the API).
+    #[arg(long, env = "FERRY_PEER_PORT", default_value_t = 9472)]
+    pub peer_port: u16,
+
+    /// How often this forwarder heartbeats to every peer directly.
+    #[arg(long, env = "FERRY_PEER_INTERVAL", default_value = "200ms", value_parser = duration)]
+    pub peer_interval: Duration,
+
+    /// A peer not heard for this long counts as gone when the API cannot say otherwise.
+    #[arg(long, env = "FERRY_PEER_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub peer_timeout: Duration,
+
     /// How often each backend NodePort is health-checked.
     #[arg(long, env = "FERRY_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = duration)]
     pub health_check_interval: Duration,
@@ -141,6 +154,12 @@ impl Config {
                 config.lease_renew_interval, config.lease_duration
             )));
         }
+        if config.peer_interval >= config.peer_timeout {
+            return Err(ParseOutcome::Error(format!(
+                "error: --peer-interval ({:?}) must be shorter than --peer-timeout ({:?})",
+                config.peer_interval, config.peer_timeout
+            )));
+        }
         Ok(config)
     }
 }
@@ -177,5 +196,6 @@ mod tests {
         assert!(error(&["--node-name", "n1", "--mode", "ebpf"]).contains("ebpf"));
         assert!(error(&["--node-name", "n1", "--lease-duration", "500ms"]).contains("at least 1s"));
         assert!(error(&["--node-name", "n1", "--lease-renew-interval", "5s"]).contains("shorter"));
+        assert!(error(&["--node-name", "n1", "--peer-interval", "2s"]).contains("--peer-timeout"));
     }
 }

@@ -83,7 +83,8 @@ impl Liveness {
         was_live
     }
 
-    fn is_live(&self, node: &str, now: Instant) -> bool {
+    /// Whether `node`'s Lease was seen renewed within its duration.
+    pub fn is_live(&self, node: &str, now: Instant) -> bool {
         self.seen
             .get(node)
             .is_some_and(|(renew, changed, duration)| {
@@ -138,6 +139,11 @@ impl Liveness {
             .collect()
     }
 
+    /// Every node with a heartbeat Lease: the forwarders there are (or were).
+    pub fn known(&self) -> BTreeSet<String> {
+        self.seen.keys().cloned().collect()
+    }
+
     /// When the next live node would expire if it stopped renewing now.
     pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
         self.seen
@@ -158,7 +164,7 @@ pub fn watch(
     changed: Arc<Notify>,
 ) -> Store<Lease> {
     let config = watcher::Config::default().labels(HEARTBEAT_LABEL);
-    crate::watch_filtered(
+    crate::watches::watch_filtered(
         api,
         config,
         changed,
@@ -220,14 +226,24 @@ impl Heartbeat {
         let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
         value["apiVersion"] = "coordination.k8s.io/v1".into();
         value["kind"] = "Lease".into();
-        self.api
-            .patch(
-                &lease_name(&self.node),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(value),
-            )
-            .await
-            .map(|_| ())
+        let (name, params, patch) = (
+            lease_name(&self.node),
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(value),
+        );
+        let write = self.api.patch(&name, &params, &patch);
+        // A renewal that hangs (an API server stopped mid-call) must not hold up the next.
+        match tokio::time::timeout(self.call_timeout(), write).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(kube::Error::Service(
+                "renewing the heartbeat Lease timed out".into(),
+            )),
+        }
+    }
+
+    /// The bound on one Lease call: the Lease's duration, at most 5 s.
+    fn call_timeout(&self) -> Duration {
+        self.duration.min(Duration::from_secs(5))
     }
 
     /// Renews every `interval` until `stop` fires, logging (not failing) on API errors: a
@@ -256,14 +272,13 @@ impl Heartbeat {
 
     /// Deletes the Lease so other forwarders take this node's VIPs over at once.
     pub async fn release(&self) {
-        match self
-            .api
-            .delete(&lease_name(&self.node), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => info!(node = %self.node, "heartbeat Lease released"),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(err) => warn!(error = %err, "cannot release the heartbeat Lease"),
+        let (name, params) = (lease_name(&self.node), DeleteParams::default());
+        let delete = self.api.delete(&name, &params);
+        match tokio::time::timeout(self.call_timeout(), delete).await {
+            Ok(Ok(_)) => info!(node = %self.node, "heartbeat Lease released"),
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+            Ok(Err(err)) => warn!(error = %err, "cannot release the heartbeat Lease"),
+            Err(_) => warn!("releasing the heartbeat Lease timed out; it will expire"),
         }
     }
 }

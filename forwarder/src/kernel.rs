@@ -49,7 +49,12 @@ pub enum KernelError {
     Spawn(#[from] std::io::Error),
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
+    #[error("nft did not finish within {0:?}")]
+    TimedOut(Duration),
 }
+
+/// How long one `nft` run may take: a hung `nft` must not freeze VIP handover.
+const NFT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn family_words(ip: &IpAddr) -> (&'static str, bool) {
     match ip {
@@ -356,10 +361,16 @@ async fn nft(script: &str) -> Result<(), KernelError> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await?;
-    }
-    let out = child.wait_with_output().await?;
+    let run = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).await?;
+        }
+        child.wait_with_output().await
+    };
+    // On a timeout the child is dropped, which kills it.
+    let out = tokio::time::timeout(NFT_TIMEOUT, run)
+        .await
+        .map_err(|_| KernelError::TimedOut(NFT_TIMEOUT))??;
     if out.status.success() {
         Ok(())
     } else {
@@ -377,10 +388,11 @@ async fn current_affinity_clients() -> AffinityClients {
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
-        .output()
-        .await;
-    match listed {
-        Ok(out) if out.status.success() => affinity_clients(&String::from_utf8_lossy(&out.stdout)),
+        .output();
+    match tokio::time::timeout(NFT_TIMEOUT, listed).await {
+        Ok(Ok(out)) if out.status.success() => {
+            affinity_clients(&String::from_utf8_lossy(&out.stdout))
+        }
         _ => AffinityClients::new(),
     }
 }

@@ -1,0 +1,432 @@
+//! The planner loop: whenever something it reads changes (an object, a health verdict, who
+//! is alive) or a deadline of its own comes (a heartbeat that may have expired, a retry, the
+//! resync), it decides who is alive (`liveness`), computes this node's `plan`, and applies it:
+//! VIPs through the announcer, frontends through the data plane. Whether a timer wake-up has
+//! anything to do, and when to wake next, are pure functions (`due`, `next_wake`).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_crds::LoadBalancerPool;
+use ferry_providers::class::ClassFilter;
+use ferry_providers::eligibility::target_of;
+use ferry_providers::local::pools;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::Store;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::announce::Announcer;
+use crate::dataplane::Dataplane;
+use crate::health::{self, HealthChecker};
+use crate::heartbeat;
+use crate::liveness::{self, Verdict};
+use crate::membership::{Membership, Peer};
+use crate::metrics::Metrics;
+use crate::plan::{self, ClusterView, Frontend, NodePlan, Notice};
+
+/// How often the node's state is re-checked even when nothing was reported (an address
+/// removed by hand comes back within this).
+pub const RESYNC: Duration = Duration::from_secs(10);
+/// Changes arriving within this window are applied together.
+const SETTLE: Duration = Duration::from_millis(20);
+/// How long the withdrawal at shutdown may take.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the planner woke up.
+enum Wake {
+    /// A reported change or health verdict.
+    Reported,
+    /// Its own deadline (a heartbeat expiry, a retry or the resync).
+    Timer,
+    Stop,
+}
+
+/// Whether a pass is needed. A timer wake-up is for a heartbeat that may have expired, a
+/// retry or the resync; when none of them is due and who is alive did not change, there is
+/// nothing to plan. Anything reported is always planned.
+pub fn due(
+    woken_by_timer: bool,
+    live_changed: bool,
+    now: Instant,
+    last_pass: Instant,
+    retry_at: Option<Instant>,
+) -> bool {
+    !woken_by_timer
+        || live_changed
+        || now.saturating_duration_since(last_pass) >= RESYNC
+        || retry_at.is_some_and(|at| now >= at)
+}
+
+/// When to look again with nothing reported: the next heartbeat expiry (of a Lease or of a
+/// peer's direct heartbeats), the retry of a failed apply, or the resync.
+pub fn next_wake(
+    expiries: impl IntoIterator<Item = Instant>,
+    retry_at: Option<Instant>,
+    last_pass: Instant,
+) -> Instant {
+    let resync = last_pass + RESYNC;
+    expiries
+        .into_iter()
+        .map(|at| at + Duration::from_millis(5))
+        .chain(retry_at)
+        .fold(resync, Instant::min)
+}
+
+/// How long to wait before the `attempts`+1-th try to program the data plane.
+pub fn apply_retry_delay(attempts: u32) -> Duration {
+    Duration::from_secs(1 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+/// The last attempt to program the data plane, when it failed.
+struct FailedApply {
+    frontends: Vec<Frontend>,
+    message: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+/// What the planner reads.
+pub struct Inputs {
+    pub node_name: String,
+    pub class: ClassFilter,
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub slices: Store<EndpointSlice>,
+    pub pools: Store<LoadBalancerPool>,
+    /// Heartbeat Leases as the API shows them.
+    pub leases: Arc<Mutex<heartbeat::Liveness>>,
+    /// Direct heartbeats, when enabled.
+    pub membership: Option<Membership>,
+    pub peer_timeout: Duration,
+    pub changed: Arc<Notify>,
+}
+
+/// What the planner acts on.
+pub struct Outputs {
+    pub announcer: Option<Announcer>,
+    pub dataplane: Dataplane,
+    pub checker: HealthChecker,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct Planner {
+    inputs: Inputs,
+    outputs: Outputs,
+    last_plan: Option<NodePlan>,
+    last_effective: Option<Vec<Frontend>>,
+    failed_apply: Option<FailedApply>,
+    logged: BTreeSet<Notice>,
+    last_sync: Instant,
+    last_pass: Instant,
+    last_live: Option<BTreeSet<String>>,
+    /// The live set of the last verdict that was not frozen.
+    trusted: BTreeSet<String>,
+    last_verdict: Option<(bool, bool)>,
+}
+
+/// The pools the operator of this class allocates from (the same validation, so both agree
+/// on them).
+fn valid_pools(
+    store: &Store<LoadBalancerPool>,
+    class: &str,
+) -> Vec<ferry_providers::local::ipam::Pool> {
+    let all: Vec<LoadBalancerPool> = store.state().iter().map(|p| (**p).clone()).collect();
+    pools::validate_for(&all, class).valid
+}
+
+impl Planner {
+    pub fn new(inputs: Inputs, outputs: Outputs) -> Self {
+        let now = Instant::now();
+        Self {
+            inputs,
+            outputs,
+            last_plan: None,
+            last_effective: None,
+            failed_apply: None,
+            logged: BTreeSet::new(),
+            last_sync: now - RESYNC,
+            last_pass: now,
+            last_live: None,
+            trusted: BTreeSet::new(),
+            last_verdict: None,
+        }
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, heartbeat::Liveness> {
+        self.inputs.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn heard(&self) -> std::collections::HashMap<String, Instant> {
+        self.inputs
+            .membership
+            .as_ref()
+            .map(Membership::heard)
+            .unwrap_or_default()
+    }
+
+    /// Who is alive now.
+    fn verdict(&mut self, now: Instant) -> Verdict {
+        let me = self.inputs.node_name.clone();
+        let heard = liveness::heard_within(&me, &self.heard(), self.inputs.peer_timeout, now);
+        let verdict = {
+            let leases = self.leases();
+            liveness::decide(&me, now, &leases, &heard, &self.trusted)
+        };
+        if !verdict.frozen {
+            self.trusted = verdict.live.clone();
+        }
+        let summary = (verdict.api_fresh, verdict.frozen);
+        if self.last_verdict != Some(summary) {
+            match summary {
+                (true, _) if self.last_verdict.is_some() => {
+                    info!("the API's view is fresh again: heartbeat Leases count again")
+                }
+                (true, _) => {}
+                (false, false) => warn!(
+                    live = ?verdict.live,
+                    "the API's view is stale (own heartbeat not seen back): liveness from peers' direct heartbeats only; VIPs stay where they are unless a majority agrees a node is gone"
+                ),
+                (false, true) => warn!(
+                    live = ?verdict.live,
+                    "the API's view is stale and too few peers are heard to tell who is gone: nothing moves"
+                ),
+            }
+            self.last_verdict = Some(summary);
+        }
+        verdict
+    }
+
+    /// The peers to heartbeat to: every other node with a heartbeat Lease and an address.
+    fn refresh_peers(&self, nodes: &[Arc<Node>]) {
+        let Some(membership) = &self.inputs.membership else {
+            return;
+        };
+        let known = self.leases().known();
+        let peers = nodes
+            .iter()
+            .filter_map(|n| target_of(n))
+            .filter(|t| t.name != self.inputs.node_name && known.contains(&t.name))
+            .map(|t| Peer {
+                node: t.name,
+                ips: t.internal_ips,
+            })
+            .collect();
+        membership.set_peers(peers);
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut expiries: Vec<Instant> = self.leases().next_expiry(now).into_iter().collect();
+        expiries.extend(
+            self.heard()
+                .values()
+                .map(|at| *at + self.inputs.peer_timeout)
+                .filter(|at| *at > now),
+        );
+        next_wake(
+            expiries,
+            self.failed_apply.as_ref().map(|f| f.retry_at),
+            self.last_pass,
+        )
+    }
+
+    async fn wait(&self, health_changed: &Notify, stop: &mut watch::Receiver<bool>) -> Wake {
+        let deadline = self.next_wake();
+        tokio::select! {
+            _ = self.inputs.changed.notified() => {
+                tokio::time::sleep(SETTLE).await;
+                Wake::Reported
+            }
+            _ = health_changed.notified() => Wake::Reported,
+            _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
+            _ = crate::stopped(stop) => Wake::Stop,
+        }
+    }
+
+    /// Plans and applies until `stop`, then withdraws.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let health_changed = self.outputs.checker.changed();
+        let mut woken_by_timer = false;
+        loop {
+            let now = Instant::now();
+            let verdict = self.verdict(now);
+            let live_changed = self.last_live.as_ref() != Some(&verdict.live);
+            let retry_at = self.failed_apply.as_ref().map(|f| f.retry_at);
+            if due(woken_by_timer, live_changed, now, self.last_pass, retry_at) {
+                self.pass(verdict.live).await;
+            }
+            match self.wait(&health_changed, &mut stop).await {
+                Wake::Stop => break,
+                wake => woken_by_timer = matches!(wake, Wake::Timer),
+            }
+        }
+        self.shutdown().await;
+    }
+
+    async fn pass(&mut self, live: BTreeSet<String>) {
+        self.last_pass = Instant::now();
+        let class = self.inputs.class.clone();
+        let valid_pools = valid_pools(&self.inputs.pools, &class.class);
+        let (services, nodes, slices) = (
+            self.inputs.services.state(),
+            self.inputs.nodes.state(),
+            self.inputs.slices.state(),
+        );
+        self.refresh_peers(&nodes);
+        let (plan, notices) = plan::plan(&ClusterView {
+            node_name: &self.inputs.node_name,
+            class: &class,
+            services: &services,
+            nodes: &nodes,
+            slices: &slices,
+            pools: &valid_pools,
+            live: &live,
+        });
+        let metrics = self.outputs.metrics.clone();
+        metrics.live_forwarders.set(live.len() as i64);
+        let notices: BTreeSet<Notice> = notices.into_iter().collect();
+        for n in notices.difference(&self.logged) {
+            info!(service = %n.service, "{}", n.message);
+        }
+        self.logged = notices;
+
+        let announce_changed = self.last_plan.as_ref().map(|p| &p.announce) != Some(&plan.announce);
+        if let Some(a) = &self.outputs.announcer
+            && (announce_changed || self.last_sync.elapsed() >= RESYNC)
+        {
+            self.last_sync = Instant::now();
+            match a.sync(&plan.announce, &valid_pools).await {
+                Ok(added) => {
+                    let counter = metrics.announcements.clone();
+                    a.announce(added, move |n| {
+                        counter.inc_by(n as u64);
+                    });
+                }
+                Err(err) => error!(error = %err, "cannot hold or withdraw VIPs"),
+            }
+        }
+        if announce_changed {
+            for (vip, owner) in &plan.owners {
+                if self.last_plan.as_ref().and_then(|p| p.owners.get(vip)) != Some(owner) {
+                    info!(%vip, %owner, held_here = (*owner == self.inputs.node_name), "VIP owner");
+                }
+            }
+        }
+        metrics.vips_held.set(plan.announce.len() as i64);
+        self.outputs
+            .checker
+            .set_probes(&health::probes(&plan.frontends));
+        let effective = health::effective(&plan.frontends, |p| self.outputs.checker.healthy(p));
+        self.apply(effective).await;
+        self.last_plan = Some(plan);
+        self.last_live = Some(live);
+    }
+
+    /// Programs the data plane. A failed apply is retried with backoff (1 s doubling to
+    /// 1 min), sooner only when the frontends change; it is logged as an error when its
+    /// message changes.
+    async fn apply(&mut self, effective: Vec<Frontend>) {
+        let retry_due = self
+            .failed_apply
+            .as_ref()
+            .is_none_or(|f| f.frontends != effective || Instant::now() >= f.retry_at);
+        if self.last_effective.as_ref() == Some(&effective) || !retry_due {
+            return;
+        }
+        let metrics = self.outputs.metrics.clone();
+        match self.outputs.dataplane.apply(&effective).await {
+            Ok(()) => {
+                metrics.applied("ok");
+                metrics.frontends.set(effective.len() as i64);
+                self.last_effective = Some(effective);
+                self.failed_apply = None;
+            }
+            Err(err) => {
+                metrics.applied("error");
+                let message = format!("{err:#}");
+                let attempts = self.failed_apply.as_ref().map_or(0, |f| f.attempts) + 1;
+                let delay = apply_retry_delay(attempts);
+                if self.failed_apply.as_ref().map(|f| &f.message) != Some(&message) {
+                    error!(error = %message, retry_in = ?delay, "cannot program the data plane");
+                } else {
+                    debug!(error = %message, attempts, "still cannot program the data plane");
+                }
+                self.last_effective = None;
+                self.failed_apply = Some(FailedApply {
+                    frontends: effective,
+                    message,
+                    attempts,
+                    retry_at: Instant::now() + delay,
+                });
+            }
+        }
+    }
+
+    /// Withdraws every VIP (bounded: an interface that does not answer must not keep the
+    /// process from exiting), then tears the data plane down.
+    async fn shutdown(mut self) {
+        info!("shutting down: withdrawing VIPs first");
+        let pools = valid_pools(&self.inputs.pools, &self.inputs.class.class);
+        if let Some(a) = &self.outputs.announcer {
+            match tokio::time::timeout(WITHDRAW_TIMEOUT, a.sync(&BTreeSet::<IpAddr>::new(), &pools))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => error!(error = %err, "cannot withdraw VIPs"),
+                Err(_) => {
+                    error!(timeout = ?WITHDRAW_TIMEOUT, "withdrawing VIPs timed out; their lifetimes will end them")
+                }
+            }
+        }
+        self.outputs.dataplane.clear().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_data_plane_is_retried_with_backoff_up_to_a_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| apply_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn a_timer_wake_up_plans_only_when_something_is_due() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(100);
+        assert!(
+            due(false, false, soon, t0, None),
+            "a report is always planned"
+        );
+        assert!(!due(true, false, soon, t0, None), "nothing due");
+        assert!(due(true, true, soon, t0, None), "who is alive changed");
+        assert!(due(true, false, t0 + RESYNC, t0, None), "the resync");
+        assert!(due(true, false, soon, t0, Some(soon)), "a retry");
+        assert!(!due(
+            true,
+            false,
+            soon,
+            t0,
+            Some(soon + Duration::from_secs(1))
+        ));
+    }
+
+    #[test]
+    fn the_next_wake_is_the_earliest_deadline() {
+        let t0 = Instant::now();
+        let expiry = t0 + Duration::from_secs(1);
+        assert_eq!(
+            next_wake([expiry], None, t0),
+            expiry + Duration::from_millis(5)
+        );
+        let retry = t0 + Duration::from_millis(300);
+        assert_eq!(next_wake([expiry], Some(retry), t0), retry);
+        assert_eq!(next_wake([], None, t0), t0 + RESYNC);
+    }
+}
