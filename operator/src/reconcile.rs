@@ -485,13 +485,17 @@ async fn cleanup(
     .await;
     // What this instance published, so that only that is withdrawn: the controller the
     // Service moved to may already have written its own.
-    let published = if deleting {
-        None
-    } else {
-        ctx.call("get", ctx.provider.get(id))
-            .await?
-            .map(|observed| ingress_of(&observed))
-    };
+    let published = ctx
+        .call("get", ctx.provider.get(id))
+        .await?
+        .map(|observed| ingress_of(&observed));
+    let ours = published.is_some_and(|p| same_addresses(&current_ingress(svc), &p));
+    // A Service being deleted stops showing the address before the address is given back:
+    // otherwise, until its finalizer goes (or after a crash, for as long as it stays), it
+    // would show an address the next Service already has.
+    if deleting && ours && !current_ingress(svc).is_empty() {
+        write_status(api, svc, Some(&[]), None).await?;
+    }
     if let Err(err) = ctx.call("delete", ctx.provider.delete(id)).await {
         ctx.event(
             svc,
@@ -505,7 +509,6 @@ async fn cleanup(
     }
     if !deleting {
         // The Service stays but is no longer ours: take back what ferry published.
-        let ours = published.is_some_and(|p| same_addresses(&current_ingress(svc), &p));
         write_status(api, svc, ours.then_some(&[][..]), None).await?;
     }
     release(api, svc, &ctx.class.class).await?;

@@ -471,21 +471,59 @@ async fn deletion_removes_the_balancer_then_the_finalizer() {
             .build(),
         "203.0.113.1",
     );
-    let w = world(&svc, FakeProvider::new(), &[]);
+    // The provider holds what the Service shows.
+    let fake = FakeProvider::new();
+    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
+    fake.ensure(&ours).await.unwrap();
+    let w = world(&svc, fake, &[]);
     reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
-    assert_eq!(w.fake.calls(), vec![Call::Delete("default/web".into())]);
+    assert_eq!(
+        w.fake.calls().last(),
+        Some(&Call::Delete("default/web".into()))
+    );
     let seen = w.api.seen();
-    let patch = seen
+    let status = seen
         .iter()
-        .find(|s| s.is("PATCH", SVC))
+        .position(|s| s.is("PATCH", &format!("{SVC}/status")))
+        .expect("the address withdrawn from status");
+    assert_eq!(
+        seen[status].body["status"]["loadBalancer"],
+        serde_json::json!({ "ingress": null })
+    );
+    let finalizer = seen
+        .iter()
+        .position(|s| s.is("PATCH", SVC))
         .expect("finalizer removed");
-    assert_eq!(patch.body[1]["op"], "remove");
+    assert_eq!(seen[finalizer].body[1]["op"], "remove");
     assert!(
-        w.api.status_patches().is_empty(),
-        "a deleted Service's status is left alone"
+        status < finalizer,
+        "the address leaves the status before the address is given back and the finalizer goes"
     );
     let reasons: Vec<_> = w.api.events().await.into_iter().map(|e| e.0).collect();
     assert_eq!(reasons, ["DeletingLoadBalancer", "DeletedLoadBalancer"]);
+}
+
+#[tokio::test]
+async fn a_deleted_service_whose_status_write_fails_keeps_its_address() {
+    let svc = provisioned(
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized()
+            .deleting()
+            .build(),
+        "203.0.113.1",
+    );
+    let fake = FakeProvider::new();
+    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
+    fake.ensure(&ours).await.unwrap();
+    let w = world(&svc, fake, &[]);
+    w.api.fail_once(&format!("{SVC}/status"), 503);
+    assert!(reconcile(Arc::new(svc), w.ctx.clone()).await.is_err());
+    assert!(
+        !w.fake.calls().contains(&Call::Delete("default/web".into())),
+        "nothing is given back while the Service still shows it"
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,8 @@ pub const SHARING: &str = "ferry.dev/allow-shared-ip";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Shown {
     pub ips: BTreeSet<String>,
+    /// Being deleted (its finalizer still held): for the record in a violation.
+    pub deleting: bool,
     pub key: Option<String>,
     pub ports: BTreeSet<(String, i32)>,
 }
@@ -34,6 +36,7 @@ impl Shown {
     pub fn of(svc: &Service) -> Self {
         Self {
             ips: ips(svc),
+            deleting: svc.metadata.deletion_timestamp.is_some(),
             key: svc.annotations().get(SHARING).cloned(),
             ports: svc
                 .spec
@@ -95,7 +98,12 @@ pub fn shared_wrongly(all: &BTreeMap<String, Shown>) -> Vec<String> {
             if let Some(ip) = sa.ips.intersection(&sb.ips).next()
                 && !sa.may_share_with(sb)
             {
-                out.push(format!("{ip} shown by both {a} and {b}"));
+                let state = |s: &Shown| if s.deleting { " (being deleted)" } else { "" };
+                out.push(format!(
+                    "{ip} shown by both {a}{} and {b}{}",
+                    state(sa),
+                    state(sb)
+                ));
             }
         }
     }
