@@ -54,7 +54,8 @@ use crate::heartbeat::{Heartbeat, Liveness};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::planner::{Inputs, Outputs, Planner};
-use crate::rlimit::{connection_limit, raise_open_files_limit};
+use crate::rlimit::connection_limit;
+pub use crate::rlimit::raise_open_files_limit;
 use crate::userspace::{Limits, relay::Timeouts};
 use crate::watches::watch_into;
 
