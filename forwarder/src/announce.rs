@@ -1,21 +1,29 @@
 //! Holding VIPs on the node's interface over netlink: the owner adds each VIP it holds as a
 //! host address (/32 or /128, IPv6 without duplicate address detection, so it is usable at
-//! once), marked with ferry's address protocol number, and announces it on the link. Every
-//! other ferry address on the interface is removed — marked ones, and host addresses inside a
-//! pool (for kernels that drop the mark) — which is how a node that lost a VIP, restarted
-//! after a crash, or saw its pool deleted stops answering for it. The node's own addresses
-//! are never touched.
+//! once), marked with ferry's address protocol number (`ip addr` shows `proto 102`), and
+//! announces it on the link. Every other address carrying that mark is removed, which is how
+//! a node that lost a VIP, or restarted after a crash, stops answering for it. Addresses
+//! without the mark are never touched, even inside a pool: they are another program's (a
+//! keepalived or kube-vip API-server VIP), and so are the node's own.
+//!
+//! **A dead forwarder's VIPs die with it.** Each VIP is added with a finite lifetime
+//! (`valid_lft`/`preferred_lft`, `Announcer::lifetime`), which a task of the live forwarder
+//! renews every quarter of it; a forwarder that is killed (OOM, SIGKILL) stops renewing, and
+//! the kernel removes its VIPs when the lifetime runs out, so the dead node stops answering
+//! ARP beside the new owner. Netlink calls are serialized (a renewal never puts back a VIP
+//! just withdrawn) and each is bounded by a timeout.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_providers::local::ipam::Pool;
 use futures::TryStreamExt;
 use rtnetlink::Handle;
 use rtnetlink::packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol, CacheInfo,
 };
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -31,6 +39,20 @@ pub enum AnnounceError {
     NoInterface(String),
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
+    #[error("netlink did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// How long one netlink call may take.
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, rtnetlink::Error>>,
+) -> Result<T, AnnounceError> {
+    tokio::time::timeout(NETLINK_TIMEOUT, call)
+        .await
+        .map_err(|_| AnnounceError::TimedOut(NETLINK_TIMEOUT))?
+        .map_err(AnnounceError::from)
 }
 
 /// The interface VIPs are added to.
@@ -112,18 +134,30 @@ pub struct Announcer {
     pub interface: Interface,
     /// Addresses never removed: the node's own.
     protected: Vec<IpAddr>,
+    /// How long a VIP lives on the interface unless renewed.
+    pub lifetime: Duration,
+    /// What the interface should hold; the lock also serializes every change to it.
+    want: Arc<Mutex<BTreeSet<IpAddr>>>,
+    refresher: Option<JoinHandle<()>>,
 }
 
 impl Drop for Announcer {
     fn drop(&mut self) {
+        if let Some(r) = &self.refresher {
+            r.abort();
+        }
         self.connection.abort();
     }
 }
 
 impl Announcer {
     /// Opens netlink and finds the interface: `name` if given, else the one holding one of
-    /// `node_ips`.
-    pub async fn new(name: Option<&str>, node_ips: &[IpAddr]) -> Result<Self, AnnounceError> {
+    /// `node_ips`. VIPs it adds live `lifetime` unless renewed (whole seconds, at least 2).
+    pub async fn new(
+        name: Option<&str>,
+        node_ips: &[IpAddr],
+        lifetime: Duration,
+    ) -> Result<Self, AnnounceError> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let connection = tokio::spawn(connection);
         let index = match name {
@@ -132,7 +166,7 @@ impl Announcer {
             }
             None => {
                 let all: Vec<AddressMessage> =
-                    handle.address().get().execute().try_collect().await?;
+                    bounded(handle.address().get().execute().try_collect()).await?;
                 all.iter()
                     .find(|m| address_of(m).is_some_and(|ip| node_ips.contains(&ip)))
                     .map(|m| m.header.index)
@@ -149,7 +183,7 @@ impl Announcer {
         };
         let name =
             name_of(index).ok_or_else(|| AnnounceError::UnknownInterface(index.to_string()))?;
-        Ok(Self {
+        let mut me = Self {
             handle,
             connection,
             interface: Interface {
@@ -158,71 +192,87 @@ impl Announcer {
                 index,
             },
             protected: node_ips.to_vec(),
+            lifetime: Duration::from_secs(lifetime.as_secs().max(2)),
+            want: Arc::default(),
+            refresher: None,
+        };
+        me.refresher = Some(me.spawn_refresher());
+        Ok(me)
+    }
+
+    /// Renews the lifetime of every VIP held, every quarter of it.
+    fn spawn_refresher(&self) -> JoinHandle<()> {
+        let (handle, want, index, lifetime) = (
+            self.handle.clone(),
+            self.want.clone(),
+            self.interface.index,
+            self.lifetime,
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lifetime / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let want = want.lock().await;
+                for ip in want.iter() {
+                    if let Err(err) = add(&handle, index, *ip, lifetime, true).await {
+                        warn!(vip = %ip, error = %err, "cannot renew the VIP's lifetime");
+                    }
+                }
+            }
         })
     }
 
-    /// Addresses on the interface that are ferry's: marked as such, or host addresses in a
-    /// pool.
-    async fn held(&self, pools: &[Pool]) -> Result<Vec<(IpAddr, AddressMessage)>, AnnounceError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(self.interface.index)
-            .execute()
-            .try_collect()
-            .await?;
+    /// Addresses on the interface that ferry added: those carrying its mark.
+    async fn held(&self) -> Result<Vec<(IpAddr, AddressMessage)>, AnnounceError> {
+        let msgs: Vec<AddressMessage> = bounded(
+            self.handle
+                .address()
+                .get()
+                .set_link_index_filter(self.interface.index)
+                .execute()
+                .try_collect(),
+        )
+        .await?;
         Ok(msgs
             .into_iter()
             .filter_map(|m| Some((address_of(&m)?, m)))
             .filter(|(ip, m)| {
                 m.header.prefix_len == host_prefix(ip)
-                    && (is_ferrys(m) || pools.iter().any(|p| p.contains(ip)))
+                    && is_ferrys(m)
                     && !self.protected.contains(ip)
             })
             .collect())
     }
 
     /// Makes the interface hold exactly `want` among ferry's addresses; returns the VIPs added.
-    pub async fn sync(
-        &self,
-        want: &BTreeSet<IpAddr>,
-        pools: &[Pool],
-    ) -> Result<Vec<IpAddr>, AnnounceError> {
-        let held = self.held(pools).await?;
+    pub async fn sync(&self, want: &BTreeSet<IpAddr>) -> Result<Vec<IpAddr>, AnnounceError> {
+        let mut wanted = self.want.lock().await;
+        // What is withdrawn is not renewed any more, even if a step below fails.
+        wanted.retain(|ip| want.contains(ip));
+        let held = self.held().await?;
         for (ip, msg) in &held {
             if !want.contains(ip) {
-                self.handle.address().del(msg.clone()).execute().await?;
+                bounded(self.handle.address().del(msg.clone()).execute()).await?;
                 info!(vip = %ip, interface = %self.interface.name, "withdrew VIP");
             }
         }
         let mut added = Vec::new();
         for ip in want {
             if held.iter().any(|(h, _)| h == ip) || self.protected.contains(ip) {
+                wanted.insert(*ip);
                 continue;
             }
-            let mut req = self
-                .handle
-                .address()
-                .add(self.interface.index, *ip, host_prefix(ip));
-            req.message_mut()
-                .attributes
-                .push(AddressAttribute::Protocol(AddressProtocol::Other(
-                    FERRY_ADDRESS_PROTOCOL,
-                )));
-            if ip.is_ipv6() {
-                let msg = req.message_mut();
-                msg.header.flags |= AddressHeaderFlags::Nodad;
-                msg.attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            }
-            match req.execute().await {
-                Ok(()) => {}
-                // Added meanwhile (by a previous, interrupted pass): fine.
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
-                Err(e) => return Err(e.into()),
-            }
-            info!(vip = %ip, interface = %self.interface.name, "holding VIP");
+            add(
+                &self.handle,
+                self.interface.index,
+                *ip,
+                self.lifetime,
+                false,
+            )
+            .await?;
+            wanted.insert(*ip);
+            info!(vip = %ip, interface = %self.interface.name, lifetime = ?self.lifetime, "holding VIP");
             added.push(*ip);
         }
         Ok(added)
@@ -253,5 +303,45 @@ impl Announcer {
                 on_sent(sent);
             }
         });
+    }
+}
+
+/// Adds `ip` to interface `index` as a ferry VIP living `lifetime` (`renew`: replacing the
+/// one there, which resets its lifetime).
+async fn add(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    lifetime: Duration,
+    renew: bool,
+) -> Result<(), AnnounceError> {
+    let mut req = handle.address().add(index, ip, host_prefix(&ip));
+    if renew {
+        req = req.replace();
+    }
+    let seconds = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+    let mut cache = CacheInfo::default();
+    cache.ifa_preferred = seconds;
+    cache.ifa_valid = seconds;
+    let msg = req.message_mut();
+    msg.attributes
+        .push(AddressAttribute::Protocol(AddressProtocol::Other(
+            FERRY_ADDRESS_PROTOCOL,
+        )));
+    msg.attributes.push(AddressAttribute::CacheInfo(cache));
+    if ip.is_ipv6() {
+        msg.header.flags |= AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    match bounded(req.execute()).await {
+        Ok(()) => Ok(()),
+        // Added meanwhile (by a previous, interrupted pass): fine.
+        Err(AnnounceError::Netlink(rtnetlink::Error::NetlinkError(e)))
+            if e.raw_code() == -libc::EEXIST =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }

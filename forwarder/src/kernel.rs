@@ -21,6 +21,10 @@
 //! backend is this node and the client's address is kept. Source ranges are enforced before
 //! steering.
 //!
+//! A VIP is steered only while it is a local address of this node (`fib daddr type local`):
+//! VIPs live on the interface for a bounded time that only a live forwarder renews
+//! (`announce`), so the table of a forwarder that was killed stops acting with them.
+//!
 //! The ruleset is text for the `nft` tool, the interface kube-proxy's nftables mode uses too;
 //! `ruleset` is pure and carries the tests.
 
@@ -206,9 +210,11 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     for (i, f) in frontends.iter().enumerate() {
         let (fam, _) = family_words(&f.vip);
         let p = proto(f.protocol);
+        // Only while the VIP is this node's address: a forwarder killed before it could
+        // remove this table stops forwarding when its VIPs' lifetimes run out.
         let _ = writeln!(
             dispatch,
-            "\t\t{fam} daddr {} {p} dport {} goto fe_{i}",
+            "\t\t{fam} daddr {} {p} dport {} fib daddr type local goto fe_{i}",
             f.vip, f.port
         );
         let _ = writeln!(
@@ -353,7 +359,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     s
 }
 
-async fn nft(script: &str) -> Result<(), KernelError> {
+pub(crate) async fn nft(script: &str) -> Result<(), KernelError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -474,11 +480,11 @@ mod tests {
         );
         // Steering: after conntrack, before NAT, first packets only.
         assert!(
-            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
+            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 fib daddr type local goto fe_0"),
             "{r}"
         );
         assert!(
-            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 goto fe_0"),
+            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 fib daddr type local goto fe_0"),
             "{r}"
         );
         assert!(r.contains("numgen inc mod 2 vmap { 0 : goto be_0_0, 1 : goto be_0_1 }"));

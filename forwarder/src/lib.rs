@@ -14,6 +14,7 @@ pub mod announce;
 pub mod balance;
 pub mod config;
 pub mod dataplane;
+pub mod guard;
 pub mod health;
 pub mod heartbeat;
 pub mod kernel;
@@ -170,9 +171,15 @@ pub async fn run_with_client(
     };
     let announcer = match config.announce {
         Announce::Netlink => Some(
-            Announcer::new(config.interface.as_deref(), &node_ips)
-                .await
-                .context("cannot set up VIP announcement")?,
+            // Twice the Lease: a killed forwarder's VIPs are gone soon after its successor
+            // holds them, and a live one renews them every quarter of it.
+            Announcer::new(
+                config.interface.as_deref(),
+                &node_ips,
+                config.lease_duration * 2,
+            )
+            .await
+            .context("cannot set up VIP announcement")?,
         ),
         Announce::None => None,
     };

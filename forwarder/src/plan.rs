@@ -79,6 +79,9 @@ pub struct NodePlan {
     pub frontends: Vec<Frontend>,
     /// The owner of every VIP ferry serves, for logs and metrics.
     pub owners: BTreeMap<IpAddr, String>,
+    /// Every (VIP, protocol, port) a Service serves on the VIPs held here, in either mode:
+    /// traffic to a held VIP on any other port is dropped (`guard`).
+    pub exposed: BTreeSet<(IpAddr, Protocol, u16)>,
 }
 
 /// Something the shell should log once: a Service or address that is not served, and why.
@@ -232,6 +235,15 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
         }
         let Some(me) = me else { continue };
         out.announce.insert(vip);
+        for claim in &claims {
+            out.exposed.extend(
+                claim
+                    .desired
+                    .ports
+                    .iter()
+                    .map(|p| (vip, p.protocol, p.port)),
+            );
+        }
         for claim in claims.iter().filter(|c| c.forward) {
             out.frontends
                 .extend(frontends_of(claim, vip, me, &targets, &mut notices));

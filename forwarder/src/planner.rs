@@ -295,11 +295,20 @@ impl Planner {
         self.logged = notices;
 
         let announce_changed = self.last_plan.as_ref().map(|p| &p.announce) != Some(&plan.announce);
+        // A VIP is guarded before it appears and until it is gone: the guard covers the VIPs
+        // held before and after while the interface changes, then the new ones alone.
+        let mut guarded = plan.announce.clone();
+        let mut exposed = plan.exposed.clone();
+        if let Some(last) = &self.last_plan {
+            guarded.extend(last.announce.iter().copied());
+            exposed.extend(last.exposed.iter().copied());
+        }
+        self.guard(&guarded, &exposed, &plan.frontends).await;
         if let Some(a) = &self.outputs.announcer
             && (announce_changed || self.last_sync.elapsed() >= RESYNC)
         {
             self.last_sync = Instant::now();
-            match a.sync(&plan.announce, &valid_pools).await {
+            match a.sync(&plan.announce).await {
                 Ok(added) => {
                     let counter = metrics.announcements.clone();
                     a.announce(added, move |n| {
@@ -309,6 +318,8 @@ impl Planner {
                 Err(err) => error!(error = %err, "cannot hold or withdraw VIPs"),
             }
         }
+        self.guard(&plan.announce, &plan.exposed, &plan.frontends)
+            .await;
         if announce_changed {
             for (vip, owner) in &plan.owners {
                 if self.last_plan.as_ref().and_then(|p| p.owners.get(vip)) != Some(owner) {
@@ -324,6 +335,17 @@ impl Planner {
         self.apply(effective).await;
         self.last_plan = Some(plan);
         self.last_live = Some(live);
+    }
+
+    async fn guard(
+        &mut self,
+        held: &BTreeSet<IpAddr>,
+        exposed: &BTreeSet<(IpAddr, ferry_providers::Protocol, u16)>,
+        frontends: &[Frontend],
+    ) {
+        if let Err(err) = self.outputs.dataplane.guard(held, exposed, frontends).await {
+            error!(error = %format!("{err:#}"), "VIPs may expose host ports");
+        }
     }
 
     /// Programs the data plane. A failed apply is retried with backoff (1 s doubling to
@@ -370,11 +392,8 @@ impl Planner {
     /// process from exiting), then tears the data plane down.
     async fn shutdown(mut self) {
         info!("shutting down: withdrawing VIPs first");
-        let pools = valid_pools(&self.inputs.pools, &self.inputs.class.class);
         if let Some(a) = &self.outputs.announcer {
-            match tokio::time::timeout(WITHDRAW_TIMEOUT, a.sync(&BTreeSet::<IpAddr>::new(), &pools))
-                .await
-            {
+            match tokio::time::timeout(WITHDRAW_TIMEOUT, a.sync(&BTreeSet::<IpAddr>::new())).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => error!(error = %err, "cannot withdraw VIPs"),
                 Err(_) => {
