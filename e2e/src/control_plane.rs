@@ -354,6 +354,34 @@ impl ControlPlane {
     }
 }
 
+/// The API server stopped (SIGSTOP) until dropped (SIGCONT): it accepts connections and
+/// answers nothing, as an overloaded or wedged API server does; watches fall silent.
+pub struct Paused<'a> {
+    cp: &'a ControlPlane,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.cp.signal(libc::SIGCONT);
+    }
+}
+
+impl ControlPlane {
+    /// Stops the API server until the returned guard is dropped.
+    pub fn pause(&self) -> Paused<'_> {
+        self.signal(libc::SIGSTOP);
+        Paused { cp: self }
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.apiserver.id() as i32;
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.apiserver.kill();

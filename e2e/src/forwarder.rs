@@ -48,6 +48,15 @@ impl ForwarderProcess {
         let program = binary("ferry-forwarder")?;
         let (ns_name, node_name) = (ns.name.clone(), node.to_string());
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        // The endpoints on the namespace's loopback, unless the test binds them elsewhere.
+        let metrics_addr = if args.iter().any(|a| a == "--metrics-addr") {
+            Vec::new()
+        } else {
+            vec![
+                "--metrics-addr".to_string(),
+                format!("127.0.0.1:{METRICS_PORT}"),
+            ]
+        };
         let process = ProcessUnderTest::start(
             &format!("forwarder ({node})"),
             cp.dir
@@ -63,8 +72,6 @@ impl ForwarderProcess {
                         &node_name,
                         "--lease-namespace",
                         "ferry-system",
-                        "--metrics-addr",
-                        &format!("127.0.0.1:{METRICS_PORT}"),
                         "--health-addr",
                         &format!("127.0.0.1:{}", METRICS_PORT + 1),
                         "--health-check-interval",
@@ -72,6 +79,7 @@ impl ForwarderProcess {
                         "--health-check-timeout",
                         "400ms",
                     ])
+                    .args(&metrics_addr)
                     .args(&args);
                 Ok(cmd)
             },

@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod chaos;
+pub mod cluster;
 pub mod control_plane;
 pub mod fault_proxy;
 pub mod forwarder;

@@ -321,6 +321,20 @@ impl Topology {
         Ok(host.ns.take())
     }
 
+    /// Puts node `i` back on the network after `unplug`: a fresh namespace with the same
+    /// address on the same switch port (a new MAC, as a replaced machine has).
+    pub fn replug(&mut self, i: usize) -> anyhow::Result<()> {
+        let host = &mut self.nodes[i];
+        if host.ns.is_some() {
+            return Ok(());
+        }
+        let ns = Netns::create(&unique("n"))?;
+        host.mac = attach(&self.switch, &ns, &host.port, host.ip)?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        host.ns = Some(ns);
+        Ok(())
+    }
+
     /// Which host (by name) answers ARP for `ip`, asked from the client: every distinct MAC
     /// that replied, mapped back to host names.
     pub fn arp_owners(&self, ip: &str) -> anyhow::Result<Vec<String>> {
