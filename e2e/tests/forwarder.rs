@@ -695,3 +695,85 @@ async fn userspace_bounds_time_and_flows_and_isolates_backend_failures() {
         );
     }
 }
+
+/// A foreign address inside the pool, on every node (another program's VIP, a keepalived
+/// API-server address, say): ferry must leave it alone.
+const FOREIGN: &str = "10.213.0.207";
+
+async fn exposes_only_its_services(mode: &str) {
+    // The forwarder's own metrics and a host daemon listen on every address of the node.
+    let mut c = Cluster::start(
+        &format!("exposure-{mode}"),
+        NodePorts::Listening,
+        &["--mode", mode, "--metrics-addr", "0.0.0.0:9470"],
+    )
+    .await;
+    let mut daemons = Vec::new();
+    for host in &c.topo.nodes {
+        host.ns()
+            .ip(&["addr", "add", &format!("{FOREIGN}/32"), "dev", "eth0"])
+            .unwrap();
+        daemons.push(
+            ferry_e2e::forwarder::start_backend(
+                &c.cp.dir,
+                host.ns(),
+                &format!("{}-sshd", host.name),
+                &[2222],
+                &[],
+                None,
+                NodePorts::Listening,
+            )
+            .unwrap(),
+        );
+    }
+    let web = c.http_service("web", 30080, json!({})).await;
+    let owner = c.wait_for_single_owner(&web).await;
+    c.wait_for_traffic(&web, 80).await;
+    let owner_ip = c.topo.nodes[c.node_index(&owner)].ip.to_string();
+    // The host daemon answers on the node's address...
+    eventually(WAIT, "the host daemon on the node's address", || async {
+        c.get(&owner_ip, 2222, "/").ok()
+    })
+    .await;
+    // ...but neither it nor ferry's metrics answer on the VIP; the Service does.
+    assert!(c.get(&web, 80, "/").is_ok());
+    assert!(
+        c.get(&web, 2222, "/").is_err(),
+        "a host daemon answered on the VIP"
+    );
+    assert!(
+        c.get(&web, 9470, "/metrics").is_err(),
+        "ferry's metrics answered on the VIP"
+    );
+    // VIPs come and go, and the resync passes: the foreign address stays on every node.
+    let other = c.http_service("other", 30081, json!({})).await;
+    c.wait_for_single_owner(&other).await;
+    delete_and_wait(&c.svcs, "other", WAIT).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for host in &c.topo.nodes {
+        let addrs = host.ns().addresses("eth0").unwrap();
+        assert!(
+            addrs.contains(&format!(" {FOREIGN}/32")),
+            "{} lost another program's address:\n{addrs}",
+            host.name
+        );
+    }
+    assert_eq!(c.wait_for_single_owner(&web).await, owner);
+    for mut d in daemons {
+        d.kill();
+    }
+    delete_and_wait(&c.svcs, "web", WAIT).await;
+    c.backends.iter_mut().flatten().for_each(|b| b.kill());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_exposes_only_its_services_and_leaves_other_addresses_alone_in_kernel_mode() {
+    let _serial = serial().await;
+    exposes_only_its_services("kernel").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_exposes_only_its_services_and_leaves_other_addresses_alone_in_userspace_mode() {
+    let _serial = serial().await;
+    exposes_only_its_services("userspace").await;
+}
