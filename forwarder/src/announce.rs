@@ -321,7 +321,10 @@ async fn add(
     }
     let seconds = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
     let mut cache = CacheInfo::default();
-    cache.ifa_preferred = seconds;
+    // An IPv6 VIP is deprecated from the start (preferred for nothing, valid for its
+    // lifetime): it still receives, but the kernel never picks it as the source of the
+    // node's own connections, as it otherwise would (a /128 beats the node's /64).
+    cache.ifa_preferred = if ip.is_ipv6() { 0 } else { seconds };
     cache.ifa_valid = seconds;
     let msg = req.message_mut();
     msg.attributes

@@ -4,8 +4,9 @@
 //! table, `inet ferry_guard`, in both data-plane modes, drops TCP, UDP and SCTP to a held VIP
 //! on any (protocol, port) no Service of that VIP serves, and enforces
 //! `loadBalancerSourceRanges` for the ports relayed in userspace (kernel mode drops those
-//! before it steers). It filters at input, after NAT: traffic kernel mode steered to a
-//! NodePort no longer has the VIP as its destination. ICMP stays, for ping and path MTU.
+//! before it steers). It filters at input, after NAT (traffic kernel mode steered to a
+//! NodePort no longer has the VIP as its destination), and only new connections: replies to
+//! connections the node opened itself pass. ICMP stays, for ping and path MTU.
 //!
 //! Where nftables cannot be programmed, nothing guards the VIPs; the forwarder says so once.
 
@@ -104,9 +105,12 @@ pub fn ruleset(
             f.port
         );
     }
+    // Replies to connections this node opened are not new traffic to the VIP, whatever
+    // source address the kernel picked for them (IPv6 prefers a /128 VIP over the node's
+    // /64 address for its neighbours on the link).
     let _ = writeln!(
         s,
-        "\tchain input {{\n\t\ttype filter hook input priority -5; policy accept;\n{rules}\t}}"
+        "\tchain input {{\n\t\ttype filter hook input priority -5; policy accept;\n\t\tct state established,related accept\n{rules}\t}}"
     );
     s.push_str("}\n");
     s
