@@ -777,3 +777,39 @@ async fn a_vip_exposes_only_its_services_and_leaves_other_addresses_alone_in_use
     let _serial = serial().await;
     exposes_only_its_services("userspace").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_node_ports_is_served_at_its_endpoints() {
+    let _serial = serial().await;
+    let c = Cluster::start("no-nodeports", NodePorts::Listening, &[]).await;
+    // No NodePorts: the forwarder sends VIP traffic straight to the ready endpoints. The
+    // "pod" is node 2's backend, listening on 30090 on every address of its node.
+    let endpoint = c.topo.nodes[1].ip.to_string();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": { "name": "direct-1", "labels": { "kubernetes.io/service-name": "direct" } },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": [endpoint], "nodeName": "fwd-node-2", "conditions": { "ready": true } }],
+        "ports": [{ "name": "http", "port": 30090, "protocol": "TCP" }],
+    }))
+    .unwrap();
+    kube::Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
+        c.admin.clone(),
+        &c.namespace,
+    )
+    .create(&Default::default(), &slice)
+    .await
+    .unwrap();
+    let vip = c
+        .service(
+            "direct",
+            json!({ "type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                    "ports": [ { "name": "http", "port": 80, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    c.wait_for_single_owner(&vip).await;
+    let body = c.wait_for_traffic(&vip, 80).await;
+    assert_eq!(body_node(&body), "fwd-node-2", "{body}");
+    assert_eq!(c.spread(&vip, 80, 10).len(), 1, "only the endpoint's node");
+    delete_and_wait(&c.svcs, "direct", WAIT).await;
+}

@@ -130,6 +130,46 @@ fn nodes_with_endpoints(
         .collect()
 }
 
+/// Where a Service port without a NodePort (`allocateLoadBalancerNodePorts: false`) is
+/// served: straight at its ready endpoints, `address:targetPort` from the EndpointSlices
+/// (only this node's with `local`), which also saves the NodePort hop.
+fn endpoint_backends(
+    slices: &[Arc<EndpointSlice>],
+    desired: &DesiredLoadBalancer,
+    port: &ferry_providers::PortSpec,
+    local_node: Option<&str>,
+) -> Vec<SocketAddr> {
+    let wanted_name = port.name.clone().unwrap_or_default();
+    let mut out: Vec<SocketAddr> = slices
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(desired.id.namespace.as_str())
+                && s.labels().get(SERVICE_NAME_LABEL) == Some(&desired.id.name)
+        })
+        .flat_map(|s| {
+            let target = s.ports.iter().flatten().find(|p| {
+                p.name.clone().unwrap_or_default() == wanted_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == port.protocol.as_str()
+            });
+            let target = target
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok());
+            s.endpoints
+                .iter()
+                .flatten()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                .filter(|e| local_node.is_none_or(|me| e.node_name.as_deref() == Some(me)))
+                .flat_map(|e| e.addresses.iter())
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .filter_map(move |ip| Some(SocketAddr::new(ip, target?)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The node's address in `vip`'s family, or its first address when it has none.
 fn node_ip_for(node: &NodeTarget, vip: &IpAddr) -> Option<IpAddr> {
     let family = IpFamily::of(vip);
@@ -245,8 +285,14 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
             );
         }
         for claim in claims.iter().filter(|c| c.forward) {
-            out.frontends
-                .extend(frontends_of(claim, vip, me, &targets, &mut notices));
+            out.frontends.extend(frontends_of(
+                claim,
+                vip,
+                me,
+                &targets,
+                view.slices,
+                &mut notices,
+            ));
         }
     }
     out.frontends.sort();
@@ -260,6 +306,7 @@ fn frontends_of(
     vip: IpAddr,
     me: &NodeTarget,
     targets: &[NodeTarget],
+    slices: &[Arc<EndpointSlice>],
     notices: &mut Vec<Notice>,
 ) -> Vec<Frontend> {
     let d = &claim.desired;
@@ -297,23 +344,41 @@ fn frontends_of(
             });
             continue;
         }
-        let Some(node_port) = port.node_port else {
-            notices.push(Notice {
-                service: claim.service.clone(),
-                message: format!(
-                    "port {}/{} has no NodePort to forward to (allocateLoadBalancerNodePorts: false)",
-                    port.port, port.protocol
-                ),
-            });
-            continue;
+        let backends = match port.node_port {
+            Some(node_port) => {
+                let mut backends: Vec<SocketAddr> = nodes
+                    .iter()
+                    .filter_map(|n| node_ip_for(n, &vip))
+                    .map(|ip| SocketAddr::new(ip, node_port))
+                    .collect();
+                backends.sort();
+                backends.dedup();
+                backends
+            }
+            None => {
+                let backends =
+                    endpoint_backends(slices, d, port, local.then_some(me.name.as_str()));
+                if backends.is_empty() {
+                    notices.push(Notice {
+                        service: claim.service.clone(),
+                        message: format!(
+                            "port {}/{} has no NodePort (allocateLoadBalancerNodePorts: false) and no ready endpoints{} to send it to",
+                            port.port,
+                            port.protocol,
+                            if local { " on this node" } else { "" }
+                        ),
+                    });
+                    continue;
+                }
+                backends
+            }
         };
-        let mut backends: Vec<SocketAddr> = nodes
-            .iter()
-            .filter_map(|n| node_ip_for(n, &vip))
-            .map(|ip| SocketAddr::new(ip, node_port))
-            .collect();
-        backends.sort();
-        backends.dedup();
+        // Endpoints are checked themselves; a NodePort through the check the policy asks.
+        let health = if port.node_port.is_none() {
+            HealthCheck::Connect
+        } else {
+            health
+        };
         out.push(Frontend {
             service: claim.service.clone(),
             vip,
@@ -588,6 +653,46 @@ mod tests {
         let holders = w.holders(VIP);
         assert_eq!(holders.len(), 1);
         assert_eq!(w.plan_for(&holders[0]).0.frontends.len(), 2);
+    }
+
+    #[test]
+    fn a_service_without_node_ports_is_served_straight_at_its_ready_endpoints() {
+        let mut w = world(vec![
+            service("web")
+                .lb()
+                .port(80, 0)
+                .ingress(VIP, "Proxy")
+                .build(),
+        ]);
+        let mut slice = endpoint_slice(
+            "web",
+            &[
+                ("10.244.1.5", "n1", true),
+                ("10.244.2.5", "n2", true),
+                ("10.244.3.5", "n3", false),
+            ],
+        );
+        slice.ports = Some(vec![k8s_openapi::api::discovery::v1::EndpointPort {
+            name: Some("tcp-80".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            app_protocol: None,
+        }]);
+        w.slices = vec![Arc::new(slice)];
+        let holder = w.holders(VIP).remove(0);
+        let (p, notices) = w.plan_for(&holder);
+        assert!(notices.is_empty(), "{notices:?}");
+        let backends: Vec<String> = p.frontends[0]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            backends,
+            ["10.244.1.5:8080", "10.244.2.5:8080"],
+            "ready ones only"
+        );
+        assert_eq!(p.frontends[0].health, HealthCheck::Connect);
     }
 
     #[test]
