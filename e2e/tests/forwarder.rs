@@ -813,3 +813,86 @@ async fn a_service_without_node_ports_is_served_at_its_endpoints() {
     assert_eq!(c.spread(&vip, 80, 10).len(), 1, "only the endpoint's node");
     delete_and_wait(&c.svcs, "direct", WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_that_cannot_be_served_on_its_node_goes_to_another_and_says_why() {
+    let _serial = serial().await;
+    let c = Cluster::start("clash", NodePorts::Listening, &["--mode", "userspace"]).await;
+    let web = c.http_service("web", 30080, json!({})).await;
+    c.wait_for_traffic(&web, 80).await;
+    // The node rendezvous hashing would pick for this VIP has a host daemon on the
+    // Service's port: the listener cannot bind there.
+    let vip = "10.213.0.205";
+    let chosen = ferry_forwarder::ownership::owner(&vip.parse().unwrap(), NODES)
+        .unwrap()
+        .to_string();
+    let host = &c.topo.nodes[c.node_index(&chosen)];
+    let mut daemon = ferry_e2e::forwarder::start_backend(
+        &c.cp.dir,
+        host.ns(),
+        &format!("{chosen}-daemon"),
+        &[2222],
+        &[],
+        None,
+        NodePorts::Listening,
+    )
+    .unwrap();
+    eventually(WAIT, "the host daemon to listen", || async {
+        c.get(&host.ip.to_string(), 2222, "/").ok()
+    })
+    .await;
+    let clash = c
+        .service(
+            "clash",
+            json!({ "type": "LoadBalancer", "loadBalancerIP": vip,
+                    "ports": [ { "name": "ssh", "port": 2222, "nodePort": 30090, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    assert_eq!(clash, vip);
+    // Another node announces it and forwards it; the Service is told.
+    let holder = c.wait_for_single_owner(vip).await;
+    assert_ne!(
+        holder, chosen,
+        "the node that cannot bind does not hold the VIP"
+    );
+    c.wait_for_traffic(vip, 2222).await;
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(c.admin.clone(), &c.namespace);
+    let note = eventually(WAIT, "a ForwardingFailed Event on the Service", || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("ForwardingFailed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("clash")
+            })
+            .and_then(|e| e.note)
+    })
+    .await;
+    assert!(note.contains(&chosen) && note.contains("2222"), "{note}");
+    assert_eq!(
+        c.forwarder(&chosen).metric("ferry_forwarder_refused_vips"),
+        Some(1.0)
+    );
+    // The other Services keep converging on every node, the refusing one included.
+    assert!(c.get(&web, 80, "/").is_ok());
+    let later = c.http_service("later", 30081, json!({})).await;
+    c.wait_for_single_owner(&later).await;
+    c.wait_for_traffic(&later, 80).await;
+    // The daemon goes: the probe finds the port free, and the VIP returns to its node.
+    daemon.kill();
+    eventually(
+        WAIT,
+        "the VIP back on the node rendezvous picks",
+        || async { (c.holders(vip) == [chosen.clone()]).then_some(()) },
+    )
+    .await;
+    c.wait_for_traffic(vip, 2222).await;
+    for name in ["web", "clash", "later"] {
+        delete_and_wait(&c.svcs, name, WAIT).await;
+    }
+}

@@ -18,6 +18,59 @@ use crate::metrics::Metrics;
 use crate::plan::Frontend;
 use crate::userspace::{Limits, Userspace};
 
+/// A frontend whose forwarding could not be set up.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub frontend: Frontend,
+    pub error: String,
+    pub kind: FailureKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A listener could not bind (a host process holds the port): checked again by probing.
+    Bind,
+    /// nftables refused the frontend's rules: tried again after a backoff.
+    Kernel,
+}
+
+/// nftables refused the table for `frontends`: finds the VIPs whose rules it refuses by
+/// adding them one at a time, keeps the others applied, and returns the refused ones. When
+/// not even the table without any VIP applies, nothing can be narrowed down.
+async fn narrow_down(
+    kernel: &mut Kernel,
+    frontends: &[Frontend],
+    error: &str,
+) -> anyhow::Result<Vec<Failure>> {
+    let mut by_vip: std::collections::BTreeMap<IpAddr, Vec<Frontend>> = Default::default();
+    for f in frontends {
+        by_vip.entry(f.vip).or_default().push(f.clone());
+    }
+    kernel
+        .apply(&[])
+        .await
+        .with_context(|| format!("nftables refuses even an empty table (first: {error})"))?;
+    let mut good: Vec<Frontend> = Vec::new();
+    let mut failures = Vec::new();
+    for (vip, group) in by_vip {
+        let mut trial = good.clone();
+        trial.extend(group.iter().cloned());
+        match kernel.apply(&trial).await {
+            Ok(()) => good = trial,
+            Err(err) => {
+                warn!(%vip, error = %err, "nftables refuses this VIP's rules");
+                failures.extend(group.into_iter().map(|frontend| Failure {
+                    frontend,
+                    error: format!("nftables refused its rules: {err}"),
+                    kind: FailureKind::Kernel,
+                }));
+            }
+        }
+    }
+    kernel.apply(&good).await?;
+    Ok(failures)
+}
+
 pub struct Dataplane {
     forwarding: Paths,
     /// `None` where nftables cannot be programmed.
@@ -52,28 +105,43 @@ impl Dataplane {
         Ok(())
     }
 
-    pub async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<()> {
+    /// Programs `frontends`; returns the ones whose forwarding could not be set up (with
+    /// why), the others being in place. One Service's failure stays its own: nftables
+    /// refusing the table is narrowed down VIP by VIP, and a listener that cannot bind
+    /// fails alone. An error means nothing could be applied at all.
+    pub async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<Vec<Failure>> {
+        let mut failures = Vec::new();
         let (userspace, rest) = match &mut self.forwarding {
             Paths::Kernel(kernel, userspace, own) => {
                 let (kernel_side, userspace_side) =
                     kernel::split(frontends, Forwarding::read(), own);
-                kernel.apply(&kernel_side).await?;
+                if let Err(err) = kernel.apply(&kernel_side).await {
+                    failures.extend(narrow_down(kernel, &kernel_side, &err.to_string()).await?);
+                }
                 (userspace, userspace_side)
             }
             Paths::Userspace(userspace) => (userspace, frontends.to_vec()),
         };
-        let failed = userspace.apply(&rest);
-        if let Some((f, err)) = failed.first() {
-            anyhow::bail!(
-                "cannot listen on {}:{}/{} for {} ({} listener(s) failed): {err}",
-                f.vip,
-                f.port,
-                f.protocol,
-                f.service,
-                failed.len()
-            );
-        }
-        Ok(())
+        failures.extend(
+            userspace
+                .apply(&rest)
+                .into_iter()
+                .map(|(frontend, err)| Failure {
+                    error: format!(
+                        "cannot listen on {}:{}/{}: {err}",
+                        frontend.vip, frontend.port, frontend.protocol
+                    ),
+                    frontend,
+                    kind: FailureKind::Bind,
+                }),
+        );
+        Ok(failures)
+    }
+
+    /// Whether the frontends of a refused VIP could be set up now, without taking the VIP:
+    /// listeners bind before their address is on the interface (IP_FREEBIND).
+    pub fn probe(&self, frontends: &[Frontend]) -> std::io::Result<()> {
+        frontends.iter().try_for_each(crate::userspace::probe)
     }
 
     pub async fn clear(&mut self) {

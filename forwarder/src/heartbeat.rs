@@ -26,6 +26,9 @@ use tracing::{debug, info, warn};
 
 /// Label on every heartbeat Lease, so forwarders watch only those.
 pub const HEARTBEAT_LABEL: &str = "ferry.dev/forwarder-heartbeat";
+/// Annotation on a heartbeat Lease: the VIPs its node cannot serve, comma-separated (the
+/// same news the direct heartbeats carry, for peers that cannot hear it).
+pub const REFUSED_ANNOTATION: &str = "ferry.dev/refused-vips";
 const FIELD_MANAGER: &str = "ferry-forwarder";
 
 /// The heartbeat Lease's name for `node`.
@@ -38,6 +41,8 @@ pub fn lease_name(node: &str) -> String {
 pub struct Liveness {
     /// Node → (renew time as last seen, when it was last seen to change, lease duration).
     seen: HashMap<String, (Option<jiff::Timestamp>, Instant, Duration)>,
+    /// Node → the VIPs its Lease says it cannot serve.
+    refused: HashMap<String, BTreeSet<std::net::IpAddr>>,
 }
 
 fn node_of(lease: &Lease) -> Option<&str> {
@@ -60,6 +65,7 @@ impl Liveness {
             }
         }
         self.seen.retain(|node, _| present.contains(node));
+        self.refused.retain(|node, _| present.contains(node));
     }
 
     /// Takes in one Lease created or renewed; returns whether its node went from dead to live
@@ -80,6 +86,7 @@ impl Liveness {
         };
         let was_live = self.is_live(node, now);
         self.seen.remove(node);
+        self.refused.remove(node);
         was_live
     }
 
@@ -100,6 +107,18 @@ impl Liveness {
         wall: jiff::Timestamp,
     ) -> Option<&'l str> {
         let node = node_of(lease)?;
+        let refused: BTreeSet<std::net::IpAddr> = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REFUSED_ANNOTATION))
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|ip| ip.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.refused.insert(node.to_string(), refused);
         let spec = lease.spec.as_ref();
         let renew = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
         let duration = Duration::from_secs(
@@ -137,6 +156,11 @@ impl Liveness {
             .filter(|node| self.is_live(node, now))
             .cloned()
             .collect()
+    }
+
+    /// The VIPs `node`'s Lease says it cannot serve.
+    pub fn refused(&self, node: &str) -> BTreeSet<std::net::IpAddr> {
+        self.refused.get(node).cloned().unwrap_or_default()
     }
 
     /// Every node with a heartbeat Lease: the forwarders there are (or were).
@@ -194,14 +218,23 @@ pub struct Heartbeat {
     api: Api<Lease>,
     node: String,
     duration: Duration,
+    /// This node's refused VIPs, written into the Lease.
+    refused: crate::membership::Refused,
 }
 
 impl Heartbeat {
-    pub fn new(client: Client, namespace: &str, node: &str, duration: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        node: &str,
+        duration: Duration,
+        refused: crate::membership::Refused,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             node: node.to_string(),
             duration,
+            refused,
         }
     }
 
@@ -210,10 +243,16 @@ impl Heartbeat {
         let seconds = i32::try_from(self.duration.as_secs_f64().ceil() as u64)
             .unwrap_or(i32::MAX)
             .max(1);
+        let refused: Vec<String> = self
+            .refused
+            .lock()
+            .map(|r| r.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(lease_name(&self.node)),
                 labels: Some([(HEARTBEAT_LABEL.to_string(), "true".to_string())].into()),
+                annotations: Some([(REFUSED_ANNOTATION.to_string(), refused.join(","))].into()),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {

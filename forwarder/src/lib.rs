@@ -26,6 +26,7 @@ pub mod ownership;
 pub mod plan;
 pub mod planner;
 pub mod proxy_protocol;
+pub mod refusals;
 pub mod rlimit;
 pub mod userspace;
 pub mod watches;
@@ -206,6 +207,8 @@ pub async fn run_with_client(
     }
     let dataplane = Dataplane::choose(&config, limits, &metrics, &node_ips).await?;
 
+    // What this node cannot serve, told to its peers in heartbeats and in its Lease.
+    let refused = crate::membership::Refused::default();
     // Direct heartbeats, from the node's own address (never a VIP's).
     let membership = match (config.peer_port, node_ips.first()) {
         (0, _) | (_, None) => None,
@@ -215,6 +218,7 @@ pub async fn run_with_client(
                 SocketAddr::new(*ip, port),
                 config.peer_interval,
                 config.peer_timeout,
+                refused.clone(),
                 changed.clone(),
                 stop.clone(),
             )
@@ -228,6 +232,7 @@ pub async fn run_with_client(
         &config.lease_namespace,
         &config.node_name,
         config.lease_duration,
+        refused.clone(),
     ));
     // Be live before planning: otherwise a restarted forwarder would first withdraw the VIPs
     // it is about to own again (its old Lease has expired), then take them back.
@@ -268,6 +273,13 @@ pub async fn run_with_client(
             membership,
             peer_timeout: config.peer_timeout,
             changed,
+            recorder: Some(kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "ferry-forwarder".into(),
+                    instance: Some(config.node_name.clone()),
+                },
+            )),
         },
         Outputs {
             announcer,
@@ -275,6 +287,7 @@ pub async fn run_with_client(
             checker,
             metrics,
         },
+        crate::refusals::Refusals::new(refused),
     );
     let withdraw = async {
         // The planner withdraws on stop; readiness goes first so nothing new is sent here.

@@ -12,11 +12,12 @@
 //! how peers are discovered (nodes with a heartbeat Lease run a forwarder), and it decides
 //! what the peers cannot (see `liveness`).
 //!
-//! A datagram is `ferry-hb1 <node name>`. It counts only from one of that node's own
-//! InternalIPs (as the API last showed them), so nothing else on the network speaks for a
-//! node by naming it.
+//! A datagram is `ferry-hb1 <node name>[ <vip>,<vip>…]`: the node, and the VIPs it cannot
+//! serve (their forwarding could not be set up there), so its peers hand those to another
+//! node. It counts only from one of that node's own InternalIPs (as the API last showed
+//! them), so nothing else on the network speaks for a node by naming it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,8 +39,13 @@ pub struct Peer {
 /// When each peer was last heard, shared with the planner.
 pub type Heard = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// VIPs a node cannot serve: this node's (advertised) or each peer's (as heard).
+pub type Refused = Arc<Mutex<BTreeSet<IpAddr>>>;
+
 pub struct Membership {
     pub heard: Heard,
+    /// Each peer's refusals, from its last heartbeat.
+    refusals: Arc<Mutex<HashMap<String, BTreeSet<IpAddr>>>>,
     peers: Arc<Mutex<Vec<Peer>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -52,15 +58,28 @@ impl Drop for Membership {
     }
 }
 
-fn message(node: &str) -> Vec<u8> {
-    format!("{MAGIC}{node}").into_bytes()
+fn message(node: &str, refused: &BTreeSet<IpAddr>) -> Vec<u8> {
+    let vips: Vec<String> = refused.iter().map(ToString::to_string).collect();
+    if vips.is_empty() {
+        format!("{MAGIC}{node}").into_bytes()
+    } else {
+        format!("{MAGIC}{node} {}", vips.join(",")).into_bytes()
+    }
 }
 
-fn parse(datagram: &[u8]) -> Option<&str> {
-    std::str::from_utf8(datagram)
-        .ok()?
-        .strip_prefix(MAGIC)
-        .filter(|n| !n.is_empty() && n.len() <= 253)
+/// The node a heartbeat names and the VIPs it refuses.
+fn parse(datagram: &[u8]) -> Option<(&str, BTreeSet<IpAddr>)> {
+    let text = std::str::from_utf8(datagram).ok()?.strip_prefix(MAGIC)?;
+    let (node, vips) = text.split_once(' ').unwrap_or((text, ""));
+    if node.is_empty() || node.len() > 253 {
+        return None;
+    }
+    let refused = vips
+        .split(',')
+        .filter(|v| !v.is_empty())
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Some((node, refused))
 }
 
 impl Membership {
@@ -73,16 +92,18 @@ impl Membership {
         bind: SocketAddr,
         interval: Duration,
         timeout: Duration,
+        refused: Refused,
         changed: Arc<Notify>,
         stop: watch::Receiver<bool>,
     ) -> std::io::Result<Membership> {
         let socket = Arc::new(UdpSocket::bind(bind).await?);
         let heard: Heard = Arc::default();
+        let refusals: Arc<Mutex<HashMap<String, BTreeSet<IpAddr>>>> = Arc::default();
         let peers: Arc<Mutex<Vec<Peer>>> = Arc::default();
         info!(%bind, every = ?interval, "heartbeating to peers directly");
         let sender = {
             let (socket, peers, mut stop) = (socket.clone(), peers.clone(), stop.clone());
-            let msg = message(me);
+            let me = me.to_string();
             let port = bind.port();
             let v6 = bind.is_ipv6();
             tokio::spawn(async move {
@@ -94,6 +115,7 @@ impl Membership {
                         _ = tick.tick() => {}
                         _ = crate::stopped(&mut stop) => return,
                     }
+                    let msg = message(&me, &refused.lock().map(|r| r.clone()).unwrap_or_default());
                     let targets: Vec<SocketAddr> = peers
                         .lock()
                         .map(|p| {
@@ -118,7 +140,8 @@ impl Membership {
             })
         };
         let receiver = {
-            let (heard, peers, mut stop) = (heard.clone(), peers.clone(), stop);
+            let (heard, refusals, peers, mut stop) =
+                (heard.clone(), refusals.clone(), peers.clone(), stop);
             tokio::spawn(async move {
                 let mut buf = [0u8; 512];
                 loop {
@@ -133,7 +156,7 @@ impl Membership {
                         },
                         _ = crate::stopped(&mut stop) => return,
                     };
-                    let Some(node) = buf.get(..n).and_then(parse) else {
+                    let Some((node, refused)) = buf.get(..n).and_then(parse) else {
                         continue;
                     };
                     let genuine = peers.lock().is_ok_and(|p| {
@@ -145,6 +168,10 @@ impl Membership {
                         continue;
                     }
                     let now = Instant::now();
+                    let refusals_changed = refusals.lock().is_ok_and(|mut r| {
+                        let before = r.insert(node.to_string(), refused.clone());
+                        before.unwrap_or_default() != refused
+                    });
                     let back = {
                         let Ok(mut heard) = heard.lock() else {
                             continue;
@@ -154,6 +181,8 @@ impl Membership {
                     };
                     if back {
                         debug!(node, "peer heard");
+                    }
+                    if back || refusals_changed {
                         changed.notify_one();
                     }
                 }
@@ -161,6 +190,7 @@ impl Membership {
         };
         Ok(Membership {
             heard,
+            refusals,
             peers,
             tasks: vec![sender, receiver],
         })
@@ -180,6 +210,11 @@ impl Membership {
     pub fn heard(&self) -> HashMap<String, Instant> {
         self.heard.lock().map(|h| h.clone()).unwrap_or_default()
     }
+
+    /// The VIPs each peer refused in its last heartbeat.
+    pub fn refusals(&self) -> HashMap<String, BTreeSet<IpAddr>> {
+        self.refusals.lock().map(|r| r.clone()).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -187,8 +222,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heartbeats_name_their_node_and_nothing_else_parses() {
-        assert_eq!(parse(&message("node-1")), Some("node-1"));
+    fn heartbeats_name_their_node_and_its_refusals_and_nothing_else_parses() {
+        let none = BTreeSet::new();
+        assert_eq!(
+            parse(&message("node-1", &none)),
+            Some(("node-1", none.clone()))
+        );
+        let refused: BTreeSet<IpAddr> =
+            ["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()].into();
+        assert_eq!(
+            parse(&message("node-1", &refused)),
+            Some(("node-1", refused))
+        );
         assert_eq!(parse(b"ferry-hb1 "), None);
         assert_eq!(parse(b"hello"), None);
         assert_eq!(parse(&[0xff, 0xfe]), None);
@@ -206,6 +251,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_millis(20),
             Duration::from_millis(200),
+            Refused::default(),
             changed.clone(),
             stop,
         )
@@ -222,9 +268,10 @@ mod tests {
             },
         ]);
         let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let refused: BTreeSet<IpAddr> = ["192.0.2.7".parse().unwrap()].into();
         for node in ["a", "far", "stranger"] {
             sender
-                .send_to(&message(node), ("127.0.0.1", port))
+                .send_to(&message(node, &refused), ("127.0.0.1", port))
                 .await
                 .unwrap();
         }
@@ -237,5 +284,6 @@ mod tests {
         let heard = me.heard();
         assert!(!heard.contains_key("far"), "not from far's own address");
         assert!(!heard.contains_key("stranger"), "not a known node");
+        assert_eq!(me.refusals().get("a"), Some(&refused));
     }
 }

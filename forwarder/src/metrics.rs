@@ -84,6 +84,8 @@ pub struct Metrics {
     pub frontends: Gauge,
     pub applies: Family<Labels, Counter>,
     pub announcements: Counter,
+    pub refused_vips: Gauge,
+    pub forwarding_failures: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -138,6 +140,8 @@ impl Metrics {
             frontends: Gauge::default(),
             applies: Family::default(),
             announcements: Counter::default(),
+            refused_vips: Gauge::default(),
+            forwarding_failures: Family::default(),
             registry: r,
         };
         let mut m = m;
@@ -158,8 +162,18 @@ impl Metrics {
         );
         m.registry.register(
             "ferry_forwarder_plan_applies",
-            "Changed plans applied to the node, by result (ok, error)",
+            "Changed plans applied to the node, by result (ok, partial, error)",
             m.applies.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_refused_vips",
+            "VIPs this node cannot serve (their forwarding could not be set up) and leaves to others",
+            m.refused_vips.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_forwarding_failures",
+            "Times a Service's forwarding could not be set up on this node, by Service",
+            m.forwarding_failures.clone(),
         );
         m.registry.register(
             "ferry_forwarder_announcements",
@@ -167,6 +181,12 @@ impl Metrics {
             m.announcements.clone(),
         );
         m
+    }
+
+    pub fn forwarding_failed(&self, service: &str) {
+        self.forwarding_failures
+            .get_or_create(&vec![("service", service.to_string())])
+            .inc();
     }
 
     pub fn applied(&self, result: &str) {

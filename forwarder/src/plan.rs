@@ -102,6 +102,9 @@ pub struct ClusterView<'a> {
     pub pools: &'a [Pool],
     /// Nodes whose forwarder heartbeat is fresh.
     pub live: &'a BTreeSet<String>,
+    /// VIPs each node has said it cannot serve (its forwarding for them could not be set
+    /// up): it is no candidate for them, so they go to another node.
+    pub refused: &'a BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 /// One Service's claim on one VIP.
@@ -242,7 +245,11 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
     let me = targets.iter().find(|t| t.name == view.node_name);
     let mut out = NodePlan::default();
     for (vip, claims) in claims {
-        let mut candidates: BTreeSet<&str> = live.iter().map(|t| t.name.as_str()).collect();
+        let mut candidates: BTreeSet<&str> = live
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !view.refused.get(*n).is_some_and(|r| r.contains(&vip)))
+            .collect();
         for claim in &claims {
             if matches!(claim.desired.traffic_policy, TrafficPolicy::Local { .. }) {
                 let with = nodes_with_endpoints(
@@ -258,7 +265,7 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
                 notices.push(Notice {
                     service: claim.service.clone(),
                     message: format!(
-                        "{vip} has no node to announce it (no live forwarder{})",
+                        "{vip} has no node to announce it (no live forwarder{} that can serve it)",
                         if matches!(claim.desired.traffic_policy, TrafficPolicy::Local { .. }) {
                             " on a node with ready endpoints"
                         } else {
@@ -412,6 +419,7 @@ mod tests {
         slices: Vec<Arc<EndpointSlice>>,
         pools: Vec<Pool>,
         live: BTreeSet<String>,
+        refused: BTreeMap<String, BTreeSet<IpAddr>>,
         class: ClassFilter,
     }
 
@@ -426,6 +434,7 @@ mod tests {
             slices: Vec::new(),
             pools: vec![Pool::new("default", &["192.0.2.0/24"]).unwrap()],
             live: ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect(),
+            refused: BTreeMap::new(),
             class: ClassFilter {
                 class: "ferry.dev/local".into(),
                 default_class: true,
@@ -443,6 +452,7 @@ mod tests {
                 slices: &self.slices,
                 pools: &self.pools,
                 live: &self.live,
+                refused: &self.refused,
             })
         }
 
@@ -491,6 +501,30 @@ mod tests {
         // forwarder, and health checks take it out if it is really gone.
         let (p, _) = w.plan_for(&second[0]);
         assert_eq!(p.frontends[0].backends.len(), 3);
+    }
+
+    #[test]
+    fn a_node_that_cannot_serve_a_vip_hands_it_to_another() {
+        let mut w = world(vec![web().build()]);
+        let first = w.holders(VIP).remove(0);
+        w.refused.insert(
+            first.clone(),
+            BTreeSet::from([VIP.parse::<IpAddr>().unwrap()]),
+        );
+        let second = w.holders(VIP);
+        assert_eq!(second.len(), 1, "still exactly one holder");
+        assert_ne!(second[0], first);
+        // Everyone refusing: nobody holds it, and the Service is told why.
+        for n in ["n1", "n2", "n3"] {
+            w.refused
+                .insert(n.into(), BTreeSet::from([VIP.parse::<IpAddr>().unwrap()]));
+        }
+        assert!(w.holders(VIP).is_empty());
+        let (_, notices) = w.plan_for("n1");
+        assert!(
+            notices.iter().any(|n| n.message.contains("can serve it")),
+            "{notices:?}"
+        );
     }
 
     #[test]

@@ -20,13 +20,14 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::announce::Announcer;
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, Failure};
 use crate::health::{self, HealthChecker};
 use crate::heartbeat;
 use crate::liveness::{self, Verdict};
 use crate::membership::{Membership, Peer};
 use crate::metrics::Metrics;
 use crate::plan::{self, ClusterView, Frontend, NodePlan, Notice};
+use crate::refusals::Refusals;
 
 /// How often the node's state is re-checked even when nothing was reported (an address
 /// removed by hand comes back within this).
@@ -103,6 +104,8 @@ pub struct Inputs {
     pub membership: Option<Membership>,
     pub peer_timeout: Duration,
     pub changed: Arc<Notify>,
+    /// Events about Services this node cannot serve.
+    pub recorder: Option<kube::runtime::events::Recorder>,
 }
 
 /// What the planner acts on.
@@ -126,6 +129,7 @@ pub struct Planner {
     /// The live set of the last verdict that was not frozen.
     trusted: BTreeSet<String>,
     last_verdict: Option<(bool, bool)>,
+    refusals: Refusals,
 }
 
 /// The pools the operator of this class allocates from (the same validation, so both agree
@@ -139,9 +143,10 @@ fn valid_pools(
 }
 
 impl Planner {
-    pub fn new(inputs: Inputs, outputs: Outputs) -> Self {
+    pub fn new(inputs: Inputs, outputs: Outputs, refusals: Refusals) -> Self {
         let now = Instant::now();
         Self {
+            refusals,
             inputs,
             outputs,
             last_plan: None,
@@ -227,6 +232,7 @@ impl Planner {
                 .map(|at| *at + self.inputs.peer_timeout)
                 .filter(|at| *at > now),
         );
+        expiries.extend(self.refusals.next_retry());
         next_wake(
             expiries,
             self.failed_apply.as_ref().map(|f| f.retry_at),
@@ -255,7 +261,13 @@ impl Planner {
             let now = Instant::now();
             let verdict = self.verdict(now);
             let live_changed = self.last_live.as_ref() != Some(&verdict.live);
-            let retry_at = self.failed_apply.as_ref().map(|f| f.retry_at);
+            let retry_at = [
+                self.failed_apply.as_ref().map(|f| f.retry_at),
+                self.refusals.next_retry(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             if due(woken_by_timer, live_changed, now, self.last_pass, retry_at) {
                 self.pass(verdict.live).await;
             }
@@ -267,8 +279,58 @@ impl Planner {
         self.shutdown().await;
     }
 
+    /// Which VIPs each node cannot serve: this node's own refusals, each peer's as its last
+    /// heartbeat said, or as its Lease says for a peer not heard.
+    fn refused_view(
+        &self,
+        nodes: &[Arc<Node>],
+    ) -> std::collections::BTreeMap<String, BTreeSet<IpAddr>> {
+        let mut view = std::collections::BTreeMap::new();
+        view.insert(self.inputs.node_name.clone(), self.refusals.vips());
+        let heard = self
+            .inputs
+            .membership
+            .as_ref()
+            .map(Membership::refusals)
+            .unwrap_or_default();
+        let leases = self.leases();
+        for n in nodes.iter().filter_map(|n| n.metadata.name.clone()) {
+            if n == self.inputs.node_name {
+                continue;
+            }
+            let refused = heard.get(&n).cloned().unwrap_or_else(|| leases.refused(&n));
+            if !refused.is_empty() {
+                view.insert(n, refused);
+            }
+        }
+        view
+    }
+
+    /// Probes the refusals that are due; returns whether one was lifted.
+    fn check_refusals(&mut self) -> bool {
+        let now = Instant::now();
+        let mut lifted = false;
+        for (vip, refusal) in self.refusals.due(now) {
+            let clear = match refusal.kind {
+                crate::dataplane::FailureKind::Bind => {
+                    self.outputs.dataplane.probe(&refusal.frontends).is_ok()
+                }
+                crate::dataplane::FailureKind::Kernel => true,
+            };
+            if clear {
+                info!(%vip, "this node can try to serve the VIP again");
+                self.refusals.lift(&vip);
+                lifted = true;
+            } else {
+                self.refusals.defer(&vip, now);
+            }
+        }
+        lifted
+    }
+
     async fn pass(&mut self, live: BTreeSet<String>) {
         self.last_pass = Instant::now();
+        self.check_refusals();
         let class = self.inputs.class.clone();
         let valid_pools = valid_pools(&self.inputs.pools, &class.class);
         let (services, nodes, slices) = (
@@ -277,15 +339,35 @@ impl Planner {
             self.inputs.slices.state(),
         );
         self.refresh_peers(&nodes);
-        let (plan, notices) = plan::plan(&ClusterView {
-            node_name: &self.inputs.node_name,
-            class: &class,
-            services: &services,
-            nodes: &nodes,
-            slices: &slices,
-            pools: &valid_pools,
-            live: &live,
-        });
+        // Planned, then applied; what could not be set up is refused and planned once more
+        // without it, so this node never announces a VIP it would black-hole.
+        let mut plan = NodePlan::default();
+        let mut notices = Vec::new();
+        for _ in 0..3 {
+            let refused = self.refused_view(&nodes);
+            (plan, notices) = plan::plan(&ClusterView {
+                node_name: &self.inputs.node_name,
+                class: &class,
+                services: &services,
+                nodes: &nodes,
+                slices: &slices,
+                pools: &valid_pools,
+                live: &live,
+                refused: &refused,
+            });
+            self.outputs
+                .checker
+                .set_probes(&health::probes(&plan.frontends));
+            let effective = health::effective(&plan.frontends, |p| self.outputs.checker.healthy(p));
+            let failures = self.apply(effective).await;
+            if failures.is_empty() {
+                break;
+            }
+            let news = self.refusals.record(&failures, Instant::now());
+            self.report(&news, &services).await;
+        }
+        self.refusals
+            .succeeded(plan.announce.iter().copied().collect::<Vec<_>>());
         let metrics = self.outputs.metrics.clone();
         metrics.live_forwarders.set(live.len() as i64);
         let notices: BTreeSet<Notice> = notices.into_iter().collect();
@@ -328,11 +410,7 @@ impl Planner {
             }
         }
         metrics.vips_held.set(plan.announce.len() as i64);
-        self.outputs
-            .checker
-            .set_probes(&health::probes(&plan.frontends));
-        let effective = health::effective(&plan.frontends, |p| self.outputs.checker.healthy(p));
-        self.apply(effective).await;
+        metrics.refused_vips.set(self.refusals.vips().len() as i64);
         self.last_plan = Some(plan);
         self.last_live = Some(live);
     }
@@ -348,24 +426,76 @@ impl Planner {
         }
     }
 
-    /// Programs the data plane. A failed apply is retried with backoff (1 s doubling to
-    /// 1 min), sooner only when the frontends change; it is logged as an error when its
-    /// message changes.
-    async fn apply(&mut self, effective: Vec<Frontend>) {
+    /// Tells the Services whose forwarding could not be set up here, with an Event each.
+    async fn report(&self, news: &[Failure], services: &[Arc<Service>]) {
+        for f in news {
+            let metrics = &self.outputs.metrics;
+            metrics.forwarding_failed(&f.frontend.service);
+            warn!(service = %f.frontend.service, vip = %f.frontend.vip, error = %f.error,
+                  "cannot forward here; the VIP goes to another node");
+            let Some(recorder) = &self.inputs.recorder else {
+                continue;
+            };
+            let Some(svc) = services.iter().find(|s| {
+                format!(
+                    "{}/{}",
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default()
+                ) == f.frontend.service
+            }) else {
+                continue;
+            };
+            use kube::Resource as _;
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: "ForwardingFailed".into(),
+                note: Some(format!(
+                    "node {} cannot forward {}:{}/{}: {}; another node announces the VIP",
+                    self.inputs.node_name,
+                    f.frontend.vip,
+                    f.frontend.port,
+                    f.frontend.protocol,
+                    f.error
+                )),
+                action: "Forward".into(),
+                secondary: None,
+            };
+            let reference = svc.object_ref(&());
+            let recorder = recorder.clone();
+            // Off the planner's path, bounded: a slow API server must not hold up the data plane.
+            tokio::spawn(async move {
+                let publish = recorder.publish(&event, &reference);
+                match tokio::time::timeout(Duration::from_secs(5), publish).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => warn!(error = %err, "cannot publish an Event"),
+                    Err(_) => warn!("publishing an Event timed out"),
+                }
+            });
+        }
+    }
+
+    /// Programs the data plane; returns what could not be set up. An apply that failed
+    /// altogether is retried with backoff (1 s doubling to 1 min), sooner only when the
+    /// frontends change; it is logged as an error when its message changes.
+    async fn apply(&mut self, effective: Vec<Frontend>) -> Vec<Failure> {
         let retry_due = self
             .failed_apply
             .as_ref()
             .is_none_or(|f| f.frontends != effective || Instant::now() >= f.retry_at);
         if self.last_effective.as_ref() == Some(&effective) || !retry_due {
-            return;
+            return Vec::new();
         }
         let metrics = self.outputs.metrics.clone();
         match self.outputs.dataplane.apply(&effective).await {
-            Ok(()) => {
-                metrics.applied("ok");
-                metrics.frontends.set(effective.len() as i64);
-                self.last_effective = Some(effective);
+            Ok(failures) => {
+                metrics.applied(if failures.is_empty() { "ok" } else { "partial" });
+                metrics
+                    .frontends
+                    .set((effective.len() - failures.len().min(effective.len())) as i64);
                 self.failed_apply = None;
+                // A partial apply is done again, without what failed, once it is refused.
+                self.last_effective = failures.is_empty().then_some(effective);
+                failures
             }
             Err(err) => {
                 metrics.applied("error");
@@ -384,6 +514,7 @@ impl Planner {
                     attempts,
                     retry_at: Instant::now() + delay,
                 });
+                Vec::new()
             }
         }
     }

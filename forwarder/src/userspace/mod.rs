@@ -135,6 +135,22 @@ fn bind_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Whether `frontend`'s listener could bind now (checked with a socket that is closed at
+/// once): how a node that could not serve a VIP finds out it can again.
+pub fn probe(frontend: &Frontend) -> io::Result<()> {
+    let addr = SocketAddr::new(frontend.vip, frontend.port);
+    let ty = match frontend.protocol {
+        Protocol::Udp => Type::DGRAM,
+        _ => Type::STREAM,
+    };
+    let socket = bind_socket(addr, ty)?;
+    if frontend.protocol != Protocol::Udp {
+        // A listening socket is what collides with another listener on the port.
+        socket.listen(1)?;
+    }
+    Ok(())
+}
+
 /// Bytes a UDP frontend's socket may queue: one socket takes every client's datagrams, and a
 /// burst of new flows must not be dropped by the kernel while flows are being opened.
 const UDP_RECEIVE_BUFFER: usize = 4 << 20;
