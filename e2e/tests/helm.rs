@@ -369,3 +369,138 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     })
     .await;
 }
+
+/// A client with a bound service-account token of the chart's forwarder identity, as the
+/// kubelet gives the forwarder's pod on `node`: the token names the node.
+async fn forwarder_on(
+    admin: &kube::Client,
+    ns: &str,
+    service_account: &str,
+    node: &str,
+) -> kube::Client {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+    use kube::api::PostParams;
+    let cp = shared();
+    let node_obj: Node = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": node }
+    }))
+    .unwrap();
+    let _ = Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &node_obj)
+        .await;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": format!("forwarder-{node}") },
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": service_account,
+            "containers": [{ "name": "forwarder", "image": "ferry" }],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {
+                "kind": "Pod", "apiVersion": "v1",
+                "name": pod.metadata.name, "uid": pod.metadata.uid,
+            },
+        },
+    }))
+    .unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    let token: TokenRequest = accounts
+        .create_subresource("token", service_account, &PostParams::default(), &request)
+        .await
+        .unwrap();
+    let token: String = token.status.and_then(|s| s.token).unwrap_or_default();
+    let path = cp.dir.join(format!("forwarder-on-{node}.kubeconfig"));
+    std::fs::write(&path, cp.kubeconfig_via(&cp.url, &token)).unwrap();
+    ferry_e2e::control_plane::client_from(&path).await.unwrap()
+}
+
+async fn write_lease(client: &kube::Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Patch, PatchParams};
+    let lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": name },
+        "spec": { "holderIdentity": "someone", "leaseDurationSeconds": 2 },
+    });
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("ferry-forwarder").force(),
+            &Patch::Apply(lease),
+        )
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarder_can_write_only_its_own_heartbeat_lease() {
+    let _serial = serial().await;
+    let cp = shared();
+    let admin = cp.admin_client().await.unwrap();
+    let kubeconfig = Some(&cp.admin_kubeconfig);
+    let chart = chart();
+    let ns = "guard-system";
+    let out = helm(
+        &[
+            "install",
+            "guard",
+            chart.to_str().unwrap_or_default(),
+            "-n",
+            ns,
+            "--create-namespace",
+        ],
+        kubeconfig,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = forwarder_on(&admin, ns, "guard-ferry-forwarder", "guard-node-a").await;
+    // The policy is enforced once the API server has loaded it.
+    eventually(WAIT, "the lease policy in force", || async {
+        write_lease(&a, ns, "ferry-forwarder-guard-node-b")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    write_lease(&a, ns, "ferry-forwarder-guard-node-a")
+        .await
+        .expect("its own heartbeat Lease");
+    for other in ["ferry-forwarder-guard-node-b", "guard-ferry-operator"] {
+        match write_lease(&a, ns, other).await {
+            Err(kube::Error::Api(e)) => {
+                assert!(e.code == 403 || e.code == 422, "{e:?}");
+                assert!(e.message.contains("only the heartbeat Lease"), "{e:?}");
+            }
+            other_result => panic!("writing {other} as guard-node-a's forwarder: {other_result:?}"),
+        }
+    }
+    // Nor can it delete another node's heartbeat.
+    write_lease(&admin, ns, "ferry-forwarder-guard-node-b")
+        .await
+        .unwrap();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(a.clone(), ns);
+    assert!(
+        leases
+            .delete("ferry-forwarder-guard-node-b", &Default::default())
+            .await
+            .is_err()
+    );
+    let out = helm(&["uninstall", "guard", "-n", ns], kubeconfig);
+    assert!(out.status.success());
+    for node in ["guard-node-a"] {
+        let _ = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
+            .delete(node, &Default::default())
+            .await;
+    }
+}
