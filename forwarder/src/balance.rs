@@ -1,8 +1,12 @@
 //! Choosing a backend for a new connection or flow: round robin over the healthy backends,
 //! or, with `sessionAffinity: ClientIP`, the backend this client used last while that was
-//! within the timeout. The affinity table is bounded; when full, the stalest entry goes.
+//! within the timeout. The affinity table is bounded; when full, the least recently seen
+//! client goes, in O(1): a queue in the order clients were last seen (a refresh appends, and
+//! the stale older position is skipped when it reaches the front; the queue is compacted when
+//! it grows past twice the table), so a flood of new source addresses costs each of them a
+//! constant amount of work under the lock, never a scan of the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,21 +26,34 @@ struct Affinity {
     timeout: Duration,
     limit: usize,
     entries: HashMap<IpAddr, (SocketAddr, Instant)>,
+    /// Clients in the order they were last seen; an element is current while its time is
+    /// the entry's.
+    order: VecDeque<(IpAddr, Instant)>,
 }
 
 impl Affinity {
-    fn evict(&mut self, now: Instant) {
-        let timeout = self.timeout;
-        self.entries
-            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < timeout);
-        if self.entries.len() >= self.limit
-            && let Some(stalest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, seen))| *seen)
-                .map(|(ip, _)| *ip)
-        {
-            self.entries.remove(&stalest);
+    fn is_current(&self, ip: &IpAddr, at: Instant) -> bool {
+        self.entries.get(ip).is_some_and(|(_, seen)| *seen == at)
+    }
+
+    /// Notes `client` on `backend` at `now`.
+    fn touch(&mut self, client: IpAddr, backend: SocketAddr, now: Instant) {
+        self.entries.insert(client, (backend, now));
+        self.order.push_back((client, now));
+        if self.order.len() > 2 * self.limit.max(8) {
+            let entries = &self.entries;
+            self.order
+                .retain(|(ip, at)| entries.get(ip).is_some_and(|(_, seen)| seen == at));
+        }
+    }
+
+    /// Removes the least recently seen client.
+    fn evict_one(&mut self) {
+        while let Some((ip, at)) = self.order.pop_front() {
+            if self.is_current(&ip, at) {
+                self.entries.remove(&ip);
+                return;
+            }
         }
     }
 }
@@ -54,6 +71,7 @@ impl Balancer {
                     timeout,
                     limit: limit.max(1),
                     entries: HashMap::new(),
+                    order: VecDeque::new(),
                 })
             }),
         }
@@ -74,19 +92,19 @@ impl Balancer {
         };
         let mut table = affinity.lock().unwrap_or_else(|e| e.into_inner());
         let timeout = table.timeout;
-        if let Some((backend, seen)) = table.entries.get_mut(&client)
-            && now.saturating_duration_since(*seen) < timeout
-            && backends.contains(backend)
-            && usable(backend)
+        if let Some((backend, seen)) = table.entries.get(&client).copied()
+            && now.saturating_duration_since(seen) < timeout
+            && backends.contains(&backend)
+            && usable(&backend)
         {
-            *seen = now;
-            return Some(*backend);
+            table.touch(client, backend, now);
+            return Some(backend);
         }
         let chosen = self.round_robin(backends, usable)?;
         if !table.entries.contains_key(&client) && table.entries.len() >= table.limit {
-            table.evict(now);
+            table.evict_one();
         }
-        table.entries.insert(client, (chosen, now));
+        table.touch(client, chosen, now);
         Some(chosen)
     }
 
@@ -198,5 +216,33 @@ mod tests {
             );
         }
         assert!(b.affinity_entries() <= 100, "{}", b.affinity_entries());
+    }
+
+    #[test]
+    fn a_flood_of_new_clients_evicts_the_least_recently_seen_and_keeps_the_regulars() {
+        let b = Balancer::with_limit(Some(Duration::from_secs(3600)), 1000);
+        let backends = addrs(3);
+        let t0 = Instant::now();
+        let regular = IpAddr::from([203, 0, 113, 1]);
+        let home = b.pick(regular, &backends, &[], t0).unwrap();
+        // 100,000 distinct IPv6 sources, none of them expired; the regular client comes back
+        // every 100 of them.
+        for i in 0..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) + 1);
+            let src = IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ));
+            b.pick(src, &backends, &[], now);
+            if i % 100 == 0 {
+                assert_eq!(b.pick(regular, &backends, &[], now), Some(home), "at {i}");
+            }
+            assert!(b.affinity_entries() <= 1000);
+        }
+        let table = b.affinity.as_ref().unwrap().lock().unwrap();
+        assert!(
+            table.order.len() <= 2 * 1000 + 1,
+            "the order queue stays bounded: {}",
+            table.order.len()
+        );
     }
 }

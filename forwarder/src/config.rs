@@ -110,7 +110,7 @@ pub struct Config {
     #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// UDP flows per VIP port (userspace); new flows are dropped at the limit.
+    /// UDP flows per VIP port (userspace); at the limit the most idle flows make room.
     #[arg(long, env = "FERRY_UDP_MAX_FLOWS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_flows: u32,
 

@@ -20,7 +20,7 @@ pub struct DataplaneMetrics {
     refused: Family<Labels, Counter>,
     timeouts: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
-    udp_dropped: Family<Labels, Counter>,
+    udp_evicted: Family<Labels, Counter>,
 }
 
 /// One Service's handles, taken once per frontend so the hot path only touches atomics.
@@ -32,7 +32,7 @@ pub struct ServiceMetrics {
     refused: Counter,
     timeouts: Counter,
     udp_flows: Gauge,
-    udp_dropped: Counter,
+    udp_evicted: Counter,
 }
 
 impl ServiceMetrics {
@@ -55,8 +55,8 @@ impl ServiceMetrics {
     pub fn udp_flows_changed(&self, by: i64) {
         self.udp_flows.inc_by(by);
     }
-    pub fn udp_flow_dropped(&self) {
-        self.udp_dropped.inc();
+    pub fn udp_flow_evicted(&self) {
+        self.udp_evicted.inc();
     }
 }
 
@@ -71,7 +71,7 @@ impl DataplaneMetrics {
             refused: self.refused.get_or_create(&labels).clone(),
             timeouts: self.timeouts.get_or_create(&labels).clone(),
             udp_flows: self.udp_flows.get_or_create(&labels).clone(),
-            udp_dropped: self.udp_dropped.get_or_create(&labels).clone(),
+            udp_evicted: self.udp_evicted.get_or_create(&labels).clone(),
         }
     }
 }
@@ -129,9 +129,9 @@ impl Metrics {
             d.udp_flows.clone(),
         );
         r.register(
-            "ferry_forwarder_udp_flows_dropped",
-            "New UDP flows dropped because the flow table was full, by Service",
-            d.udp_dropped.clone(),
+            "ferry_forwarder_udp_flows_evicted",
+            "UDP flows evicted to make room for new ones at the flow table's limit, by Service",
+            d.udp_evicted.clone(),
         );
         let m = Self {
             dataplane: std::sync::Arc::new(d),

@@ -13,6 +13,7 @@
 //! table per frontend with idle expiry. Changing a frontend's backends keeps its listener and its connections; removing a
 //! frontend closes its listener and its connections.
 
+mod fairness;
 pub mod relay;
 mod splice;
 mod tcp;
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     stop: watch::Receiver<bool>,
     metrics: ServiceMetrics,
     limits: Limits,
+    /// The Service's share of the node's connection limit.
+    share: fairness::Share,
 }
 
 impl Shared {
@@ -68,6 +71,8 @@ struct Listener {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Gives the Service's share back when the listener goes.
+    _share: ShareGuard,
 }
 
 impl Drop for Listener {
@@ -109,9 +114,19 @@ impl Workers {
     }
 }
 
+/// Leaves the Service's share when its listener is dropped.
+struct ShareGuard(fairness::Share);
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
 pub struct Userspace {
     limits: Limits,
     connections: Arc<Semaphore>,
+    fairness: Arc<fairness::Fairness>,
     metrics: Arc<DataplaneMetrics>,
     listeners: HashMap<(IpAddr, u16, Protocol), Listener>,
     /// Started with the first frontend: a kernel-mode node may never need them.
@@ -177,9 +192,11 @@ fn enlarge_receive_buffer(socket: &Socket) {
 
 impl Userspace {
     pub fn new(limits: Limits, metrics: Arc<DataplaneMetrics>) -> Self {
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
         Self {
             limits,
-            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            connections: connections.clone(),
+            fairness: fairness::Fairness::new(limits.max_connections, connections),
             metrics,
             listeners: HashMap::new(),
             workers: None,
@@ -236,13 +253,16 @@ impl Userspace {
             None => return Err(io::Error::other("no data-plane workers")),
         };
         let (stop_tx, stop_rx) = watch::channel(false);
+        let share = self.fairness.join(&frontend.service);
         let shared = Arc::new(Shared {
             frontend: RwLock::new(Arc::new(frontend.clone())),
             balancer: Balancer::new(frontend.affinity),
             stop: stop_rx,
             metrics: self.metrics.service(&frontend.service),
             limits: self.limits,
+            share: share.clone(),
         });
+        let share = ShareGuard(share);
         let addr = SocketAddr::new(frontend.vip, frontend.port);
         let tasks = match frontend.protocol {
             Protocol::Tcp => {
@@ -295,6 +315,7 @@ impl Userspace {
             shared,
             stop: stop_tx,
             tasks,
+            _share: share,
         })
     }
 }
@@ -373,6 +394,49 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3), backend.accept())
             .await
             .expect("the waiting client is relayed")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flood_on_one_service_leaves_places_for_another() {
+        let flooded_backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let quiet_backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut limits = limits();
+        limits.max_connections = 8;
+        let mut userspace = Userspace::new(limits, Arc::new(DataplaneMetrics::default()));
+        let (flooded_port, quiet_port) = (free_port(), free_port());
+        let mut flooded = frontend(flooded_port, flooded_backend.local_addr().unwrap());
+        flooded.service = "default/flooded".into();
+        let mut quiet = frontend(quiet_port, quiet_backend.local_addr().unwrap());
+        quiet.service = "default/quiet".into();
+        assert!(userspace.apply(&[flooded, quiet]).is_empty());
+        // A slowloris: twenty connections held open, never a byte.
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", flooded_port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut relayed = Vec::new();
+        while let Ok(Ok((s, _))) =
+            tokio::time::timeout(Duration::from_millis(300), flooded_backend.accept()).await
+        {
+            relayed.push(s);
+        }
+        assert_eq!(
+            relayed.len(),
+            6,
+            "the flooded Service stops at three quarters"
+        );
+        // The other Service is still served.
+        let _client = tokio::net::TcpStream::connect(("127.0.0.1", quiet_port))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(3), quiet_backend.accept())
+            .await
+            .expect("the quiet Service gets a place")
             .unwrap();
     }
 

@@ -1,4 +1,5 @@
-//! One TCP frontend: accept (within the shared connection limit), admit by source range,
+//! One TCP frontend: accept (within the node's connection limit, shared fairly between
+//! Services), admit by source range,
 //! connect to a backend (the next one on failure, three tries at most), send what must go
 //! first (the PROXY v2 header, and whatever the client has sent already), then relay until
 //! either side is done or the listener's watchdog finds the connection quiet for too long.
@@ -28,6 +29,9 @@ use super::Shared;
 use super::relay::{End, relay};
 use super::watchdog::{Watch, Watchdog};
 use crate::proxy_protocol;
+
+/// How often a Service over its fair share looks again for a place.
+const FAIRNESS_POLL: Duration = Duration::from_millis(20);
 
 /// Backends tried for one connection before giving up on it.
 const CONNECT_TRIES: usize = 3;
@@ -83,19 +87,24 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
         // the ones after it. Waiting with a client in hand (rather than for a place before
         // accepting) means a place freed goes to a listener that has someone to serve, not to
         // one whose backlog is empty while another's fills.
+        // Past three quarters of the node's places, a Service over its fair share waits too
+        // (`fairness`), polling briefly while it does.
         let permit = loop {
+            let fair = shared.share.may_take();
             tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
+                p = limit.clone().acquire_owned(), if fair => match p {
                     Ok(p) => break p,
                     Err(_) => return,
                 },
+                _ = tokio::time::sleep(FAIRNESS_POLL), if !fair => {}
                 _ = sweeps.tick(), if !watchdog.is_empty() => watchdog.sweep(Instant::now()),
                 _ = crate::stopped(&mut stop) => return,
             }
         };
+        let held = shared.share.hold();
         let (shared, watch) = (shared.clone(), watchdog.watch());
         connections.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, held);
             connection(client, peer, &shared, &watch).await;
         });
     }

@@ -1,10 +1,13 @@
 //! One UDP frontend. Each client address is a flow with its own socket connected to the
 //! chosen backend, so replies find their way back; replies leave from the VIP's socket. The
-//! flow table is bounded (new flows are dropped, and counted, at the limit) and a flow quiet
-//! for the idle timeout is removed. A backend answering with ICMP port unreachable ends the
-//! flow, so the client's next datagram picks another backend.
+//! flow table is bounded: at the limit a new flow takes the place of the most idle of the
+//! oldest few (a flood of new sources cannot lock real clients out, and each eviction costs a
+//! constant amount of work: up to eight flows looked at from the front of a queue in creation
+//! order, the others sent to the back), counted as evicted. A flow quiet for the idle timeout
+//! is removed. A backend answering with ICMP port unreachable ends the flow, so the client's
+//! next datagram picks another backend.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,11 +61,69 @@ async fn quiet_for(activity: &Activity, limit: Duration) {
 struct Flow {
     upstream: UdpSocket,
     activity: Activity,
+    /// Told when the flow is evicted: its reply task ends and its socket closes.
+    evicted: tokio::sync::Notify,
 }
 
-type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
+/// Flows looked at per eviction.
+const EVICTION_SAMPLE: usize = 8;
 
-fn lock(flows: &Flows) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Flow>>> {
+#[derive(Default)]
+struct Table {
+    flows: HashMap<SocketAddr, Arc<Flow>>,
+    /// Clients in creation order (with flows that are gone skipped when met).
+    order: VecDeque<SocketAddr>,
+}
+
+impl Table {
+    fn get(&self, client: &SocketAddr) -> Option<Arc<Flow>> {
+        self.flows.get(client).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn insert(&mut self, client: SocketAddr, flow: Arc<Flow>) {
+        self.flows.insert(client, flow);
+        self.order.push_back(client);
+        if self.order.len() > 2 * self.flows.len().max(EVICTION_SAMPLE) {
+            let flows = &self.flows;
+            self.order.retain(|c| flows.contains_key(c));
+        }
+    }
+
+    fn remove(&mut self, client: &SocketAddr, flow: &Arc<Flow>) {
+        if self.flows.get(client).is_some_and(|f| Arc::ptr_eq(f, flow)) {
+            self.flows.remove(client);
+        }
+    }
+
+    /// Removes the most idle of the oldest few flows, to make room.
+    fn evict(&mut self) -> Option<Arc<Flow>> {
+        let mut sample = Vec::with_capacity(EVICTION_SAMPLE);
+        while sample.len() < EVICTION_SAMPLE {
+            let Some(client) = self.order.pop_front() else {
+                break;
+            };
+            if self.flows.contains_key(&client) {
+                sample.push(client);
+            }
+        }
+        let victim = sample
+            .iter()
+            .copied()
+            .max_by_key(|c| self.flows.get(c).map(|f| f.activity.quiet_for()))?;
+        // The others get another round at the back.
+        self.order
+            .extend(sample.into_iter().filter(|c| *c != victim));
+        self.flows.remove(&victim)
+    }
+}
+
+type Flows = Arc<Mutex<Table>>;
+
+fn lock(flows: &Flows) -> std::sync::MutexGuard<'_, Table> {
     flows.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -88,13 +149,16 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             shared.metrics.refused();
             continue;
         }
-        let existing = lock(&flows).get(&client).cloned();
+        let existing = lock(&flows).get(&client);
         let flow = match existing {
             Some(flow) => flow,
             None => {
                 if lock(&flows).len() >= shared.limits.udp_max_flows {
-                    shared.metrics.udp_flow_dropped();
-                    continue;
+                    let evicted = lock(&flows).evict();
+                    if let Some(old) = evicted {
+                        old.evicted.notify_one();
+                        shared.metrics.udp_flow_evicted();
+                    }
                 }
                 let Some(backend) =
                     shared
@@ -139,6 +203,7 @@ async fn open_flow(backend: SocketAddr) -> io::Result<Flow> {
     Ok(Flow {
         upstream,
         activity: Activity::new(),
+        evicted: tokio::sync::Notify::new(),
     })
 }
 
@@ -156,6 +221,7 @@ async fn replies(
         let ready = tokio::select! {
             r = flow.upstream.readable() => r,
             _ = quiet_for(&flow.activity, idle) => break,
+            _ = flow.evicted.notified() => break,
             _ = crate::stopped(&mut stop) => break,
         };
         if ready.is_err() {
@@ -173,11 +239,6 @@ async fn replies(
             Err(_) => break,
         }
     }
-    {
-        let mut table = lock(&flows);
-        if table.get(&client).is_some_and(|f| Arc::ptr_eq(f, &flow)) {
-            table.remove(&client);
-        }
-    }
+    lock(&flows).remove(&client, &flow);
     shared.metrics.udp_flows_changed(-1);
 }
