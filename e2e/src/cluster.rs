@@ -6,7 +6,10 @@
 //! a request from the client).
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_crds::LoadBalancerPool;
@@ -394,4 +397,83 @@ pub fn body_client(body: &str) -> String {
         .nth(1)
         .unwrap_or_default()
         .to_string()
+}
+
+/// One HTTP request from the calling thread (inside the client's namespace): whether an
+/// answer came within two seconds.
+pub fn answered(target: SocketAddr) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+        // The answer's head is enough; the backend keeps the connection open.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        Ok(got.starts_with(b"HTTP/1.1 200"))
+    };
+    attempt().unwrap_or(false)
+}
+
+/// Requests to each of `targets` every 100 ms from the client until `stop`; counts
+/// (requests, failures).
+pub struct SteadyClient {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl SteadyClient {
+    pub fn start(c: &Cluster, targets: Vec<SocketAddr>) -> SteadyClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, n, f) = (stop.clone(), sent.clone(), failed.clone());
+        let thread = c
+            .topo
+            .client
+            .ns()
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    for t in &targets {
+                        n.fetch_add(1, Ordering::Relaxed);
+                        if !answered(*t) {
+                            f.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("request to {t} failed");
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            })
+            .unwrap();
+        SteadyClient {
+            stop,
+            sent,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.counts()
+    }
 }
