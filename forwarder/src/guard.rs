@@ -82,28 +82,9 @@ pub fn ruleset(
         );
     }
     for f in relayed.iter().filter(|f| held.contains(&f.vip)) {
-        if f.source_ranges.is_empty() {
-            continue;
+        if let Some(rule) = kernel::source_range_rule(f) {
+            let _ = writeln!(rules, "\t\t{rule}");
         }
-        let fam = if f.vip.is_ipv6() { "ip6" } else { "ip" };
-        let ranges: Vec<String> = f
-            .source_ranges
-            .iter()
-            .filter(|r| r.addr().is_ipv6() == f.vip.is_ipv6())
-            .map(ToString::to_string)
-            .collect();
-        let allowed = if ranges.is_empty() {
-            String::new()
-        } else {
-            format!(" {fam} saddr != {{ {} }}", ranges.join(", "))
-        };
-        let _ = writeln!(
-            rules,
-            "\t\t{fam} daddr {} {} dport {}{allowed} drop",
-            f.vip,
-            proto(f.protocol),
-            f.port
-        );
     }
     // Replies to connections this node opened are not new traffic to the VIP, whatever
     // source address the kernel picked for them (IPv6 prefers a /128 VIP over the node's
@@ -194,18 +175,8 @@ mod tests {
             ("2001:db8::10".parse().unwrap(), Protocol::Udp, 53),
         ]
         .into();
-        let relayed = Frontend {
-            service: "default/web".into(),
-            vip: "192.0.2.10".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            backends: vec![],
-            health: crate::plan::HealthCheck::Connect,
-            affinity: None,
-            proxy_protocol: false,
-            source_ranges: vec!["198.51.100.0/24".parse().unwrap()],
-            local: false,
-        };
+        let mut relayed = Frontend::for_test("192.0.2.10", 80, Protocol::Tcp, &[]);
+        relayed.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
         let script = ruleset(
             &held(&["192.0.2.10", "2001:db8::10", "192.0.2.11"]),
             &exposed,

@@ -152,6 +152,32 @@ pub fn split(
     })
 }
 
+/// The rule that drops what `f`'s `loadBalancerSourceRanges` do not admit (everything, when
+/// none is of the VIP's family), or `None` when it admits everyone.
+pub fn source_range_rule(f: &Frontend) -> Option<String> {
+    if f.source_ranges.is_empty() {
+        return None;
+    }
+    let (fam, _) = family_words(&f.vip);
+    let ranges: Vec<String> = f
+        .source_ranges
+        .iter()
+        .filter(|r| r.addr().is_ipv6() == f.vip.is_ipv6())
+        .map(ToString::to_string)
+        .collect();
+    let allowed = if ranges.is_empty() {
+        String::new()
+    } else {
+        format!(" {fam} saddr != {{ {} }}", ranges.join(", "))
+    };
+    Some(format!(
+        "{fam} daddr {} {} dport {}{allowed} drop",
+        f.vip,
+        proto(f.protocol),
+        f.port
+    ))
+}
+
 /// Recent clients of affinity sets, by set name: each client's address and how long it has
 /// left in the set.
 pub type AffinityClients = BTreeMap<String, Vec<(IpAddr, Duration)>>;
@@ -222,23 +248,8 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
             "\t\tmeta l4proto {p} ct original {fam} daddr {} ct original proto-dst {} goto nat_{i}",
             f.vip, f.port
         );
-        if !f.source_ranges.is_empty() {
-            let ranges: Vec<String> = f
-                .source_ranges
-                .iter()
-                .filter(|r| r.addr().is_ipv6() == f.vip.is_ipv6())
-                .map(ToString::to_string)
-                .collect();
-            let allowed = if ranges.is_empty() {
-                String::new()
-            } else {
-                format!(" {fam} saddr != {{ {} }}", ranges.join(", "))
-            };
-            let _ = writeln!(
-                admit,
-                "\t\t{fam} daddr {} {p} dport {}{allowed} drop",
-                f.vip, f.port
-            );
+        if let Some(rule) = source_range_rule(f) {
+            let _ = writeln!(admit, "\t\t{rule}");
         }
 
         // fe_i picks a backend for a new connection and be_i_j steers the packet there;
@@ -449,22 +460,10 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::HealthCheck;
     use std::time::Duration;
 
     fn frontend(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Frontend {
-        Frontend {
-            service: "default/web".into(),
-            vip: vip.parse().unwrap(),
-            port,
-            protocol,
-            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
-            health: HealthCheck::Connect,
-            affinity: None,
-            proxy_protocol: false,
-            source_ranges: vec![],
-            local: false,
-        }
+        Frontend::for_test(vip, port, protocol, backends)
     }
 
     #[test]

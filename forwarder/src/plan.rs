@@ -60,6 +60,26 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// A frontend of `default/web` with nothing but its address, port, protocol and
+    /// backends, for tests.
+    #[cfg(test)]
+    pub fn for_test(vip: &str, port: u16, protocol: Protocol, backends: &[&str]) -> Frontend {
+        Frontend {
+            service: "default/web".into(),
+            vip: vip
+                .parse()
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            port,
+            protocol,
+            backends: backends.iter().filter_map(|b| b.parse().ok()).collect(),
+            health: HealthCheck::Connect,
+            affinity: None,
+            proxy_protocol: false,
+            source_ranges: vec![],
+            local: false,
+        }
+    }
+
     /// The key a listener is bound by.
     pub fn key(&self) -> (IpAddr, u16, Protocol) {
         (self.vip, self.port, self.protocol)

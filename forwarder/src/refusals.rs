@@ -142,18 +142,7 @@ mod tests {
 
     fn failure(vip: &str, kind: FailureKind) -> Failure {
         Failure {
-            frontend: Frontend {
-                service: "default/web".into(),
-                vip: vip.parse().unwrap(),
-                port: 80,
-                protocol: Protocol::Tcp,
-                backends: vec![],
-                health: crate::plan::HealthCheck::Connect,
-                affinity: None,
-                proxy_protocol: false,
-                source_ranges: vec![],
-                local: false,
-            },
+            frontend: Frontend::for_test(vip, 80, Protocol::Tcp, &[]),
             error: "address in use".into(),
             kind,
         }

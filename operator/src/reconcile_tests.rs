@@ -214,6 +214,14 @@ fn provisioned(svc: Service, ip: &str) -> Service {
     svc
 }
 
+/// A provider that holds the balancer of `service("web")` (it published 203.0.113.1).
+async fn holding_web() -> FakeProvider {
+    let fake = FakeProvider::new();
+    let web = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
+    fake.ensure(&web).await.unwrap();
+    fake
+}
+
 #[tokio::test]
 async fn a_new_service_gets_a_finalizer_then_a_balancer_then_its_status() {
     let svc = service("web").lb().port(80, 30080).build();
@@ -471,11 +479,7 @@ async fn deletion_removes_the_balancer_then_the_finalizer() {
             .build(),
         "203.0.113.1",
     );
-    // The provider holds what the Service shows.
-    let fake = FakeProvider::new();
-    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
-    fake.ensure(&ours).await.unwrap();
-    let w = world(&svc, fake, &[]);
+    let w = world(&svc, holding_web().await, &[]);
     reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
     assert_eq!(
         w.fake.calls().last(),
@@ -514,10 +518,7 @@ async fn a_deleted_service_whose_status_write_fails_keeps_its_address() {
             .build(),
         "203.0.113.1",
     );
-    let fake = FakeProvider::new();
-    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
-    fake.ensure(&ours).await.unwrap();
-    let w = world(&svc, fake, &[]);
+    let w = world(&svc, holding_web().await, &[]);
     w.api.fail_once(&format!("{SVC}/status"), 503);
     assert!(reconcile(Arc::new(svc), w.ctx.clone()).await.is_err());
     assert!(
@@ -550,11 +551,7 @@ async fn a_service_that_stops_being_ours_is_cleaned_up() {
         "203.0.113.1",
     );
     svc.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-    // The provider holds the balancer that published 203.0.113.1.
-    let fake = FakeProvider::new();
-    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
-    fake.ensure(&ours).await.unwrap();
-    let w = world(&svc, fake, &[]);
+    let w = world(&svc, holding_web().await, &[]);
     let action = reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
     assert_eq!(action, Action::await_change());
     assert_eq!(
@@ -794,11 +791,8 @@ async fn cleanup_withdraws_only_the_ingress_this_instance_published() {
         "192.0.2.99",
     );
     svc.spec.as_mut().unwrap().load_balancer_class = Some("metallb.io/metallb".into());
-    let fake = FakeProvider::new();
     // What this instance had: another address than the one the Service shows now.
-    let ours = crate::desired::desired(&service("web").lb().port(80, 30080).build(), &[]).unwrap();
-    fake.ensure(&ours).await.unwrap();
-    let w = world(&svc, fake, &[]);
+    let w = world(&svc, holding_web().await, &[]);
     reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
     assert!(w.fake.calls().contains(&Call::Delete("default/web".into())));
     for body in w.api.status_patches() {

@@ -830,32 +830,25 @@ async fn cloud_owners(
             .send()
             .await?;
         for d in tags.tag_descriptions() {
-            let get = |k: &str| {
-                d.tags()
-                    .iter()
-                    .find(|t| t.key() == Some(k))
-                    .and_then(|t| t.value())
-            };
-            if get("ferry.dev/cluster-uid") == Some(cluster_uid)
-                && let Some(uid) = get("ferry.dev/service-uid")
-            {
-                owners.insert(uid.to_string());
-            }
+            let pairs = d.tags().iter().map(|t| (t.key(), t.value()));
+            owners.extend(owner_of(pairs, cluster_uid));
         }
     }
     let sgs = aws.ec2.describe_security_groups().send().await?;
     for g in sgs.security_groups() {
-        let get = |k: &str| {
-            g.tags()
-                .iter()
-                .find(|t| t.key() == Some(k))
-                .and_then(|t| t.value())
-        };
-        if get("ferry.dev/cluster-uid") == Some(cluster_uid)
-            && let Some(uid) = get("ferry.dev/service-uid")
-        {
-            owners.insert(uid.to_string());
-        }
+        let pairs = g.tags().iter().map(|t| (t.key(), t.value()));
+        owners.extend(owner_of(pairs, cluster_uid));
     }
     Ok(owners)
+}
+
+/// The Service UID tags name, when they carry `cluster_uid` as the cluster's identity.
+fn owner_of<'a>(
+    tags: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
+    cluster_uid: &str,
+) -> Option<String> {
+    let tags: BTreeMap<&str, &str> = tags.filter_map(|(k, v)| Some((k?, v?))).collect();
+    (tags.get("ferry.dev/cluster-uid") == Some(&cluster_uid))
+        .then(|| tags.get("ferry.dev/service-uid").map(|u| u.to_string()))
+        .flatten()
 }

@@ -473,6 +473,15 @@ mod tests {
             .await
             .expect("the relayed connection is closed with its frontend");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // The listener's tasks end on their workers' runtimes, a moment after the apply.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
