@@ -60,7 +60,20 @@ async fn stale_watches_get_410_gone_and_the_operator_relists() {
         .unwrap();
     let path = cp.dir.join("gone.kubeconfig");
     std::fs::write(&path, cp.kubeconfig_via(&proxy.url(), &cp.operator_token)).unwrap();
-    let operator = OperatorProcess::start(&path, &cp.dir, &[]).unwrap();
+    // The chart's election timings: the 4 s cut below is shorter than the renew deadline.
+    let operator = OperatorProcess::start(
+        &path,
+        &cp.dir,
+        &[
+            "--leader-elect-lease-duration",
+            "15s",
+            "--leader-elect-renew-deadline",
+            "10s",
+            "--leader-elect-retry-period",
+            "2s",
+        ],
+    )
+    .unwrap();
     let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
     svcs.create(&PostParams::default(), &lb_service("before", &[80]))
         .await
