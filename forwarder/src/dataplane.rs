@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use ferry_providers::Protocol;
 use tracing::{info, warn};
 
-use crate::config::{Config, Mode};
+use crate::config::{Announce, Config, Mode};
 use crate::guard::Guard;
 use crate::kernel::{self, Forwarding, Kernel};
 use crate::metrics::Metrics;
@@ -171,12 +171,17 @@ impl Dataplane {
         own: &[IpAddr],
     ) -> anyhow::Result<Dataplane> {
         let userspace = Userspace::new(limits, metrics.dataplane.clone());
-        let guard = match Guard::probe().await {
-            Ok(()) => Some(Guard::default()),
-            Err(err) => {
-                warn!(reason = %err, "nftables cannot be programmed here: VIPs on this node answer on every port a host process listens on, not only their Services'");
-                None
-            }
+        // VIPs that are already local (`--announce none`, the sandbox's loopback addresses)
+        // are not this forwarder's to guard: they were never added to an interface by it.
+        let guard = match config.announce {
+            Announce::None => None,
+            Announce::Netlink => match Guard::probe().await {
+                Ok(()) => Some(Guard::default()),
+                Err(err) => {
+                    warn!(reason = %err, "nftables cannot be programmed here: VIPs on this node answer on every port a host process listens on, not only their Services'");
+                    None
+                }
+            },
         };
         let kernel = |userspace| Dataplane {
             forwarding: Paths::Kernel(Kernel::default(), userspace, own.to_vec()),
