@@ -1,8 +1,9 @@
 //! The data plane this node runs, chosen once at start: nftables (`kernel`) with a userspace
 //! side for what nftables cannot serve, or userspace alone; and, in either mode where
 //! nftables works, the `guard` that keeps a VIP from exposing anything but its Services.
-//! `apply` programs the frontends the planner computed, reading the node facts the split
-//! depends on (forwarding per family) at the moment it applies.
+//! `apply` programs the frontends the planner computed with the node facts the planner read
+//! for that plan (forwarding per family), which decide what kernel mode hands to its
+//! userspace side.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -91,9 +92,10 @@ impl Dataplane {
         held: &BTreeSet<IpAddr>,
         exposed: &BTreeSet<(IpAddr, Protocol, u16)>,
         frontends: &[Frontend],
+        node: Forwarding,
     ) -> anyhow::Result<()> {
         let relayed = match &self.forwarding {
-            Paths::Kernel(_, _, own) => kernel::split(frontends, Forwarding::read(), own).1,
+            Paths::Kernel(_, _, own) => kernel::split(frontends, node, own).1,
             Paths::Userspace(_) => frontends.to_vec(),
         };
         if let Some(guard) = &mut self.guard {
@@ -109,12 +111,15 @@ impl Dataplane {
     /// why), the others being in place. One Service's failure stays its own: nftables
     /// refusing the table is narrowed down VIP by VIP, and a listener that cannot bind
     /// fails alone. An error means nothing could be applied at all.
-    pub async fn apply(&mut self, frontends: &[Frontend]) -> anyhow::Result<Vec<Failure>> {
+    pub async fn apply(
+        &mut self,
+        frontends: &[Frontend],
+        node: Forwarding,
+    ) -> anyhow::Result<Vec<Failure>> {
         let mut failures = Vec::new();
         let (userspace, rest) = match &mut self.forwarding {
             Paths::Kernel(kernel, userspace, own) => {
-                let (kernel_side, userspace_side) =
-                    kernel::split(frontends, Forwarding::read(), own);
+                let (kernel_side, userspace_side) = kernel::split(frontends, node, own);
                 if let Err(err) = kernel.apply(&kernel_side).await {
                     failures.extend(narrow_down(kernel, &kernel_side, &err.to_string()).await?);
                 }

@@ -23,6 +23,7 @@ use crate::announce::Announcer;
 use crate::dataplane::{Dataplane, Failure};
 use crate::health::{self, HealthChecker};
 use crate::heartbeat;
+use crate::kernel::Forwarding;
 use crate::liveness::{self, Verdict};
 use crate::membership::{Membership, Peer};
 use crate::metrics::Metrics;
@@ -120,7 +121,10 @@ pub struct Planner {
     inputs: Inputs,
     outputs: Outputs,
     last_plan: Option<NodePlan>,
-    last_effective: Option<Vec<Frontend>>,
+    /// What was last applied, and with which node facts.
+    last_effective: Option<(Vec<Frontend>, Forwarding)>,
+    /// The node facts read for the current pass.
+    node: Forwarding,
     failed_apply: Option<FailedApply>,
     logged: BTreeSet<Notice>,
     last_sync: Instant,
@@ -151,6 +155,7 @@ impl Planner {
             outputs,
             last_plan: None,
             last_effective: None,
+            node: Forwarding::read(),
             failed_apply: None,
             logged: BTreeSet::new(),
             last_sync: now - RESYNC,
@@ -330,6 +335,8 @@ impl Planner {
 
     async fn pass(&mut self, live: BTreeSet<String>) {
         self.last_pass = Instant::now();
+        // Node facts are read where the plan is made: a change of them alone is applied too.
+        self.node = Forwarding::read();
         self.check_refusals();
         let class = self.inputs.class.clone();
         let valid_pools = valid_pools(&self.inputs.pools, &class.class);
@@ -421,7 +428,13 @@ impl Planner {
         exposed: &BTreeSet<(IpAddr, ferry_providers::Protocol, u16)>,
         frontends: &[Frontend],
     ) {
-        if let Err(err) = self.outputs.dataplane.guard(held, exposed, frontends).await {
+        let node = self.node;
+        if let Err(err) = self
+            .outputs
+            .dataplane
+            .guard(held, exposed, frontends, node)
+            .await
+        {
             error!(error = %format!("{err:#}"), "VIPs may expose host ports");
         }
     }
@@ -482,11 +495,12 @@ impl Planner {
             .failed_apply
             .as_ref()
             .is_none_or(|f| f.frontends != effective || Instant::now() >= f.retry_at);
-        if self.last_effective.as_ref() == Some(&effective) || !retry_due {
+        let node = self.node;
+        if self.last_effective.as_ref() == Some(&(effective.clone(), node)) || !retry_due {
             return Vec::new();
         }
         let metrics = self.outputs.metrics.clone();
-        match self.outputs.dataplane.apply(&effective).await {
+        match self.outputs.dataplane.apply(&effective, node).await {
             Ok(failures) => {
                 metrics.applied(if failures.is_empty() { "ok" } else { "partial" });
                 metrics
@@ -494,7 +508,7 @@ impl Planner {
                     .set((effective.len() - failures.len().min(effective.len())) as i64);
                 self.failed_apply = None;
                 // A partial apply is done again, without what failed, once it is refused.
-                self.last_effective = failures.is_empty().then_some(effective);
+                self.last_effective = failures.is_empty().then_some((effective, node));
                 failures
             }
             Err(err) => {
