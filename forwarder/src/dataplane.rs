@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use anyhow::Context as _;
-use ferry_providers::Protocol;
+use ferry_model::Protocol;
 use tracing::{info, warn};
 
 use crate::config::{Announce, Config, Mode};

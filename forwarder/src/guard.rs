@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use ferry_providers::Protocol;
+use ferry_model::Protocol;
 
 use crate::kernel::{self, KernelError};
 use crate::plan::Frontend;

@@ -202,7 +202,7 @@ async fn check(probe: Probe) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_providers::Protocol;
+    use ferry_model::Protocol;
 
     fn frontend(health: HealthCheck, backends: &[&str]) -> Frontend {
         Frontend {

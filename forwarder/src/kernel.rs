@@ -34,7 +34,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
-use ferry_providers::Protocol;
+use ferry_model::Protocol;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ferry_crds::LoadBalancerPool;
-use ferry_providers::class::ClassFilter;
-use ferry_providers::eligibility::target_of;
+use ferry_model::class::ClassFilter;
+use ferry_model::eligibility::target_of;
 use ferry_runtime::server::{self, Health, MetricsText};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -8,12 +8,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_providers::class::ClassFilter;
-use ferry_providers::desired::{desired, id_of};
-use ferry_providers::eligibility::eligible_targets;
-use ferry_providers::local::ipam::Pool;
-use ferry_providers::local::{proxy_protocol_of, status_ingress};
-use ferry_providers::{
+use ferry_model::class::ClassFilter;
+use ferry_model::desired::proxy_protocol_of;
+use ferry_model::desired::{desired, id_of};
+use ferry_model::eligibility::eligible_targets;
+use ferry_model::ingress::status_ingress;
+use ferry_model::pools::Pool;
+use ferry_model::{
     DesiredLoadBalancer, IpFamily, NodeTarget, Protocol, SessionAffinity, TrafficPolicy,
 };
 use ipnet::IpNet;
@@ -159,7 +160,7 @@ fn nodes_with_endpoints(
 fn endpoint_backends(
     slices: &[Arc<EndpointSlice>],
     desired: &DesiredLoadBalancer,
-    port: &ferry_providers::PortSpec,
+    port: &ferry_model::PortSpec,
     local_node: Option<&str>,
 ) -> Vec<SocketAddr> {
     let wanted_name = port.name.clone().unwrap_or_default();
@@ -429,7 +430,7 @@ fn frontends_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_providers::fixtures::{ServiceBuilder, endpoint_slice, node, service};
+    use ferry_model::fixtures::{ServiceBuilder, endpoint_slice, node, service};
 
     const VIP: &str = "192.0.2.10";
 
@@ -684,7 +685,7 @@ mod tests {
         w.nodes[0] = Arc::new(
             node("n1")
                 .ip("10.0.0.1")
-                .label(ferry_providers::eligibility::EXCLUDE_LABEL, "")
+                .label(ferry_model::eligibility::EXCLUDE_LABEL, "")
                 .build(),
         );
         let holder = w.holders(VIP).remove(0);

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_crds::LoadBalancerPool;
-use ferry_providers::class::ClassFilter;
-use ferry_providers::eligibility::target_of;
-use ferry_providers::local::pools;
+use ferry_model::class::ClassFilter;
+use ferry_model::eligibility::target_of;
+use ferry_model::pools;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::Store;
@@ -138,10 +138,7 @@ pub struct Planner {
 
 /// The pools the operator of this class allocates from (the same validation, so both agree
 /// on them).
-fn valid_pools(
-    store: &Store<LoadBalancerPool>,
-    class: &str,
-) -> Vec<ferry_providers::local::ipam::Pool> {
+fn valid_pools(store: &Store<LoadBalancerPool>, class: &str) -> Vec<ferry_model::pools::Pool> {
     let all: Vec<LoadBalancerPool> = store.state().iter().map(|p| (**p).clone()).collect();
     pools::validate_for(&all, class).valid
 }
@@ -425,7 +422,7 @@ impl Planner {
     async fn guard(
         &mut self,
         held: &BTreeSet<IpAddr>,
-        exposed: &BTreeSet<(IpAddr, ferry_providers::Protocol, u16)>,
+        exposed: &BTreeSet<(IpAddr, ferry_model::Protocol, u16)>,
         frontends: &[Frontend],
     ) {
         let node = self.node;

@@ -138,7 +138,7 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_providers::Protocol;
+    use ferry_model::Protocol;
 
     fn failure(vip: &str, kind: FailureKind) -> Failure {
         Failure {

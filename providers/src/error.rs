@@ -44,6 +44,15 @@ pub enum ProviderError {
     },
 }
 
+impl From<ferry_model::desired::InvalidService> for ProviderError {
+    fn from(e: ferry_model::desired::InvalidService) -> Self {
+        Self::InvalidInput {
+            reason: e.reason,
+            message: e.message,
+        }
+    }
+}
+
 impl ProviderError {
     pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidInput {

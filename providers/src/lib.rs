@@ -4,29 +4,27 @@
 //! pools): it hands a `DesiredLoadBalancer`, computed purely from a Service and the eligible
 //! Nodes, and gets back an `ObservedLoadBalancer` to publish. Errors are typed so the operator
 //! can decide between backoff, waiting for a change, and honouring a Retry-After. Nothing here
-//! knows about kube-runtime controllers. The pure inputs every consumer shares live here too:
-//! `class` (which Services are ferry's), `eligibility` (which nodes are targets) and `desired`
-//! (Service + nodes → `DesiredLoadBalancer`), so the operator and the forwarder agree on them.
+//! knows about kube-runtime controllers. The pure inputs every consumer shares (the model,
+//! class ownership, eligibility, the desired balancer, pools) live in `ferry-model`, which the
+//! forwarder uses without this crate; they are re-exported here for the operator.
 
 #[cfg(feature = "aws")]
 pub mod aws;
-pub mod class;
-pub mod desired;
-pub mod eligibility;
 pub mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
-#[cfg(any(test, feature = "fixtures"))]
-pub mod fixtures;
 pub mod local;
-pub mod model;
+
+#[cfg(any(test, feature = "fixtures"))]
+pub use ferry_model::fixtures;
+pub use ferry_model::{class, desired, eligibility, model};
 
 use async_trait::async_trait;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 pub use error::ProviderError;
-pub use model::*;
+pub use ferry_model::model::*;
 
 /// Something the provider learned on its own that the operator should act on.
 #[derive(Clone, Debug, PartialEq, Eq)]

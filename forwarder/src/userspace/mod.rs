@@ -26,7 +26,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ferry_providers::Protocol;
+use ferry_model::Protocol;
 use socket2::{Domain, Socket, Type};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;

@@ -7,65 +7,25 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use kube::core::{Selector, SelectorExt};
+use kube::core::SelectorExt;
 
 use super::ranges::{AddressRange, is_buggy};
-use crate::{IpFamily, IpFamilyPolicy, IpMode, LoadBalancerId, Protocol};
+use crate::{IpFamily, IpFamilyPolicy, LoadBalancerId, Protocol};
+pub use ferry_model::pools::Pool;
 
-/// A usable pool, already validated.
-#[derive(Clone, Debug)]
-pub struct Pool {
-    pub name: String,
-    pub ranges: Vec<AddressRange>,
-    pub auto_assign: bool,
-    pub avoid_buggy_ips: bool,
-    pub service_selector: Option<Selector>,
-    pub namespace_selector: Option<Selector>,
-    pub ip_mode: IpMode,
+/// Whether the pool's selectors admit the Service.
+fn selects(pool: &Pool, req: &AllocationRequest) -> bool {
+    pool.service_selector
+        .as_ref()
+        .is_none_or(|s| s.matches(&req.service_labels))
+        && pool
+            .namespace_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&req.namespace_labels))
 }
 
-impl Pool {
-    pub fn new(name: &str, ranges: &[&str]) -> Result<Self, super::ranges::RangeError> {
-        Ok(Self {
-            name: name.to_string(),
-            ranges: ranges.iter().map(|r| r.parse()).collect::<Result<_, _>>()?,
-            auto_assign: true,
-            avoid_buggy_ips: false,
-            service_selector: None,
-            namespace_selector: None,
-            ip_mode: IpMode::Proxy,
-        })
-    }
-
-    pub fn contains(&self, ip: &IpAddr) -> bool {
-        self.ranges.iter().any(|r| r.contains(ip))
-    }
-
-    fn selects(&self, req: &AllocationRequest) -> bool {
-        self.service_selector
-            .as_ref()
-            .is_none_or(|s| s.matches(&req.service_labels))
-            && self
-                .namespace_selector
-                .as_ref()
-                .is_none_or(|s| s.matches(&req.namespace_labels))
-    }
-
-    fn has_selector(&self) -> bool {
-        self.service_selector.is_some() || self.namespace_selector.is_some()
-    }
-
-    /// Assignable addresses (saturating for huge IPv6 ranges).
-    pub fn total(&self) -> u128 {
-        self.ranges.iter().fold(0u128, |acc, r| {
-            let buggy = if self.avoid_buggy_ips {
-                r.buggy_count()
-            } else {
-                0
-            };
-            acc.saturating_add(r.len() - buggy)
-        })
-    }
+fn has_selector(pool: &Pool) -> bool {
+    pool.service_selector.is_some() || pool.namespace_selector.is_some()
 }
 
 /// What a Service asks of the allocator.
@@ -206,8 +166,8 @@ impl PoolAllocator {
 
     pub fn set_pools(&mut self, mut pools: Vec<Pool>, unready: Vec<(String, Vec<AddressRange>)>) {
         pools.sort_by(|a, b| {
-            b.has_selector()
-                .cmp(&a.has_selector())
+            has_selector(b)
+                .cmp(&has_selector(a))
                 .then_with(|| a.name.cmp(&b.name))
         });
         self.pools = pools;
@@ -335,7 +295,7 @@ impl PoolAllocator {
                 requested: requested.clone(),
             });
         }
-        if !pool.selects(req) {
+        if !selects(pool, req) {
             return Err(AllocError::NotSelected {
                 ip,
                 pool: pool.name.clone(),
@@ -367,7 +327,7 @@ impl PoolAllocator {
                     AllocError::UnknownPool(name.clone())
                 }
             })?;
-            if !pool.selects(req) {
+            if !selects(pool, req) {
                 return Err(AllocError::PoolNotSelecting(name.clone()));
             }
             return Ok([pool].into_iter().filter(serves).collect());
@@ -375,7 +335,7 @@ impl PoolAllocator {
         Ok(self
             .pools
             .iter()
-            .filter(|p| p.auto_assign && p.selects(req))
+            .filter(|p| p.auto_assign && selects(p, req))
             .filter(serves)
             .collect())
     }
@@ -466,7 +426,7 @@ impl PoolAllocator {
         current.iter().all(|a| {
             let in_pool = match self.pool_of(&a.ip) {
                 Some(pool) => {
-                    pool.selects(req) && req.pool.as_ref().is_none_or(|n| n == &pool.name)
+                    selects(pool, req) && req.pool.as_ref().is_none_or(|n| n == &pool.name)
                 }
                 // Held in a pool that exists but is not ready: keep it rather than take
                 // addresses away because of an edit elsewhere in the pool.

@@ -1,6 +1,7 @@
 //! The allocator's table of scenarios and its properties.
 
 use super::*;
+use kube::core::Selector;
 use proptest::prelude::*;
 
 fn ip(s: &str) -> IpAddr {

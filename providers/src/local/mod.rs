@@ -6,8 +6,10 @@
 //! the operator calls each time it becomes leader, before any allocation.
 
 pub mod ipam;
-pub mod pools;
-pub mod ranges;
+
+pub use ferry_model::desired::{PROXY_PROTOCOL_ANNOTATION, proxy_protocol_of};
+pub use ferry_model::ingress::status_ingress;
+pub use ferry_model::{pools, ranges};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -37,24 +39,6 @@ use ipam::{AllocationRequest, Assigned, PoolAllocator};
 
 /// Annotation choosing how traffic reaches a Service's address (`Proxy` or `VIP`).
 pub const IP_MODE_ANNOTATION: &str = "ferry.dev/ip-mode";
-
-/// Annotation asking the forwarder to prepend a PROXY protocol header to each forwarded
-/// connection (`v2`), so a backend behind the userspace path learns the client's address.
-pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.dev/proxy-protocol";
-
-/// Whether the Service asks for PROXY protocol v2 on forwarded connections.
-pub fn proxy_protocol_of(annotations: &BTreeMap<String, String>) -> Result<bool, ProviderError> {
-    match annotations.get(PROXY_PROTOCOL_ANNOTATION).map(|s| s.trim()) {
-        None | Some("") | Some("none") => Ok(false),
-        Some("v2") => Ok(true),
-        Some(other) => Err(ProviderError::invalid(
-            "InvalidAnnotation",
-            format!(
-                "annotation {PROXY_PROTOCOL_ANNOTATION}: {other:?} is not \"v2\" (or \"none\")"
-            ),
-        )),
-    }
-}
 
 /// How the operator sees a Service: `None` when it is not this operator's, `Some(Ok)` with its
 /// desired balancer, `Some(Err(id))` when it is ours but its spec is invalid (its addresses
@@ -145,21 +129,6 @@ pub fn allocation_request(
         ports: desired.ports.iter().map(|p| (p.protocol, p.port)).collect(),
         local_traffic: matches!(desired.traffic_policy, TrafficPolicy::Local { .. }),
     }
-}
-
-/// The addresses in a Service's `status.loadBalancer.ingress`, each with its `ipMode`.
-pub fn status_ingress(svc: &Service) -> Vec<(IpAddr, Option<&str>)> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| {
-            ingress
-                .iter()
-                .filter_map(|i| Some((i.ip.as_ref()?.parse().ok()?, i.ip_mode.as_deref())))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn status_ips(svc: &Service) -> Vec<IpAddr> {

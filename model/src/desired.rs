@@ -42,6 +42,24 @@ fn invalid(reason: &'static str, message: impl Into<String>) -> InvalidService {
     }
 }
 
+/// Annotation asking the forwarder to prepend a PROXY protocol header to each forwarded
+/// connection (`v2`), so a backend behind the userspace path learns the client's address.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.dev/proxy-protocol";
+
+/// Whether the Service asks for PROXY protocol v2 on forwarded connections.
+pub fn proxy_protocol_of(annotations: &BTreeMap<String, String>) -> Result<bool, InvalidService> {
+    match annotations.get(PROXY_PROTOCOL_ANNOTATION).map(|s| s.trim()) {
+        None | Some("") | Some("none") => Ok(false),
+        Some("v2") => Ok(true),
+        Some(other) => Err(invalid(
+            "InvalidAnnotation",
+            format!(
+                "annotation {PROXY_PROTOCOL_ANNOTATION}: {other:?} is not \"v2\" (or \"none\")"
+            ),
+        )),
+    }
+}
+
 pub fn id_of(svc: &Service) -> LoadBalancerId {
     LoadBalancerId {
         namespace: svc.namespace().unwrap_or_default(),

@@ -1,4 +1,6 @@
-//! Turns `LoadBalancerPool` objects into the allocator's pools and a verdict per pool.
+//! Address pools: what a usable pool is, and which `LoadBalancerPool` objects make one, with
+//! a verdict per pool. Shared by the local provider (which allocates from them) and the
+//! forwarder (which announces only addresses inside them).
 //! A malformed pool, or one overlapping an older pool, is not used (the older one keeps
 //! working) and gets a condition saying why; it never stops the operator.
 //!
@@ -8,13 +10,55 @@
 //! and leaves the others (and their status) alone.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use ferry_crds::{IpMode, LoadBalancerPool};
 use kube::ResourceExt;
 use kube::core::Selector;
 
-use super::ipam::Pool;
-use super::ranges::AddressRange;
+use crate::ranges::{AddressRange, RangeError};
+
+/// A usable pool, already validated.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub name: String,
+    pub ranges: Vec<AddressRange>,
+    pub auto_assign: bool,
+    pub avoid_buggy_ips: bool,
+    pub service_selector: Option<Selector>,
+    pub namespace_selector: Option<Selector>,
+    pub ip_mode: IpMode,
+}
+
+impl Pool {
+    pub fn new(name: &str, ranges: &[&str]) -> Result<Self, RangeError> {
+        Ok(Self {
+            name: name.to_string(),
+            ranges: ranges.iter().map(|r| r.parse()).collect::<Result<_, _>>()?,
+            auto_assign: true,
+            avoid_buggy_ips: false,
+            service_selector: None,
+            namespace_selector: None,
+            ip_mode: IpMode::Proxy,
+        })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip))
+    }
+
+    /// Assignable addresses (saturating for huge IPv6 ranges).
+    pub fn total(&self) -> u128 {
+        self.ranges.iter().fold(0u128, |acc, r| {
+            let buggy = if self.avoid_buggy_ips {
+                r.buggy_count()
+            } else {
+                0
+            };
+            acc.saturating_add(r.len() - buggy)
+        })
+    }
+}
 
 /// Whether a pool is usable, and if not, why.
 #[derive(Clone, Debug, PartialEq, Eq)]
