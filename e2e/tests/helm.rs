@@ -119,6 +119,11 @@ fn the_chart_lints_and_renders_each_provider() {
     let op_env = env(operator);
     assert_eq!(op_env["FERRY_PROVIDER"], "local");
     assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/local");
+    assert_eq!(op_env["FERRY_LOCAL_REPAIR_INTERVAL"], "3m");
+    assert!(
+        !op_env.contains_key("FERRY_AWS_API_RATE"),
+        "only the chosen provider's settings reach the operator"
+    );
     assert_eq!(op_env["POD_NAMESPACE"], "fieldRef:metadata.namespace");
     assert_eq!(operator["spec"]["replicas"].as_i64(), Some(2));
     let pod = &forwarder["spec"]["template"]["spec"];
@@ -142,17 +147,14 @@ fn the_chart_lints_and_renders_each_provider() {
     );
 
     // AWS: no forwarder; the cluster id, region and class reach the operator.
-    let docs = render(&[
-        "provider=aws",
-        "clusterId=prod-1",
-        "operator.aws.region=eu-west-1",
-    ])
-    .unwrap();
+    let docs = render(&["provider=aws", "clusterId=prod-1", "aws.region=eu-west-1"]).unwrap();
     assert!(find(&docs, "DaemonSet").is_none(), "AWS needs no forwarder");
     let op_env = env(find(&docs, "Deployment").unwrap());
     assert_eq!(op_env["FERRY_PROVIDER"], "aws");
     assert_eq!(op_env["FERRY_CLUSTER_ID"], "prod-1");
     assert_eq!(op_env["FERRY_AWS_REGION"], "eu-west-1");
+    assert_eq!(op_env["FERRY_AWS_API_RATE"], "10");
+    assert!(!op_env.contains_key("FERRY_LOCAL_REPAIR_INTERVAL"));
     assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/aws");
 
     // Pools come with the release when listed.
@@ -251,24 +253,26 @@ fn the_chart_grants_exactly_the_rbac_the_tests_run_ferry_under() {
 
 #[test]
 fn every_variable_the_chart_sets_is_one_the_binaries_read() {
-    let docs = render(&[
+    let aws = render(&[
         "provider=aws",
         "clusterId=c",
-        "operator.aws.region=r",
+        "aws.region=r",
         "forwarder.enabled=true",
         "forwarder.interface=eth1",
     ])
     .unwrap();
-    for (workload, bin) in [
-        ("Deployment", "ferry-operator"),
-        ("DaemonSet", "ferry-forwarder"),
+    let local = render(&[]).unwrap();
+    for (docs, workload, bin) in [
+        (&aws, "Deployment", "ferry-operator"),
+        (&aws, "DaemonSet", "ferry-forwarder"),
+        (&local, "Deployment", "ferry-operator"),
     ] {
         let help = Command::new(binary(bin).unwrap())
             .arg("--help")
             .output()
             .unwrap();
         let help = String::from_utf8_lossy(&help.stdout);
-        for name in env(find(&docs, workload).unwrap()).keys() {
+        for name in env(find(docs, workload).unwrap()).keys() {
             // POD_NAMESPACE is read directly, not through a flag.
             if name == "POD_NAMESPACE" {
                 continue;

@@ -4,27 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ProviderKind {
-    /// Addresses from LoadBalancerPools, served by ferry's forwarder (kind, bare metal).
-    Local,
-    /// AWS Network Load Balancers.
-    Aws,
-    /// Google Compute Engine network load balancers.
-    Gce,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Aws => "aws",
-            Self::Gce => "gce",
-        }
-    }
-}
+pub use ferry_providers::registry::{ProviderArgs, ProviderKind};
 
 pub use ferry_runtime::LogFormat;
 
@@ -35,9 +17,9 @@ use ferry_runtime::duration;
 #[derive(Clone, Debug, Parser)]
 #[command(name = "ferry-operator", version, about, long_about = None)]
 pub struct Config {
-    /// Where balancers are provisioned.
-    #[arg(long, env = "FERRY_PROVIDER", value_enum, default_value = "local")]
-    pub provider: ProviderKind,
+    /// The provider, and each built-in provider's own flags (under their own headings).
+    #[command(flatten)]
+    pub provider: ProviderArgs,
 
     /// The `spec.loadBalancerClass` this operator serves [default: ferry.dev/<provider>].
     #[arg(long, env = "FERRY_LOAD_BALANCER_CLASS")]
@@ -49,8 +31,8 @@ pub struct Config {
     pub default_class: bool,
 
     /// Identifies this cluster in everything ferry creates in a cloud, so that orphan
-    /// collection never touches another cluster's balancers. Required for aws and gce.
-    #[arg(long, env = "FERRY_CLUSTER_ID", required_if_eq_any = [("provider", "aws"), ("provider", "gce")], value_parser = cluster_id)]
+    /// collection never touches another cluster's balancers. Required by the cloud providers.
+    #[arg(long, env = "FERRY_CLUSTER_ID", value_parser = cluster_id)]
     pub cluster_id: Option<String>,
 
     /// Elect a leader on a coordination.k8s.io Lease; only the leader reconciles.
@@ -85,15 +67,6 @@ pub struct Config {
     #[arg(long, env = "FERRY_LEADER_ELECT_IDENTITY")]
     pub leader_elect_identity: Option<String>,
 
-    /// AWS region [default: the SDK's chain: AWS_REGION, the profile, instance metadata].
-    #[arg(long, env = "FERRY_AWS_REGION")]
-    pub aws_region: Option<String>,
-
-    /// AWS API calls per second across all Services (bursts of twice as many); throttled
-    /// and failed calls are retried within this budget.
-    #[arg(long, env = "FERRY_AWS_API_RATE", default_value_t = 10.0, value_parser = positive_rate)]
-    pub aws_api_rate: f64,
-
     /// Address of the Prometheus metrics endpoint (`/metrics`).
     #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -127,13 +100,6 @@ pub struct Config {
     pub log_filter: String,
 }
 
-fn positive_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err("must be a positive number of calls per second".into()),
-    }
-}
-
 fn cluster_id(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 63
@@ -153,7 +119,7 @@ impl Config {
     pub fn class(&self) -> String {
         self.load_balancer_class
             .clone()
-            .unwrap_or_else(|| format!("ferry.dev/{}", self.provider.as_str()))
+            .unwrap_or_else(|| format!("ferry.dev/{}", self.provider.kind.as_str()))
     }
 
     /// The cluster id, `ferry` for the local provider when none is given.
@@ -171,6 +137,13 @@ impl Config {
         T: Into<std::ffi::OsString> + Clone,
     {
         let config: Config = ferry_runtime::parse_args(args)?;
+        let kind = config.provider.kind;
+        if kind.in_a_cloud() && config.cluster_id.is_none() {
+            return Err(ParseOutcome::Error(format!(
+                "error: --provider {} needs --cluster-id (FERRY_CLUSTER_ID): it names and tags everything ferry creates in the cloud",
+                kind.as_str()
+            )));
+        }
         if config.leader_elect {
             crate::leader::validate_timing(
                 config.leader_elect_lease_duration,
@@ -201,7 +174,7 @@ mod tests {
     #[test]
     fn defaults_serve_the_local_class_and_unclassed_services() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.provider, ProviderKind::Local);
+        assert_eq!(c.provider.kind, ProviderKind::Local);
         assert_eq!(c.class(), "ferry.dev/local");
         assert!(c.default_class);
         assert!(c.leader_elect);
@@ -256,6 +229,7 @@ mod tests {
             "--concurrency",
             "--node-debounce",
             "--log-format",
+            "--local-repair-interval",
             "--aws-region",
             "--aws-api-rate",
         ] {

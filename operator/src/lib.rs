@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ferry_providers::local::{LocalConfig, LocalProvider, ServiceLens};
+use ferry_providers::registry::{self, ProviderContext};
 use ferry_providers::{ClusterIdentity, LoadBalancerProvider, ProviderSignal};
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::class::ClassFilter;
-use crate::config::{Config, ProviderKind};
+use crate::config::Config;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
@@ -78,51 +78,6 @@ fn service_fingerprint(svc: &Service, class: &str) -> Option<u64> {
         .map(|t| t.0)
         .hash(&mut h);
     Some(h.finish())
-}
-
-async fn build_provider(
-    config: &Config,
-    client: Client,
-    class: ClassFilter,
-    cluster: ClusterIdentity,
-) -> anyhow::Result<Arc<dyn LoadBalancerProvider>> {
-    match config.provider {
-        ProviderKind::Local => {
-            // The Services whose addresses this instance holds: those it serves, and those it
-            // provisioned and has not cleaned up yet (held exclusively until then).
-            let lens_class = class.clone();
-            let lens: ServiceLens = Arc::new(move |svc: &Service| {
-                if !lens_class.may_hold(svc) {
-                    return None;
-                }
-                if !lens_class.owns(svc) {
-                    return Some(Err(desired::id_of(svc)));
-                }
-                Some(desired::desired(svc, &[]).map_err(|_| desired::id_of(svc)))
-            });
-            let _ = cluster;
-            Ok(Arc::new(LocalProvider::new(LocalConfig {
-                client,
-                class: class.class,
-                lens,
-                repair_interval: Duration::from_secs(180),
-            })))
-        }
-        #[cfg(feature = "aws")]
-        ProviderKind::Aws => {
-            use ferry_providers::aws::{AwsConfig, AwsProvider};
-            let aws = AwsConfig {
-                region: config.aws_region.clone(),
-                calls_per_second: config.aws_api_rate,
-                ..AwsConfig::new(cluster)
-            };
-            Ok(Arc::new(AwsProvider::from_env(aws).await?))
-        }
-        other => anyhow::bail!(
-            "provider {:?} is not built into this ferry-operator; rebuild with its cargo feature or use --provider local",
-            other.as_str()
-        ),
-    }
 }
 
 /// This cluster's identity: the free-text id and the `kube-system` namespace's UID, which
@@ -283,7 +238,15 @@ pub async fn run_with_client(config: Config, client: Client) -> anyhow::Result<(
         _ = shutdown.clone() => return Ok(()),
     }
     let cluster = cluster_identity(&client, config.cluster_id()).await?;
-    let provider = build_provider(&config, client.clone(), class.clone(), cluster.clone()).await?;
+    let provider = registry::build(
+        &config.provider,
+        ProviderContext {
+            client: client.clone(),
+            class: class.clone(),
+            cluster: cluster.clone(),
+        },
+    )
+    .await?;
     provider.register_metrics(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let _ = published.set(metrics.clone());

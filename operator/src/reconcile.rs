@@ -30,6 +30,9 @@ const FIELD_MANAGER: &str = "ferry-operator";
 /// Waiting time after errors that need an outside change but might also pass (an address
 /// held by another Service, a permission): long enough never to be a hot loop.
 const SLOW_RETRY: Duration = Duration::from_secs(300);
+
+/// The condition reason of a Service whose balancer the cloud is still provisioning.
+pub const PROVISIONING: &str = "Provisioning";
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A provider that answers within this time needs no "Ensuring" Event first.
@@ -329,7 +332,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
             return Ok(Action::requeue(SLOW_RETRY));
         }
         Provisioner::Us if !serving => {
-            cleanup(svc, &id, deleting, &api, ctx).await?;
+            if let Cleanup::InProgress(after) = cleanup(svc, &id, deleting, &api, ctx).await? {
+                return Ok(Action::requeue(after));
+            }
             ctx.forget(&id.uid);
             return Ok(Action::await_change());
         }
@@ -337,7 +342,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
         // holds something for the Service.
         Provisioner::Unrecorded if !serving => {
             if ctx.call("get", ctx.provider.get(&id)).await?.is_some() {
-                cleanup(svc, &id, deleting, &api, ctx).await?;
+                if let Cleanup::InProgress(after) = cleanup(svc, &id, deleting, &api, ctx).await? {
+                    return Ok(Action::requeue(after));
+                }
             } else {
                 debug!(
                     "ferry's finalizer without a record, and nothing of this instance's; leaving it to its owner"
@@ -396,6 +403,32 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     };
     let observed = match result {
         Ok(o) => o,
+        // The cloud is still at it: say so, and look again when it said to.
+        Err(ProviderError::InProgress {
+            message,
+            retry_after,
+        }) => {
+            let already = status::current_condition(svc).is_some_and(|c| c.reason == PROVISIONING);
+            info!(%message, after = ?retry_after, "load balancer still provisioning");
+            if !already {
+                ctx.event(
+                    svc,
+                    EventType::Normal,
+                    "EnsuringLoadBalancer",
+                    format!("Ensuring load balancer: {message}"),
+                    "Ensure",
+                )
+                .await;
+            }
+            write_status(
+                &api,
+                svc,
+                None,
+                Some(&Readiness::failed(PROVISIONING, message)),
+            )
+            .await?;
+            return Ok(Action::requeue(recheck_after(retry_after)));
+        }
         Err(err) => {
             let event_reason = match (&err, only_targets) {
                 (ProviderError::Allocation { .. }, _) => "IPAllocationFailed",
@@ -474,7 +507,7 @@ async fn cleanup(
     deleting: bool,
     api: &Api<Service>,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Cleanup, Error> {
     ctx.event(
         svc,
         EventType::Normal,
@@ -496,16 +529,26 @@ async fn cleanup(
     if deleting && ours && !current_ingress(svc).is_empty() {
         write_status(api, svc, Some(&[]), None).await?;
     }
-    if let Err(err) = ctx.call("delete", ctx.provider.delete(id)).await {
-        ctx.event(
-            svc,
-            EventType::Warning,
-            "SyncLoadBalancerFailed",
-            format!("Error deleting load balancer: {err}"),
-            "Delete",
-        )
-        .await;
-        return Err(err.into());
+    match ctx.call("delete", ctx.provider.delete(id)).await {
+        Ok(()) => {}
+        Err(ProviderError::InProgress {
+            message,
+            retry_after,
+        }) => {
+            info!(%message, after = ?retry_after, "load balancer still being deleted");
+            return Ok(Cleanup::InProgress(recheck_after(retry_after)));
+        }
+        Err(err) => {
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "SyncLoadBalancerFailed",
+                format!("Error deleting load balancer: {err}"),
+                "Delete",
+            )
+            .await;
+            return Err(err.into());
+        }
     }
     if !deleting {
         // The Service stays but is no longer ours: take back what ferry published.
@@ -521,7 +564,20 @@ async fn cleanup(
         "Delete",
     )
     .await;
-    Ok(())
+    Ok(Cleanup::Done)
+}
+
+/// How a cleanup ended.
+enum Cleanup {
+    Done,
+    /// The provider is still deleting; look again after this long (finalizer kept).
+    InProgress(Duration),
+}
+
+/// When to look again at a change the provider says is still running: when it said, within
+/// a second and the slow retry.
+fn recheck_after(retry_after: Duration) -> Duration {
+    retry_after.clamp(Duration::from_secs(1), SLOW_RETRY)
 }
 
 /// Whether every address or name in `shown` is one of `ours` (ipMode aside).
@@ -574,6 +630,9 @@ pub fn retry_delay(err: &Error, ctx: &Context, uid: &str) -> Option<Duration> {
             retry_after: Some(after),
             ..
         }) => Some(*after),
+        Error::Provider(ProviderError::InProgress { retry_after, .. }) => {
+            Some(recheck_after(*retry_after))
+        }
         // An overloaded API server says when to come back; that is not this Service's fault,
         // so it does not grow the Service's backoff.
         Error::Kube(kube::Error::Api(status)) if status.code == 429 => {

@@ -913,3 +913,92 @@ async fn provider_signals_requeue_the_services_that_can_use_them() {
         .unwrap();
     assert_eq!(next().await, "ready");
 }
+
+#[tokio::test]
+async fn a_balancer_the_cloud_is_still_making_shows_provisioning_without_a_warning_or_backoff() {
+    let svc = Arc::new(service("web").lb().port(80, 30080).build());
+    let w = world(&svc, FakeProvider::new(), &[]);
+    for _ in 0..3 {
+        w.fake.fail_next(ProviderError::in_progress(
+            "forwarding rule ferry-web: operation RUNNING",
+            Duration::from_secs(7),
+        ));
+        let action = reconcile(svc.clone(), w.ctx.clone())
+            .await
+            .expect("still provisioning is not a failed reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(7)));
+    }
+    let body = w.api.status_patches().last().cloned().unwrap();
+    assert_eq!(condition(&body)["status"], "False");
+    assert_eq!(condition(&body)["reason"], "Provisioning");
+    assert!(
+        condition(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("operation RUNNING")
+    );
+    let events = w.api.events().await;
+    assert!(
+        events.iter().all(|(_, kind)| kind == "Normal"),
+        "no Warning while the cloud works: {events:?}"
+    );
+    assert!(events.iter().any(|(r, _)| r == "EnsuringLoadBalancer"));
+
+    // An absurd hint is bounded: never a hot loop, never an hour.
+    w.fake
+        .fail_next(ProviderError::in_progress("soon", Duration::ZERO));
+    assert_eq!(
+        reconcile(svc.clone(), w.ctx.clone()).await.unwrap(),
+        Action::requeue(Duration::from_secs(1))
+    );
+
+    // Waiting grew no backoff: the first real failure starts from the beginning.
+    w.fake.fail_next(ProviderError::transient("503"));
+    let err = reconcile(svc.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        error_policy(svc.clone(), &err, w.ctx.clone()),
+        Action::requeue(backoff(1, "uid-web"))
+    );
+
+    // Once done, the Service is ready.
+    reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+    let body = w.api.status_patches().last().cloned().unwrap();
+    assert_eq!(condition(&body)["status"], "True");
+}
+
+#[tokio::test]
+async fn a_delete_the_cloud_is_still_carrying_out_keeps_the_finalizer_without_a_warning() {
+    let svc = Arc::new(provisioned(
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized()
+            .deleting()
+            .build(),
+        "203.0.113.1",
+    ));
+    let w = world(&svc, holding_web().await, &[]);
+    w.fake.fail_next(ProviderError::in_progress(
+        "target pool ferry-web: operation RUNNING",
+        Duration::from_secs(4),
+    ));
+    assert_eq!(
+        reconcile(svc.clone(), w.ctx.clone()).await.unwrap(),
+        Action::requeue(Duration::from_secs(4))
+    );
+    assert!(
+        !w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
+        "the finalizer stays while the delete runs"
+    );
+    let events = w.api.events().await;
+    assert!(
+        events.iter().all(|(_, kind)| kind == "Normal"),
+        "{events:?}"
+    );
+
+    reconcile(svc, w.ctx.clone()).await.unwrap();
+    assert!(
+        w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
+        "released once the delete is done"
+    );
+}

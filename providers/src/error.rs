@@ -35,6 +35,17 @@ pub enum ProviderError {
         message: String,
     },
 
+    /// Not a failure: the cloud accepted the change and is still carrying it out (a GCE
+    /// Operation that is RUNNING). The operator shows the Service as provisioning (condition
+    /// reason `Provisioning`, a Normal Event, no Warning) and calls `ensure` again after
+    /// `retry_after`, without growing the Service's backoff; `ensure` then picks up where the
+    /// cloud is. Like the upstream cloud-provider's `RetryError`.
+    #[error("{message}")]
+    InProgress {
+        message: String,
+        retry_after: Duration,
+    },
+
     /// A failure that may pass by itself: network, 5xx, throttling. `retry_after` is the
     /// server's hint, if it gave one.
     #[error("{message}")]
@@ -68,6 +79,13 @@ impl ProviderError {
         }
     }
 
+    pub fn in_progress(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self::InProgress {
+            message: message.into(),
+            retry_after,
+        }
+    }
+
     pub fn transient(message: impl Into<String>) -> Self {
         Self::Transient {
             message: message.into(),
@@ -82,6 +100,7 @@ impl ProviderError {
             | Self::Allocation { reason, .. }
             | Self::Conflict { reason, .. }
             | Self::Configuration { reason, .. } => reason,
+            Self::InProgress { .. } => "Provisioning",
             Self::Transient { .. } => "ProviderUnavailable",
         }
     }
@@ -93,6 +112,7 @@ impl ProviderError {
             Self::Allocation { .. } => "allocation",
             Self::Conflict { .. } => "conflict",
             Self::Configuration { .. } => "configuration",
+            Self::InProgress { .. } => "in_progress",
             Self::Transient { .. } => "transient",
         }
     }

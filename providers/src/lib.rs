@@ -14,6 +14,7 @@ pub mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod local;
+pub mod registry;
 
 #[cfg(any(test, feature = "fixtures"))]
 pub use ferry_model::fixtures;

@@ -191,6 +191,32 @@ impl From<ApiError> for ProviderError {
     }
 }
 
+/// The most pages one listing reads: a cloud that hands back a marker forever gets an error,
+/// not a loop (400 items a page, so 400,000 items).
+const MAX_PAGES: usize = 1000;
+
+/// Every item of a paginated listing. `page(marker)` reads one page (the first with `None`)
+/// and returns its items and the next marker; an absent or empty marker ends the listing.
+pub async fn all_pages<T, F, Fut>(what: &str, mut page: F) -> Result<Vec<T>, ProviderError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), ProviderError>>,
+{
+    let mut items = Vec::new();
+    let mut marker = None;
+    for _ in 0..MAX_PAGES {
+        let (mut got, next) = page(marker.take()).await?;
+        items.append(&mut got);
+        match next {
+            Some(m) if !m.is_empty() => marker = Some(m),
+            _ => return Ok(items),
+        }
+    }
+    Err(ProviderError::transient(format!(
+        "{what}: still more pages after {MAX_PAGES}; giving up this pass"
+    )))
+}
+
 /// Retry settings; tests shorten them.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {

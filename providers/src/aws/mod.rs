@@ -13,6 +13,7 @@
 //! their targets, the listeners. Deletion goes the other way round and tolerates absence
 //! at every step, so an interrupted delete simply runs again.
 
+mod args;
 pub mod calls;
 mod converge;
 pub mod options;
@@ -32,6 +33,7 @@ use crate::{
     ClusterIdentity, DesiredLoadBalancer, LoadBalancerId, LoadBalancerProvider, NodeTarget,
     ObservedLoadBalancer, Owned, ProviderError,
 };
+pub use args::AwsArgs;
 use calls::{Calls, RetryPolicy};
 
 /// The SDK's HTTPS client, on rustls with ring.
@@ -55,6 +57,15 @@ pub struct AwsConfig {
 }
 
 impl AwsConfig {
+    /// The configuration `args` give, for this cluster.
+    pub fn from_args(args: &AwsArgs, cluster: ClusterIdentity) -> Self {
+        Self {
+            region: args.region.clone(),
+            calls_per_second: args.api_rate,
+            ..Self::new(cluster)
+        }
+    }
+
     pub fn new(cluster: ClusterIdentity) -> Self {
         Self {
             cluster,

@@ -5,6 +5,7 @@
 //! Allocation state lives in memory and is rebuilt from Services' `status` in `start`, which
 //! the operator calls each time it becomes leader, before any allocation.
 
+mod args;
 pub mod ipam;
 
 pub use ferry_model::desired::{PROXY_PROTOCOL_ANNOTATION, proxy_protocol_of};
@@ -35,6 +36,7 @@ use crate::{
     DesiredLoadBalancer, Ingress, IpMode, LoadBalancerId, LoadBalancerProvider,
     ObservedLoadBalancer, Owned, Protocol, ProviderError, ProviderSignal, TrafficPolicy,
 };
+pub use args::LocalArgs;
 use ipam::{AllocationRequest, Assigned, PoolAllocator};
 
 /// Annotation choosing how traffic reaches a Service's address (`Proxy` or `VIP`).
@@ -136,6 +138,29 @@ fn status_ips(svc: &Service) -> Vec<IpAddr> {
 }
 
 impl LocalProvider {
+    /// The provider for an instance serving `ctx.class`: it holds the addresses of the
+    /// Services it serves, and of those it provisioned and has not cleaned up yet (held
+    /// exclusively until then, so nobody else gets them meanwhile).
+    pub fn from_args(args: &LocalArgs, ctx: crate::registry::ProviderContext) -> Self {
+        let class = ctx.class;
+        let lens_class = class.clone();
+        let lens: ServiceLens = Arc::new(move |svc: &Service| {
+            if !lens_class.may_hold(svc) {
+                return None;
+            }
+            if !lens_class.owns(svc) {
+                return Some(Err(crate::desired::id_of(svc)));
+            }
+            Some(crate::desired::desired(svc, &[]).map_err(|_| crate::desired::id_of(svc)))
+        });
+        Self::new(LocalConfig {
+            client: ctx.client,
+            class: class.class,
+            lens,
+            repair_interval: args.repair_interval,
+        })
+    }
+
     /// A provider that does nothing until `start` (through the trait).
     pub fn new(config: LocalConfig) -> Self {
         let (pool_reader, pool_writer) = reflector::store();
