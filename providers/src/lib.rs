@@ -13,7 +13,9 @@ pub mod aws;
 pub mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod gce;
 pub mod local;
+pub mod ownership;
 pub mod registry;
 
 #[cfg(any(test, feature = "fixtures"))]

@@ -18,13 +18,11 @@ use crate::{
     ProviderError, TrafficPolicy,
 };
 
-/// Tag keys on everything ferry creates.
-pub const TAG_CLUSTER: &str = "ferry.dev/cluster";
-pub const TAG_NAMESPACE: &str = "ferry.dev/service-namespace";
-pub const TAG_NAME: &str = "ferry.dev/service-name";
-pub const TAG_UID: &str = "ferry.dev/service-uid";
-/// The cluster's identity (`ClusterIdentity::uid`), the mark a copied `--cluster-id` lacks.
-pub const TAG_CLUSTER_UID: &str = "ferry.dev/cluster-uid";
+/// Tag keys on everything ferry creates: the ownership marks every cloud provider shares.
+pub use crate::ownership::{
+    Mark, TAG_CLUSTER, TAG_CLUSTER_UID, TAG_NAME, TAG_NAMESPACE, TAG_UID, owner,
+};
+
 /// On the balancer only: the subnet:allocation pairs it was created with (they cannot change
 /// in place). Never in `BalancerSpec::tags`, whose ferry.dev/ keys users cannot set.
 pub const TAG_EIPS: &str = "ferry.dev/eip-allocations";
@@ -128,16 +126,7 @@ pub struct BalancerSpec {
     pub tags: BTreeMap<String, String>,
 }
 
-/// 64-bit FNV-1a: stable across releases, which names must be.
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn hash(cluster_id: &str, uid: &str) -> String {
-    format!("{:016x}", fnv1a(format!("{cluster_id}\0{uid}").as_bytes()))
-}
+use crate::ownership::resource_hash as hash;
 
 /// `ferry-` and 16 hex digits: 22 characters.
 pub fn balancer_name(cluster_id: &str, uid: &str) -> String {
@@ -177,52 +166,8 @@ pub fn tags(
         format!("kubernetes.io/cluster/{}", cluster.id),
         "owned".into(),
     );
-    tags.insert(TAG_CLUSTER.into(), cluster.id.clone());
-    tags.insert(TAG_CLUSTER_UID.into(), cluster.uid.clone());
-    tags.insert(TAG_NAMESPACE.into(), id.namespace.clone());
-    tags.insert(TAG_NAME.into(), id.name.clone());
-    tags.insert(TAG_UID.into(), id.uid.clone());
+    tags.extend(crate::ownership::marks(cluster, id));
     tags
-}
-
-/// Whose a resource is, by its tags.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mark {
-    /// Both marks of this cluster: ferry's resource for this Service.
-    Ours(LoadBalancerId),
-    /// This cluster's id but another identity (or none): never to be deleted from here.
-    Foreign {
-        id: LoadBalancerId,
-        cluster_uid: Option<String>,
-    },
-    /// Not ferry's, or another cluster id.
-    NotOurs,
-}
-
-/// The Service that `tags` name, and whether they carry both marks of `cluster`.
-pub fn owner(cluster: &ClusterIdentity, tags: &BTreeMap<String, String>) -> Mark {
-    if tags.get(TAG_CLUSTER) != Some(&cluster.id) {
-        return Mark::NotOurs;
-    }
-    let (Some(namespace), Some(name), Some(uid)) = (
-        tags.get(TAG_NAMESPACE),
-        tags.get(TAG_NAME),
-        tags.get(TAG_UID),
-    ) else {
-        return Mark::NotOurs;
-    };
-    let id = LoadBalancerId {
-        namespace: namespace.clone(),
-        name: name.clone(),
-        uid: uid.clone(),
-    };
-    match tags.get(TAG_CLUSTER_UID) {
-        Some(u) if *u == cluster.uid => Mark::Ours(id),
-        other => Mark::Foreign {
-            id,
-            cluster_uid: other.cloned(),
-        },
-    }
 }
 
 fn health_check(
