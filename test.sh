@@ -48,6 +48,15 @@ if ! python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')
         || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "moto[server]==$MOTO_VERSION"
 fi
 
+# The GCE fake is checked against the compute v1 discovery document shipped in PyPI's
+# google-api-python-client, whose discovery-based client also drives it in a contract test.
+GAPI_VERSION=2.202.0
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('google-api-python-client') != '$GAPI_VERSION')" 2>/dev/null; then
+    echo "==> pip install google-api-python-client==$GAPI_VERSION"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "google-api-python-client==$GAPI_VERSION" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "google-api-python-client==$GAPI_VERSION"
+fi
+
 # The real kube-apiserver, etcd and helm, built from their Go modules (a no-op when current).
 echo "==> e2e/tools/build.sh"
 tools_start=$(date +%s)

@@ -1,8 +1,8 @@
 //! ferry's test substrate: a real kube-apiserver and etcd (`control_plane`), simulated nodes
 //! with NodePort responders (`nodes`), a TCP fault proxy (`fault_proxy`), the operator as a
 //! process that can be killed (`operator`), forwarders in network namespaces (`netns`,
-//! `forwarder`), the randomized fault harness (`chaos`), and the sandbox that puts them
-//! together.
+//! `forwarder`), the randomized fault harness (`chaos`), a Compute Engine REST fake (`gce`),
+//! and the sandbox that puts them together.
 //! Test-only: nothing here ships.
 
 pub mod aws;
@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod fault_proxy;
 pub mod forwarder;
+pub mod gce;
 pub mod netns;
 pub mod nodes;
 pub mod operator;
