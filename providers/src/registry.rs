@@ -43,6 +43,7 @@ pub struct ProviderArgs {
     #[arg(
         long = "provider",
         id = "provider",
+        value_name = "PROVIDER",
         env = "FERRY_PROVIDER",
         value_enum,
         default_value = "local"

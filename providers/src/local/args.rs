@@ -11,7 +11,7 @@ use clap::Args;
 pub struct LocalArgs {
     /// How often allocations are compared with Services' status, and addresses no Service
     /// shows any more are given back.
-    #[arg(long = "local-repair-interval", env = "FERRY_LOCAL_REPAIR_INTERVAL", default_value = "3m", value_parser = repair_interval)]
+    #[arg(long = "local-repair-interval", env = "FERRY_LOCAL_REPAIR_INTERVAL", default_value = "3m", value_name = "DURATION", value_parser = repair_interval)]
     pub repair_interval: Duration,
 }
 
