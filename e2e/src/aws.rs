@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use aws_sdk_ec2::types::{DomainType, ResourceType, Tag, TagSpecification};
 use bytes_body::{Body, full};
-use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -216,27 +215,17 @@ impl AwsProxy {
         let addr = listener.local_addr()?;
         let state = Arc::new(ProxyState::default());
         let accept_state = state.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = accept_state.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        async move {
-                            match handle(upstream, state, req).await {
-                                Ok(r) => Ok::<_, std::convert::Infallible>(r),
-                                Err(e) => {
-                                    let mut r = Response::new(full(e.to_string()));
-                                    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-                                    Ok(r)
-                                }
-                            }
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let accept = crate::http_server::serve(listener, move |req| {
+            let state = accept_state.clone();
+            async move {
+                match handle(upstream, state, req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let mut r = Response::new(full(e.to_string()));
+                        *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                        r
+                    }
+                }
             }
         });
         Ok(AwsProxy {

@@ -12,6 +12,7 @@ pub mod control_plane;
 pub mod fault_proxy;
 pub mod forwarder;
 pub mod gce;
+pub mod http_server;
 pub mod netns;
 pub mod nodes;
 pub mod operator;
