@@ -47,6 +47,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (ne .Values.provider "local") (not .Values.clusterId) -}}
 {{- fail (printf "clusterId is required with provider %s (it tags everything ferry creates)" .Values.provider) -}}
 {{- end -}}
+{{- if .Values.operator.aws -}}
+{{- fail "operator.aws moved to aws (e.g. --set aws.region=eu-west-1): each provider's settings sit under its name" -}}
+{{- end -}}
 {{- if not (has .Values.forwarder.mode (list "auto" "kernel" "userspace")) -}}
 {{- fail (printf "forwarder.mode must be auto, kernel or userspace, not %q" .Values.forwarder.mode) -}}
 {{- end -}}
