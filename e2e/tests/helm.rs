@@ -200,7 +200,10 @@ fn bad_values_fail_with_one_line_naming_the_value() {
         (vec!["forwarder.mode=fast"], "forwarder.mode must be auto"),
         (vec!["pools[0].name=empty"], "pool empty needs addresses"),
         // A value that moved is refused, never silently dropped.
-        (vec!["operator.aws.region=eu-west-1"], "operator.aws moved to aws"),
+        (
+            vec!["operator.aws.region=eu-west-1"],
+            "operator.aws moved to aws",
+        ),
     ] {
         let err = render(&set).expect_err("refused");
         assert!(err.contains(says), "{set:?}: {err}");
