@@ -389,12 +389,17 @@ async fn the_discovery_based_python_client_drives_the_fake() {
     fake.slow_operations(1);
     let doc = ferry_e2e::gce::discovery::document_path().unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gce_contract.py");
-    let out = tokio::process::Command::new("python3")
+    // Bounded: a client that hangs fails the test instead of stalling the suite (the child
+    // is killed when the timeout drops it).
+    let run = tokio::process::Command::new("python3")
         .arg(&script)
         .env("FAKE_URL", &fake.url)
         .env("DISCOVERY", &doc)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
         .await
+        .expect("the Python client finished within 120 s")
         .unwrap();
     assert!(
         out.status.success(),
