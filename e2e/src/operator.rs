@@ -87,6 +87,18 @@ fn test_defaults(args: &[String]) -> Vec<String> {
     out
 }
 
+/// The chart's leader-election timings (15 s Lease, 10 s renew deadline, 2 s retry), for
+/// tests whose faults must be measured against a real deployment's deadlines rather than
+/// the tests' short defaults.
+pub const CHART_ELECTION_TIMINGS: [&str; 6] = [
+    "--leader-elect-lease-duration",
+    "15s",
+    "--leader-elect-renew-deadline",
+    "10s",
+    "--leader-elect-retry-period",
+    "2s",
+];
+
 impl OperatorProcess {
     /// Starts the operator; `args` are extra flags.
     pub fn start(kubeconfig: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Self> {

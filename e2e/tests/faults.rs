@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, shared};
 use ferry_e2e::fault_proxy::FaultProxy;
-use ferry_e2e::operator::OperatorProcess;
+use ferry_e2e::operator::{CHART_ELECTION_TIMINGS, OperatorProcess};
 use ferry_e2e::scenario::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
@@ -44,20 +44,7 @@ async fn dropped_watches_an_outage_and_latency_are_survived() {
         .unwrap();
     let proxy = FaultProxy::start(upstream(cp)).await.unwrap();
     // The chart's election timings: a 3 s outage is shorter than the renew deadline.
-    let mut operator = proxied_operator(
-        cp,
-        &proxy,
-        "drops",
-        &[
-            "--leader-elect-lease-duration",
-            "15s",
-            "--leader-elect-renew-deadline",
-            "10s",
-            "--leader-elect-retry-period",
-            "2s",
-        ],
-    )
-    .await;
+    let mut operator = proxied_operator(cp, &proxy, "drops", &CHART_ELECTION_TIMINGS).await;
     let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
     svcs.create(&PostParams::default(), &lb_service("before", &[80]))
         .await

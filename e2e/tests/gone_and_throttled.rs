@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, Options, start_in_keeper_thread};
 use ferry_e2e::fault_proxy::FaultProxy;
-use ferry_e2e::operator::OperatorProcess;
+use ferry_e2e::operator::{CHART_ELECTION_TIMINGS, OperatorProcess};
 use ferry_e2e::scenario::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::ResourceExt;
@@ -61,19 +61,7 @@ async fn stale_watches_get_410_gone_and_the_operator_relists() {
     let path = cp.dir.join("gone.kubeconfig");
     std::fs::write(&path, cp.kubeconfig_via(&proxy.url(), &cp.operator_token)).unwrap();
     // The chart's election timings: the 4 s cut below is shorter than the renew deadline.
-    let operator = OperatorProcess::start(
-        &path,
-        &cp.dir,
-        &[
-            "--leader-elect-lease-duration",
-            "15s",
-            "--leader-elect-renew-deadline",
-            "10s",
-            "--leader-elect-retry-period",
-            "2s",
-        ],
-    )
-    .unwrap();
+    let operator = OperatorProcess::start(&path, &cp.dir, &CHART_ELECTION_TIMINGS).unwrap();
     let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
     svcs.create(&PostParams::default(), &lb_service("before", &[80]))
         .await
