@@ -10,9 +10,11 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod calls;
 pub mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
+#[cfg(feature = "gce")]
 pub mod gce;
 pub mod local;
 pub mod ownership;

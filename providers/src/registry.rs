@@ -56,6 +56,10 @@ pub struct ProviderArgs {
     #[cfg(feature = "aws")]
     #[command(flatten)]
     pub aws: crate::aws::AwsArgs,
+
+    #[cfg(feature = "gce")]
+    #[command(flatten)]
+    pub gce: crate::gce::GceArgs,
 }
 
 /// What every provider is built with, whichever it is.
@@ -102,6 +106,12 @@ pub async fn build(
                     .map_err(failed)?,
             ))
         }
+        #[cfg(feature = "gce")]
+        ProviderKind::Gce => Ok(Arc::new(
+            crate::gce::GceProvider::from_args(&args.gce, ctx.cluster)
+                .await
+                .map_err(failed)?,
+        )),
         #[allow(unreachable_patterns)]
         other => {
             let _ = failed;

@@ -13,13 +13,6 @@ pub struct AwsArgs {
 
     /// AWS API calls per second across all Services (bursts of twice as many); throttled
     /// and failed calls are retried within this budget.
-    #[arg(long = "aws-api-rate", env = "FERRY_AWS_API_RATE", default_value_t = 10.0, value_parser = positive_rate)]
+    #[arg(long = "aws-api-rate", env = "FERRY_AWS_API_RATE", default_value_t = 10.0, value_parser = crate::calls::positive_rate)]
     pub api_rate: f64,
-}
-
-fn positive_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err("must be a positive number of calls per second".into()),
-    }
 }

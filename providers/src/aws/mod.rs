@@ -257,7 +257,7 @@ impl LoadBalancerProvider for AwsProvider {
         registry.register(
             "ferry_aws_api_calls",
             "AWS API calls (each attempt), by operation and outcome (ok, throttled, server_error, network_error, client_error)",
-            self.calls.counts.clone(),
+            self.calls.counts().clone(),
         );
     }
 }
