@@ -151,6 +151,40 @@ impl Compute {
         )
     }
 
+    /// Finishes every Operation still running, as GCE does in its own time.
+    pub fn finish_pending(&mut self) {
+        let running: Vec<(Scope, String)> = self
+            .operations
+            .iter()
+            .filter(|(_, o)| o.body["status"] != "DONE")
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (scope, name) in running {
+            self.finish(&scope, &name);
+        }
+    }
+
+    /// How many Operations are still running.
+    pub fn running_operations(&self) -> usize {
+        self.operations
+            .values()
+            .filter(|o| o.body["status"] != "DONE")
+            .count()
+    }
+
+    /// Seeds an instance with network tags.
+    pub fn add_tagged_instance(&mut self, zone: &str, name: &str, tags: &[&str]) {
+        self.add_instance(zone, name);
+        let key = (
+            Scope::Zone(zone.to_string()),
+            "instances".to_string(),
+            name.to_string(),
+        );
+        if let Some(i) = self.resources.get_mut(&key) {
+            i["tags"] = json!({"items": tags, "fingerprint": "42WmSpB8rSM="});
+        }
+    }
+
     /// Seeds an instance (a node's VM) in `zone`.
     pub fn add_instance(&mut self, zone: &str, name: &str) {
         let scope = Scope::Zone(zone.to_string());
@@ -252,6 +286,12 @@ impl Compute {
                 self.delete(&scope, collection, name)
             }
             ("POST", ["targetPools", name, verb]) => self.pool_verb(&scope, name, verb, &body),
+            ("POST", ["forwardingRules", name, "setTarget"]) => {
+                self.set_target(&scope, name, &body)
+            }
+            ("PATCH" | "PUT", [collection @ ("firewalls" | "httpHealthChecks"), name]) => {
+                self.update(&scope, collection, name, body, method == "PATCH")
+            }
             _ => error(
                 400,
                 "invalid",
@@ -547,8 +587,122 @@ impl Compute {
             .map(|((_, _, n), _)| n.clone())
     }
 
+    /// The resource `link` names: its full URL, or the part from `projects/` on (GCE takes
+    /// both, whichever host a full URL names).
     fn by_link(&self, link: &str) -> Option<&Value> {
-        self.resources.values().find(|v| v["selfLink"] == link)
+        self.resources
+            .values()
+            .find(|v| v["selfLink"].as_str().is_some_and(|s| same_link(s, link)))
+    }
+
+    /// `firewalls.patch`/`update`, `httpHealthChecks.patch`/`update`: a patch merges the
+    /// fields given, an update replaces the resource; name, id and links stay.
+    fn update(
+        &mut self,
+        scope: &Scope,
+        collection: &str,
+        name: &str,
+        body: Value,
+        patch: bool,
+    ) -> Answer {
+        let key = Self::key(scope, collection, name);
+        let Some(existing) = self.resources.get(&key).cloned() else {
+            return error(
+                404,
+                "notFound",
+                &format!(
+                    "The resource '{}' was not found",
+                    self.resource_path(scope, collection, name)
+                ),
+            );
+        };
+        let Value::Object(given) = body else {
+            return error(400, "required", "Required field 'resource' not specified");
+        };
+        if given
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n != name)
+        {
+            return error(
+                400,
+                "invalid",
+                "Invalid value for field 'resource.name': a resource cannot be renamed",
+            );
+        }
+        let mut updated = if patch {
+            existing.clone()
+        } else {
+            let mut fresh = Value::Object(given.clone());
+            if let Err(e) = self.complete(scope, collection, name, &mut fresh) {
+                return e;
+            }
+            fresh
+        };
+        for (k, v) in given {
+            updated[k.as_str()] = v;
+        }
+        for k in ["kind", "id", "name", "selfLink", "creationTimestamp"] {
+            updated[k] = existing[k].clone();
+        }
+        let link = existing["selfLink"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let id = existing["id"].as_str().unwrap_or_default().to_string();
+        self.operation(
+            scope,
+            if patch { "patch" } else { "update" },
+            &link,
+            &id,
+            Some(Effect::Replace(
+                scope.clone(),
+                collection.to_string(),
+                name.to_string(),
+                updated,
+            )),
+        )
+    }
+
+    /// `forwardingRules.setTarget`: points a rule at another target pool.
+    fn set_target(&mut self, scope: &Scope, name: &str, body: &Value) -> Answer {
+        let key = Self::key(scope, "forwardingRules", name);
+        let Some(rule) = self.resources.get(&key).cloned() else {
+            return error(
+                404,
+                "notFound",
+                &format!(
+                    "The resource '{}' was not found",
+                    self.resource_path(scope, "forwardingRules", name)
+                ),
+            );
+        };
+        let Some(target) = body.get("target").and_then(Value::as_str) else {
+            return error(400, "required", "Required field 'target' not specified");
+        };
+        let Some(pool) = self.by_link(target) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{target}' was not found"),
+            );
+        };
+        let mut updated = rule.clone();
+        updated["target"] = pool["selfLink"].clone();
+        let link = rule["selfLink"].as_str().unwrap_or_default().to_string();
+        let id = rule["id"].as_str().unwrap_or_default().to_string();
+        self.operation(
+            scope,
+            "SetTarget",
+            &link,
+            &id,
+            Some(Effect::Replace(
+                scope.clone(),
+                "forwardingRules".into(),
+                name.into(),
+                updated,
+            )),
+        )
     }
 
     fn delete(&mut self, scope: &Scope, collection: &str, name: &str) -> Answer {
@@ -596,8 +750,8 @@ impl Compute {
     fn user_of(&self, link: &str, resource: &Value) -> Option<String> {
         let ip = resource.get("address").cloned();
         self.resources.values().find_map(|v| {
-            let uses = v["target"] == link
-                || links(v, "healthChecks").any(|h| h == link)
+            let uses = v["target"].as_str().is_some_and(|t| same_link(t, link))
+                || links(v, "healthChecks").any(|h| same_link(&h, link))
                 || (resource["kind"] == "compute#address"
                     && v["kind"] == "compute#forwardingRule"
                     && Some(&v["IPAddress"]) == ip.as_ref()
@@ -648,18 +802,22 @@ impl Compute {
         let mut current: Vec<String> = links(&pool, field).collect();
         for link in &given {
             if verb.starts_with("add") {
-                if self.by_link(link).is_none() {
+                let Some(full) = self
+                    .by_link(link)
+                    .and_then(|r| r["selfLink"].as_str())
+                    .map(str::to_string)
+                else {
                     return error(
                         400,
                         "invalid",
                         &format!("The resource '{link}' was not found"),
                     );
-                }
-                if !current.contains(link) {
-                    current.push(link.clone());
+                };
+                if !current.iter().any(|c| same_link(c, link)) {
+                    current.push(full);
                 }
             } else {
-                current.retain(|c| c != link);
+                current.retain(|c| !same_link(c, link));
             }
         }
         let mut updated = pool.clone();
@@ -842,6 +1000,12 @@ fn set_default(body: &mut Value, field: &str, value: &str) {
     if body.get(field).is_none() {
         body[field] = json!(value);
     }
+}
+
+/// Whether two resource URLs name the same resource (compared from `projects/` on).
+fn same_link(a: &str, b: &str) -> bool {
+    let rel = |l: &str| l.find("projects/").map(|i| l[i..].to_string());
+    a == b || (rel(a).is_some() && rel(a) == rel(b))
 }
 
 fn links<'a>(body: &'a Value, field: &str) -> impl Iterator<Item = String> + 'a {

@@ -76,6 +76,7 @@ pub fn call_name(method: &str, path: &str) -> String {
         ("GET", 2, _) => "get",
         ("DELETE", 2, _) => "delete",
         ("PATCH", 2, _) => "patch",
+        ("PUT", 2, _) => "update",
         (_, 3, Some(v)) => v,
         _ => "unknown",
     };

@@ -52,7 +52,7 @@ pub struct GceArgs {
     /// Compute Engine API calls per second across all Services (bursts of twice as many);
     /// throttled and failed calls are retried within this budget.
     #[arg(long = "gce-api-rate",
-        id = "gce_api_rate", env = "FERRY_GCE_API_RATE", default_value_t = 10.0, value_parser = crate::calls::positive_rate)]
+        id = "gce_api_rate", value_name = "RATE", env = "FERRY_GCE_API_RATE", default_value_t = 10.0, value_parser = crate::calls::positive_rate)]
     pub api_rate: f64,
 
     /// How long one reconcile waits for a Compute Engine Operation before it reports the
