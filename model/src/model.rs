@@ -203,6 +203,10 @@ pub struct PortError {
 pub struct ObservedLoadBalancer {
     pub ingress: Vec<Ingress>,
     pub port_errors: Vec<PortError>,
+    /// What the provider does not act on that the user should know (an annotation it
+    /// ignores), one sentence each; the operator shows each as a Warning Event when the
+    /// Service's balancer changes, never as a failure.
+    pub notices: Vec<String>,
 }
 
 /// Which cluster a cloud resource belongs to, by two marks. `id` is the operator's free-text

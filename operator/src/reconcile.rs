@@ -441,6 +441,19 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
         }
     };
     lock(&ctx.applied).insert(id.uid.clone(), desired.clone());
+    if previous.as_ref() != Some(&desired) {
+        // Said once per change of the balancer, not at every resync.
+        for notice in &observed.notices {
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "IgnoredSetting",
+                notice.clone(),
+                "Ensure",
+            )
+            .await;
+        }
+    }
 
     let ingress = ingress_of(&observed);
     let changed_ingress = current_ingress(svc) != ingress;

@@ -915,6 +915,33 @@ async fn provider_signals_requeue_the_services_that_can_use_them() {
 }
 
 #[tokio::test]
+async fn what_the_provider_ignores_is_a_warning_once_per_change_and_the_service_stays_ready() {
+    let svc = Arc::new(
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .annotate(
+                ferry_providers::fake::NOTICE_ANNOTATION,
+                "annotation x.io/y is not acted on",
+            )
+            .build(),
+    );
+    let w = world(&svc, FakeProvider::new(), &[]);
+    for _ in 0..3 {
+        reconcile(svc.clone(), w.ctx.clone()).await.unwrap();
+    }
+    let body = w.api.status_patches().last().cloned().unwrap();
+    assert_eq!(condition(&body)["status"], "True");
+    let events = w.api.events().await;
+    let ignored: Vec<_> = events
+        .iter()
+        .filter(|(r, _)| r == "IgnoredSetting")
+        .collect();
+    assert_eq!(ignored.len(), 1, "once, not at every resync: {events:?}");
+    assert_eq!(ignored[0].1, "Warning");
+}
+
+#[tokio::test]
 async fn a_balancer_the_cloud_is_still_making_shows_provisioning_without_a_warning_or_backoff() {
     let svc = Arc::new(service("web").lb().port(80, 30080).build());
     let w = world(&svc, FakeProvider::new(), &[]);

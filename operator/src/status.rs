@@ -153,6 +153,7 @@ mod tests {
         ObservedLoadBalancer {
             ingress: vec![Ingress::ip(ip.parse().unwrap(), IpMode::Proxy)],
             port_errors: vec![],
+            notices: Vec::new(),
         }
     }
 
@@ -177,6 +178,7 @@ mod tests {
         let h = ingress_of(&ObservedLoadBalancer {
             ingress: vec![Ingress::hostname("lb.example.com")],
             port_errors: vec![],
+            notices: Vec::new(),
         });
         assert_eq!(h[0].hostname.as_deref(), Some("lb.example.com"));
         assert_eq!(h[0].ip_mode, None);

@@ -31,6 +31,9 @@ struct State {
     delay: std::time::Duration,
 }
 
+/// A Service annotated with this gets its value back as a provider notice.
+pub const NOTICE_ANNOTATION: &str = "fake.ferry.dev/notice";
+
 pub struct FakeProvider {
     state: Mutex<State>,
     hostnames: bool,
@@ -153,6 +156,12 @@ impl LoadBalancerProvider for FakeProvider {
         let observed = ObservedLoadBalancer {
             ingress: vec![ingress],
             port_errors: Vec::new(),
+            notices: desired
+                .annotations
+                .get(NOTICE_ANNOTATION)
+                .cloned()
+                .into_iter()
+                .collect(),
         };
         state.balancers.insert(desired.id.clone(), observed.clone());
         Ok(observed)

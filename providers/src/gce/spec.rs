@@ -32,6 +32,18 @@ pub const INTERNAL_ANNOTATIONS: [&str; 2] = [
     "networking.gke.io/load-balancer-type",
     "cloud.google.com/load-balancer-type",
 ];
+/// The prefixes of the annotations GKE users have on Services.
+pub const GKE_PREFIXES: [&str; 2] = ["cloud.google.com/", "networking.gke.io/"];
+/// Annotations under those prefixes that other GKE controllers own (network endpoint
+/// groups, backend configs): not the balancer's, so not worth a notice.
+const OTHER_CONTROLLERS: [&str; 5] = [
+    "cloud.google.com/neg",
+    "cloud.google.com/neg-status",
+    "cloud.google.com/backend-config",
+    "cloud.google.com/app-protocols",
+    "cloud.google.com/service-name",
+];
+
 /// kube-proxy's health endpoint, which a `Cluster` Service's health check asks.
 pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
 /// Where GCE's legacy HTTP health checks of target pools come from.
@@ -146,6 +158,8 @@ pub struct Plan {
     pub instances: BTreeSet<InstanceRef>,
     /// Nodes that cannot be in the pool, and why (logged by the provider).
     pub skipped: Vec<(String, String)>,
+    /// Annotations under GKE's prefixes that this provider does not act on.
+    pub notices: Vec<String>,
     pub health_check: HealthCheckPlan,
     pub firewall: FirewallPlan,
     pub health_firewall: FirewallPlan,
@@ -194,15 +208,35 @@ pub fn plan(
     location: &Location,
 ) -> Result<Plan, ProviderError> {
     for key in INTERNAL_ANNOTATIONS {
-        if let Some(v) = desired.annotations.get(key)
-            && v.trim().eq_ignore_ascii_case("internal")
-        {
-            return Err(invalid(
-                "InternalNotSupported",
-                format!("annotation {key}: ferry's GCE provider makes external balancers only"),
-            ));
+        match desired.annotations.get(key).map(|v| v.trim()) {
+            None => {}
+            Some(v) if v.eq_ignore_ascii_case("external") => {}
+            Some(v) if v.eq_ignore_ascii_case("internal") => {
+                return Err(invalid(
+                    "InternalNotSupported",
+                    format!("annotation {key}: ferry's GCE provider makes external balancers only"),
+                ));
+            }
+            // A typo must not silently make public what was meant to be internal.
+            Some(other) => {
+                return Err(invalid(
+                    "InvalidAnnotation",
+                    format!("annotation {key}: {other:?} is not Internal or External"),
+                ));
+            }
         }
     }
+    let notices: Vec<String> = desired
+        .annotations
+        .keys()
+        .filter(|k| GKE_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .filter(|k| {
+            *k != NETWORK_TIER_ANNOTATION
+                && !INTERNAL_ANNOTATIONS.contains(&k.as_str())
+                && !OTHER_CONTROLLERS.contains(&k.as_str())
+        })
+        .map(|k| format!("annotation {k} is not acted on by ferry's GCE provider"))
+        .collect();
     let tier = tier_of(desired)?;
     let has_v4 = desired.ip_families.is_empty() || desired.ip_families.contains(&IpFamily::V4);
     let needs_v6 = desired.ip_families.contains(&IpFamily::V6)
@@ -328,6 +362,7 @@ pub fn plan(
         },
         instances,
         skipped,
+        notices,
         firewall: FirewallPlan {
             name: format!("{name}-fw"),
             source_ranges,
@@ -565,6 +600,37 @@ mod tests {
         assert_eq!(skipped, ["b", "c", "d", "e"]);
         assert!(p.skipped[0].1.contains("project"), "{:?}", p.skipped);
         assert!(p.skipped[1].1.contains("region"), "{:?}", p.skipped);
+    }
+
+    #[test]
+    fn gke_annotations_are_acted_on_refused_or_noticed_never_silently_dropped() {
+        let with =
+            |k: &str, v: &str| planned(service("web").lb().port(80, 30080).annotate(k, v), &[]);
+        assert!(with("networking.gke.io/load-balancer-type", "External").is_ok());
+        assert_eq!(
+            reason(with("cloud.google.com/load-balancer-type", "Internl")),
+            "InvalidAnnotation",
+            "a typo must not make public what was meant to be internal"
+        );
+        let p = with(
+            "networking.gke.io/internal-load-balancer-allow-global-access",
+            "true",
+        )
+        .unwrap();
+        assert_eq!(p.notices.len(), 1);
+        assert!(
+            p.notices[0].contains("allow-global-access"),
+            "{:?}",
+            p.notices
+        );
+        // Other GKE controllers' annotations, and others' prefixes, are not the balancer's.
+        assert!(
+            with("cloud.google.com/neg", "{\"ingress\":true}")
+                .unwrap()
+                .notices
+                .is_empty()
+        );
+        assert!(with("example.com/team", "web").unwrap().notices.is_empty());
     }
 
     #[test]

@@ -356,6 +356,7 @@ impl Inner {
                 .map(|a| Ingress::ip(a.ip, ip_mode))
                 .collect(),
             port_errors: Vec::new(),
+            notices: Vec::new(),
         }
     }
 

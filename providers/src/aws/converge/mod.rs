@@ -63,6 +63,7 @@ pub(in crate::aws) fn observed(lb: &LoadBalancer, eips: &[IpAddr]) -> ObservedLo
     ObservedLoadBalancer {
         ingress,
         port_errors: Vec::new(),
+        notices: Vec::new(),
     }
 }
 

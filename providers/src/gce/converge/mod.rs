@@ -94,6 +94,7 @@ pub(in crate::gce) fn observed(ip: IpAddr) -> ObservedLoadBalancer {
     ObservedLoadBalancer {
         ingress: vec![Ingress::ip(ip, IpMode::Vip)],
         port_errors: Vec::new(),
+        notices: Vec::new(),
     }
 }
 
