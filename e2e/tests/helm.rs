@@ -157,6 +157,35 @@ fn the_chart_lints_and_renders_each_provider() {
     assert!(!op_env.contains_key("FERRY_LOCAL_REPAIR_INTERVAL"));
     assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/aws");
 
+    // GCE: project, region and the rest reach the operator; a key Secret is mounted.
+    let docs = render(&[
+        "provider=gce",
+        "clusterId=prod-1",
+        "gce.project=my-proj",
+        "gce.region=europe-west4",
+        "gce.nodeTags=gke-prod-pool",
+        "gce.credentialsSecret=ferry-gce-key",
+    ])
+    .unwrap();
+    assert!(find(&docs, "DaemonSet").is_none(), "GCE needs no forwarder");
+    let operator = find(&docs, "Deployment").unwrap();
+    let op_env = env(operator);
+    assert_eq!(op_env["FERRY_GCE_PROJECT"], "my-proj");
+    assert_eq!(op_env["FERRY_GCE_REGION"], "europe-west4");
+    assert_eq!(op_env["FERRY_GCE_NODE_TAGS"], "gke-prod-pool");
+    assert_eq!(op_env["FERRY_GCE_NETWORK"], "default");
+    assert_eq!(op_env["FERRY_LOAD_BALANCER_CLASS"], "ferry.dev/gce");
+    assert!(!op_env.contains_key("FERRY_GCE_CREDENTIALS_SECRET"));
+    assert_eq!(
+        op_env["GOOGLE_APPLICATION_CREDENTIALS"],
+        "/var/run/secrets/ferry-gce/key.json"
+    );
+    let pod = &operator["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"].as_str(),
+        Some("ferry-gce-key")
+    );
+
     // Pools come with the release when listed.
     let docs = render(&[
         "pools[0].name=lan",
@@ -197,6 +226,10 @@ fn bad_values_fail_with_one_line_naming_the_value() {
             "clusterId is required with provider aws",
         ),
         (vec!["provider=azure"], "provider must be local, aws or gce"),
+        (
+            vec!["provider=gce", "clusterId=c", "gce.project=p"],
+            "gce.project and gce.region are required",
+        ),
         (vec!["forwarder.mode=fast"], "forwarder.mode must be auto"),
         (vec!["pools[0].name=empty"], "pool empty needs addresses"),
         // A value that moved is refused, never silently dropped.
@@ -267,7 +300,17 @@ fn every_variable_the_chart_sets_is_one_the_binaries_read() {
     ])
     .unwrap();
     let local = render(&[]).unwrap();
+    let gce = render(&[
+        "provider=gce",
+        "clusterId=c",
+        "gce.project=p",
+        "gce.region=r",
+        "gce.nodeTags=a\\,b",
+        "gce.credentialsSecret=s",
+    ])
+    .unwrap();
     for (docs, workload, bin) in [
+        (&gce, "Deployment", "ferry-operator"),
         (&aws, "Deployment", "ferry-operator"),
         (&aws, "DaemonSet", "ferry-forwarder"),
         (&local, "Deployment", "ferry-operator"),
@@ -278,8 +321,9 @@ fn every_variable_the_chart_sets_is_one_the_binaries_read() {
             .unwrap();
         let help = String::from_utf8_lossy(&help.stdout);
         for name in env(find(docs, workload).unwrap()).keys() {
-            // POD_NAMESPACE is read directly, not through a flag.
-            if name == "POD_NAMESPACE" {
+            // POD_NAMESPACE is read directly, not through a flag; Google's auth library
+            // reads GOOGLE_APPLICATION_CREDENTIALS.
+            if name == "POD_NAMESPACE" || name == "GOOGLE_APPLICATION_CREDENTIALS" {
                 continue;
             }
             assert!(

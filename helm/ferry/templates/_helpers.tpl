@@ -47,6 +47,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (ne .Values.provider "local") (not .Values.clusterId) -}}
 {{- fail (printf "clusterId is required with provider %s (it tags everything ferry creates)" .Values.provider) -}}
 {{- end -}}
+{{- if and (eq .Values.provider "gce") (or (not .Values.gce.project) (not .Values.gce.region)) -}}
+{{- fail "gce.project and gce.region are required with provider gce" -}}
+{{- end -}}
 {{- if .Values.operator.aws -}}
 {{- fail "operator.aws moved to aws (e.g. --set aws.region=eu-west-1): each provider's settings sit under its name" -}}
 {{- end -}}
