@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod sandbox;
 pub mod scenario;
 pub mod tools;
 

@@ -23,8 +23,12 @@ impl Drop for Sandbox {
 }
 
 fn start_sandbox() -> Sandbox {
+    start_sandbox_with(&["--nodes", "2", "--pool", "127.241.0.0/28"])
+}
+
+fn start_sandbox_with(args: &[&str]) -> Sandbox {
     let mut child = Command::new(binary("ferry-sandbox").unwrap())
-        .args(["--nodes", "2", "--pool", "127.241.0.0/28"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -76,6 +80,65 @@ fn http_get(addr: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// `--provider gce`: the operator, a child of the sandbox, provisions in the Compute Engine
+/// fake, and kubectl sees the address it reserved there, as a VIP.
+#[test]
+fn the_gce_sandbox_gives_a_service_a_balancer_in_the_compute_engine_fake() {
+    let mut sandbox = start_sandbox_with(&["--nodes", "2", "--provider", "gce"]);
+    let kc = sandbox.kubeconfig.clone();
+    let web = repo_root().join("examples").join("web.yaml");
+    kubectl(&kc, &["apply", "-f", web.to_str().unwrap()]);
+    kubectl(
+        &kc,
+        &[
+            "wait",
+            "--for=jsonpath={.status.loadBalancer.ingress[0].ipMode}=VIP",
+            "svc/web",
+            "--timeout=30s",
+        ],
+    );
+    let ip = kubectl(
+        &kc,
+        &[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ],
+    );
+    assert!(
+        ip.starts_with("203.0.113."),
+        "an address from the fake: {ip}"
+    );
+    kubectl(
+        &kc,
+        &[
+            "wait",
+            "--for=condition=ferry.dev/LoadBalancerReady",
+            "svc/web",
+            "--timeout=10s",
+        ],
+    );
+    kubectl(
+        &kc,
+        &["delete", "-f", web.to_str().unwrap(), "--timeout=30s"],
+    );
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(sandbox.child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = sandbox.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sandbox did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
 }
 
 #[test]

@@ -3,8 +3,11 @@
 //! a default address pool, the operator and one forwarder per node (each with exactly
 //! ferry's RBAC). The forwarders run in userspace mode without touching interfaces: every
 //! loopback address is already local, so holding a VIP is binding it, and `curl` to an
-//! EXTERNAL-IP reaches the NodePorts through the VIP's owner. Prints the kubeconfig to use;
-//! Ctrl-C stops everything and removes what it created.
+//! EXTERNAL-IP reaches the NodePorts through the VIP's owner. With `--provider aws` or
+//! `--provider gce` the operator provisions in moto's server or the Compute Engine fake
+//! instead (no pool, no forwarders), run as a child process of this binary so that the
+//! cloud's environment is its own. Prints the kubeconfig to use; Ctrl-C stops everything and
+//! removes what it created.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +17,8 @@ use clap::Parser;
 use ferry_crds::LoadBalancerPool;
 use ferry_e2e::control_plane::{ControlPlane, Options, client_from};
 use ferry_e2e::nodes::{register_nodes, start_responders};
+use ferry_e2e::process::ProcessUnderTest;
+use ferry_e2e::sandbox::Cloud;
 use ferry_e2e::scenario::pool;
 use ferry_forwarder::config::Config as ForwarderConfig;
 use ferry_operator::config::Config as OperatorConfig;
@@ -42,7 +47,9 @@ struct Args {
     pool: String,
 
     /// Provider to run the operator with.
-    #[arg(long, env = "FERRY_SANDBOX_PROVIDER", default_value = "local", value_parser = ["local"])]
+    /// `aws` runs it against moto's server, `gce` against the Compute Engine fake, both
+    /// seeded with an instance per node: every provider with no cloud account.
+    #[arg(long, env = "FERRY_SANDBOX_PROVIDER", default_value = "local", value_parser = ["local", "aws", "gce"])]
     provider: String,
 
     /// Do not run the operator: run your own against the printed operator kubeconfig.
@@ -58,7 +65,32 @@ struct Args {
     kubeconfig: Option<PathBuf>,
 }
 
+/// The hidden first argument that makes this binary the sandbox's operator process.
+const OPERATOR: &str = "__operator";
+
+/// This binary as the operator (`ferry-sandbox __operator <operator flags>`), as
+/// `ferry-operator` would run.
+fn operator_main() {
+    let args = std::env::args_os().skip(2);
+    let config = ferry_runtime::or_exit(OperatorConfig::parse_args(
+        std::iter::once("ferry-operator".into()).chain(args),
+    ));
+    if let Err(err) = ferry_operator::init_logging(&config) {
+        eprintln!("error: {err:#}");
+        std::process::exit(2);
+    }
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(ferry_operator::run(config)));
+    if let Err(err) = result {
+        ferry_runtime::exit_with(&err);
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(OPERATOR) {
+        return operator_main();
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {
@@ -123,6 +155,9 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     let admin = cp.admin_client().await?;
     let nodes = register_nodes(&admin, "sandbox-node", usize::from(args.nodes)).await?;
     let _responders = start_responders(admin.clone(), nodes.clone());
+    if args.provider != "local" {
+        return run_cloud(args, cp, &admin, &nodes, &log_path).await;
+    }
     let pools: Api<LoadBalancerPool> = Api::all(admin.clone());
     let mut default_pool = pool("default", &[args.pool.as_str()]);
     default_pool.spec.avoid_buggy_ips = true;
@@ -239,5 +274,87 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
         // The operator saw the same Ctrl-C and releases its lease; give it a moment.
         let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
     }
+    Ok(())
+}
+
+/// The sandbox with a cloud provider: the cloud beside the control plane, the operator as a
+/// child process with the cloud's flags and environment, no pool and no forwarders.
+async fn run_cloud(
+    args: &Args,
+    cp: &ControlPlane,
+    admin: &kube::Client,
+    nodes: &[ferry_e2e::nodes::SimulatedNode],
+    log_path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let cloud = Cloud::start(&args.provider, &cp.dir, admin, nodes).await?;
+    let mut operator = None;
+    if !args.no_operator {
+        let program = std::env::current_exe()?;
+        let flags = cloud.operator_args();
+        let env = cloud.operator_env();
+        let kubeconfig = cp.operator_kubeconfig.clone();
+        let process = ProcessUnderTest::start("operator", log_path.to_path_buf(), move || {
+            let mut cmd = std::process::Command::new(&program);
+            cmd.arg(OPERATOR)
+                .args(&flags)
+                .args([
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "--health-addr",
+                    "127.0.0.1:0",
+                    "--leader-elect-namespace",
+                    "ferry-system",
+                    "--node-debounce",
+                    "200ms",
+                ])
+                .envs(env.clone())
+                .env("KUBECONFIG", &kubeconfig);
+            Ok(cmd)
+        })?;
+        // SIGTERM on the way out, so it releases its Lease.
+        operator = Some(process.terminated_on_drop());
+    }
+    let kubeconfig = match &args.kubeconfig {
+        Some(path) => {
+            std::fs::copy(&cp.admin_kubeconfig, path)?;
+            path.clone()
+        }
+        None => cp.admin_kubeconfig.clone(),
+    };
+    let first = nodes.first().map(|n| n.ip.to_string()).unwrap_or_default();
+    say!("ferry sandbox is up (provider {})", args.provider);
+    say!("  API server:  {}", cp.url);
+    say!(
+        "  nodes:       {}, each with an instance in the {} sandbox",
+        nodes.len(),
+        args.provider
+    );
+    if args.no_operator {
+        say!(
+            "  operator:    not started; run yours with KUBECONFIG={} {}",
+            cp.operator_kubeconfig.display(),
+            cloud.operator_args().join(" ")
+        );
+    } else {
+        say!("  operator:    running, log in {}", log_path.display());
+    }
+    say!("kubeconfig: {}", kubeconfig.display());
+    say!();
+    say!("Try:");
+    say!("  export KUBECONFIG={}", kubeconfig.display());
+    say!("  kubectl apply -f examples/web.yaml");
+    say!("  kubectl get svc web          # EXTERNAL-IP: the balancer the cloud made");
+    say!(
+        "  curl http://{first}:$(kubectl get svc web -o jsonpath='{{.spec.ports[0].nodePort}}')   # a node's NodePort"
+    );
+    say!("What ferry made in the cloud:");
+    for line in cloud.inspect() {
+        say!("{line}");
+    }
+    say!("Ctrl-C stops the sandbox and removes everything it created.");
+    tokio::signal::ctrl_c().await?;
+    eprintln!("ferry-sandbox: stopping");
+    drop(operator);
+    drop(cloud);
     Ok(())
 }
