@@ -276,6 +276,49 @@ mod tests {
         );
     }
 
+    /// GCE's error envelope, as the client turns it into an error (a status with the
+    /// `errors[]` items as details), or, `readable` false, as an unreadable payload.
+    fn answer(status: u16, reason: &str, readable: bool) -> Attempt {
+        let body = serde_json::json!({"error": {"code": status, "message": "m",
+            "errors": [{"reason": reason, "domain": "global", "message": "m"}]}});
+        let bytes = bytes::Bytes::from(body.to_string());
+        Attempt::Api(if readable {
+            let parsed = google_cloud_gax::error::rpc::Status::try_from(&bytes).unwrap();
+            GaxError::service_with_http_metadata(parsed, Some(status), None)
+        } else {
+            GaxError::http(status, http::HeaderMap::new(), bytes)
+        })
+    }
+
+    fn answered(status: u16, reason: &str) -> Attempt {
+        answer(status, reason, true)
+    }
+
+    #[test]
+    fn gce_answers_classify_by_status_and_reason() {
+        assert_eq!(
+            classify(&answered(429, "rateLimitExceeded")),
+            Failure::Throttled
+        );
+        assert_eq!(
+            classify(&answered(403, "userRateLimitExceeded")),
+            Failure::Throttled
+        );
+        assert_eq!(classify(&answered(403, "quotaExceeded")), Failure::Client);
+        assert_eq!(classify(&answered(503, "backendError")), Failure::Server);
+        assert_eq!(classify(&answered(409, "alreadyExists")), Failure::Client);
+        assert_eq!(classify(&Attempt::TimedOut), Failure::Network);
+        let e = api_error("addresses.insert", answered(403, "quotaExceeded"));
+        assert_eq!(
+            (e.status, e.reason.as_deref()),
+            (Some(403), Some("quotaExceeded"))
+        );
+        assert_eq!(ProviderError::from(e).reason(), "QuotaExceeded");
+        let raw = api_error("addresses.insert", answer(403, "rateLimitExceeded", false));
+        assert_eq!(raw.reason.as_deref(), Some("rateLimitExceeded"));
+        assert_eq!(raw.failure, Failure::Throttled);
+    }
+
     #[test]
     fn a_failed_operation_names_its_code() {
         let failed = |code: &str| {
