@@ -6,9 +6,9 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use ferry_crds::{LoadBalancerPool, LoadBalancerPoolSpec};
-use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -145,4 +145,70 @@ pub async fn cluster_identity(
         id: cluster_id.to_string(),
         uid: ns.uid().unwrap_or_default(),
     })
+}
+
+/// Removes the Nodes named `<prefix>-…`; tests also run it first, for what a failed earlier
+/// test left.
+pub async fn delete_nodes(client: &Client, prefix: &str) {
+    let api: Api<Node> = Api::all(client.clone());
+    let Ok(nodes) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    for n in nodes {
+        if n.name_any().starts_with(&format!("{prefix}-")) {
+            let _ = api.delete(&n.name_any(), &DeleteParams::default()).await;
+        }
+    }
+}
+
+/// Deletes the Services of `class` a failed earlier test left behind, finalizers and all
+/// (the cloud they were made in is gone), so that a test's operator sees only its own.
+pub async fn sweep_class(client: &Client, class: &str) {
+    let all: Api<Service> = Api::all(client.clone());
+    let Ok(services) = all.list(&ListParams::default()).await else {
+        return;
+    };
+    for svc in services {
+        if svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.load_balancer_class.as_deref())
+            != Some(class)
+        {
+            continue;
+        }
+        let api: Api<Service> =
+            Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default());
+        let _ = api
+            .patch(
+                &svc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        let _ = api.delete(&svc.name_any(), &DeleteParams::default()).await;
+    }
+}
+
+/// (status, reason, message) of a Service's `ferry.dev/LoadBalancerReady` condition.
+pub async fn ready_condition(api: &Api<Service>, name: &str) -> Option<(String, String, String)> {
+    let svc = api.get(name).await.ok()?;
+    let c = svc
+        .status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "ferry.dev/LoadBalancerReady")?;
+    Some((c.status, c.reason, c.message))
+}
+
+/// The text of a process's `/metrics`, scraped with curl (a client ferry did not write).
+pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    match tokio::process::Command::new("curl")
+        .args(["-s", &format!("http://{addr}/metrics")])
+        .output()
+        .await
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).to_string(),
+        Err(_) => String::new(),
+    }
 }

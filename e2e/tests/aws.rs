@@ -79,41 +79,6 @@ async fn aws_nodes(
     nodes
 }
 
-/// Removes the test's Nodes; also run first, for what a failed earlier test left.
-async fn delete_nodes(client: &Client, prefix: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    for n in api.list(&ListParams::default()).await.unwrap() {
-        if n.name_any().starts_with(&format!("{prefix}-")) {
-            let _ = api.delete(&n.name_any(), &DeleteParams::default()).await;
-        }
-    }
-}
-
-/// Deletes the `ferry.dev/aws` Services a failed earlier test left behind, finalizers and
-/// all (their moto is gone), so that this test's operator sees only this test's Services.
-async fn sweep_services(client: &Client) {
-    let all: Api<Service> = Api::all(client.clone());
-    for svc in all.list(&ListParams::default()).await.unwrap() {
-        if svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.load_balancer_class.as_deref())
-            != Some(CLASS)
-        {
-            continue;
-        }
-        let api: Api<Service> = Api::namespaced(client.clone(), &svc.namespace().unwrap());
-        let _ = api
-            .patch(
-                &svc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-            )
-            .await;
-        let _ = api.delete(&svc.name_any(), &DeleteParams::default()).await;
-    }
-}
-
 fn start_operator(cp: &ControlPlane, world: &AwsWorld, extra: &[&str]) -> OperatorProcess {
     let mut args: Vec<String> = world.operator_args();
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -146,17 +111,6 @@ async fn wait_for_hostname(api: &Api<Service>, name: &str) -> String {
         published(&api.get(name).await.ok()?).0
     })
     .await
-}
-
-/// (status, reason, message) of the Service's readiness condition.
-async fn condition(api: &Api<Service>, name: &str) -> Option<(String, String, String)> {
-    let svc = api.get(name).await.ok()?;
-    let c = svc
-        .status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == "ferry.dev/LoadBalancerReady")?;
-    Some((c.status, c.reason, c.message))
 }
 
 async fn balancer(world: &AwsWorld, svc: &Service) -> Option<LoadBalancer> {
@@ -277,7 +231,7 @@ async fn an_nlb_is_created_converged_updated_in_place_and_deleted() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "aws-life").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -502,7 +456,7 @@ async fn local_policy_internal_scheme_and_elastic_ips() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "aws-shapes").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -634,7 +588,7 @@ async fn bad_input_is_an_event_and_a_condition_and_creates_nothing() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "aws-bad").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -686,7 +640,9 @@ async fn bad_input_is_an_event_and_a_condition_and_creates_nothing() {
         let name = svc.name_any();
         let (status, got_reason, message) =
             eventually(WAIT, &format!("condition of {name}"), || async {
-                condition(&svcs, &name).await.filter(|c| c.0 == "False")
+                ready_condition(&svcs, &name)
+                    .await
+                    .filter(|c| c.0 == "False")
             })
             .await;
         assert_eq!(
@@ -747,22 +703,13 @@ async fn bad_input_is_an_event_and_a_condition_and_creates_nothing() {
     delete_nodes(&admin, "aws-bad").await;
 }
 
-async fn operator_metrics(operator: &OperatorProcess) -> String {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", &format!("http://{}/metrics", operator.metrics_addr)])
-        .output()
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_throttling_orphans_and_drift_are_survived() {
     let _serial = serial().await;
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "aws").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "aws-rough").await.unwrap();
     let world = AwsWorld::start(
         &cp.dir,
@@ -833,10 +780,10 @@ async fn crashes_throttling_orphans_and_drift_are_survived() {
     world.proxy.throttle_every(0);
     assert!(world.proxy.throttled() > 0);
     assert_eq!(
-        condition(&svcs, "busy").await.map(|c| c.0),
+        ready_condition(&svcs, "busy").await.map(|c| c.0),
         Some("True".to_string())
     );
-    let metrics = operator_metrics(&operator).await;
+    let metrics = metrics_text(operator.metrics_addr).await;
     assert!(
         metrics
             .lines()
@@ -952,7 +899,7 @@ async fn two_clusters_with_one_cluster_id_never_collect_each_others_balancers() 
     let admin_here = here.admin_client().await.unwrap();
     let admin_there = there.admin_client().await.unwrap();
     delete_nodes(&admin_here, "twin").await;
-    sweep_services(&admin_here).await;
+    sweep_class(&admin_here, CLASS).await;
     // One account, one --cluster-id ("e2e"), copied to both clusters.
     let world = AwsWorld::start(
         &here.dir,
@@ -1015,13 +962,13 @@ async fn two_clusters_with_one_cluster_id_never_collect_each_others_balancers() 
     );
     for svcs in [&svcs_here, &svcs_there] {
         assert_eq!(
-            condition(svcs, "web").await.map(|c| c.0),
+            ready_condition(svcs, "web").await.map(|c| c.0),
             Some("True".to_string())
         );
     }
     // Each sees the other's resources, warns, and counts them.
     for op in [&op_here, &op_there] {
-        let metrics = operator_metrics(op).await;
+        let metrics = metrics_text(op.metrics_addr).await;
         let foreign = metrics
             .lines()
             .find_map(|l| l.strip_prefix("ferry_foreign_resources "))

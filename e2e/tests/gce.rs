@@ -15,7 +15,7 @@ use ferry_e2e::scenario::*;
 use ferry_providers::gce::spec::base_name;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -88,40 +88,6 @@ async fn gce_nodes(
     nodes
 }
 
-async fn delete_nodes(client: &Client, prefix: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    for n in api.list(&ListParams::default()).await.unwrap() {
-        if n.name_any().starts_with(&format!("{prefix}-")) {
-            let _ = api.delete(&n.name_any(), &DeleteParams::default()).await;
-        }
-    }
-}
-
-/// Deletes the `ferry.dev/gce` Services a failed earlier test left behind, finalizers and
-/// all (their fake is gone).
-async fn sweep_services(client: &Client) {
-    let all: Api<Service> = Api::all(client.clone());
-    for svc in all.list(&ListParams::default()).await.unwrap() {
-        if svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.load_balancer_class.as_deref())
-            != Some(CLASS)
-        {
-            continue;
-        }
-        let api: Api<Service> = Api::namespaced(client.clone(), &svc.namespace().unwrap());
-        let _ = api
-            .patch(
-                &svc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-            )
-            .await;
-        let _ = api.delete(&svc.name_any(), &DeleteParams::default()).await;
-    }
-}
-
 fn start_operator(cp: &ControlPlane, fake: &GceFake, extra: &[&str]) -> OperatorProcess {
     let mut args = vec![
         "--provider",
@@ -151,20 +117,9 @@ fn start_operator(cp: &ControlPlane, fake: &GceFake, extra: &[&str]) -> Operator
     .unwrap()
 }
 
-/// (status, reason, message) of the Service's readiness condition.
-async fn condition(api: &Api<Service>, name: &str) -> Option<(String, String, String)> {
-    let svc = api.get(name).await.ok()?;
-    let c = svc
-        .status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == "ferry.dev/LoadBalancerReady")?;
-    Some((c.status, c.reason, c.message))
-}
-
 async fn wait_for_reason(api: &Api<Service>, name: &str, reason: &str) -> String {
     eventually(WAIT, &format!("{name}'s condition {reason}"), || async {
-        condition(api, name)
+        ready_condition(api, name)
             .await
             .filter(|c| c.1 == reason)
             .map(|c| c.2)
@@ -243,22 +198,13 @@ fn allowed(fw: &Value) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-async fn operator_metrics(operator: &OperatorProcess) -> String {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", &format!("http://{}/metrics", operator.metrics_addr)])
-        .output()
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_is_created_converged_retargeted_and_deleted() {
     let _serial = serial().await;
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "gce").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "gce-life").await.unwrap();
     let fake = GceFake::start(PROJECT).await.unwrap();
     let nodes = gce_nodes(&admin, &fake, "gce-life", 0..3, ZONE).await;
@@ -461,7 +407,7 @@ async fn a_balancer_is_created_converged_retargeted_and_deleted() {
     );
     assert_eq!(wait_for_ingress(&svcs, "web", WAIT).await, ip);
 
-    let metrics = operator_metrics(&operator).await;
+    let metrics = metrics_text(operator.metrics_addr).await;
     assert!(
         metrics
             .lines()
@@ -483,7 +429,7 @@ async fn bad_input_and_requested_addresses_are_explained_and_never_harm_a_users_
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "gce").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "gce-input").await.unwrap();
     let fake = GceFake::start(PROJECT).await.unwrap();
     gce_nodes(&admin, &fake, "gce-input", 0..2, ZONE).await;
@@ -601,7 +547,7 @@ async fn bad_input_and_requested_addresses_are_explained_and_never_harm_a_users_
             svc.name_any()
         );
     }
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     delete_nodes(&admin, "gce-input").await;
 }
 
@@ -611,7 +557,7 @@ async fn slow_operations_crashes_throttling_quota_and_orphans_are_survived() {
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
     delete_nodes(&admin, "gce").await;
-    sweep_services(&admin).await;
+    sweep_class(&admin, CLASS).await;
     let ns = namespace(&admin, "gce-rough").await.unwrap();
     let fake = GceFake::start(PROJECT).await.unwrap();
     gce_nodes(&admin, &fake, "gce-rough", 0..2, ZONE).await;
@@ -679,7 +625,7 @@ async fn slow_operations_crashes_throttling_quota_and_orphans_are_survived() {
     .unwrap();
     let quota = wait_for_reason(&svcs, "busy", "QuotaExceeded").await;
     assert!(quota.contains("quotaExceeded"), "{quota}");
-    let metrics = operator_metrics(&operator).await;
+    let metrics = metrics_text(operator.metrics_addr).await;
     assert!(
         metrics
             .lines()

@@ -86,19 +86,15 @@ impl GceProvider {
                     .send()
             })
             .await;
-        let op = match created {
-            Ok(op) => op,
-            Err(e) if e.already_exists() => return self.creating("address", &plan.name),
-            Err(e) => return Err(e.into()),
-        };
-        self.api
-            .settle(
-                uid,
-                Scope::Region,
-                format!("addresses.insert {}", plan.name),
-                op,
-            )
-            .await
+        self.created(
+            uid,
+            Scope::Region,
+            "addresses.insert",
+            "address",
+            &plan.name,
+            created,
+        )
+        .await
     }
 
     /// A reserved address the Service names: it must be an external address of this region

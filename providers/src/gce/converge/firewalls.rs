@@ -188,20 +188,15 @@ impl GceProvider {
                             .send()
                     })
                     .await;
-                match created {
-                    Ok(op) => {
-                        self.api
-                            .settle(
-                                uid,
-                                Scope::Global,
-                                format!("firewalls.insert {}", want.name),
-                                op,
-                            )
-                            .await
-                    }
-                    Err(e) if e.already_exists() => self.creating("firewall rule", &want.name),
-                    Err(e) => Err(e.into()),
-                }
+                self.created(
+                    uid,
+                    Scope::Global,
+                    "firewalls.insert",
+                    "firewall rule",
+                    &want.name,
+                    created,
+                )
+                .await
             }
             Some(have) => {
                 self.ours(

@@ -69,20 +69,15 @@ impl GceProvider {
                             .send()
                     })
                     .await;
-                match created {
-                    Ok(op) => {
-                        self.api
-                            .settle(
-                                uid,
-                                Scope::Global,
-                                format!("httpHealthChecks.insert {}", want.name),
-                                op,
-                            )
-                            .await?
-                    }
-                    Err(e) if e.already_exists() => self.creating("health check", &want.name)?,
-                    Err(e) => return Err(e.into()),
-                }
+                self.created(
+                    uid,
+                    Scope::Global,
+                    "httpHealthChecks.insert",
+                    "health check",
+                    &want.name,
+                    created,
+                )
+                .await?
             }
             Some(have) => {
                 self.ours("health check", &want.name, have.description.as_deref(), uid)?;

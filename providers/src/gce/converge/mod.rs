@@ -18,7 +18,11 @@ use std::net::IpAddr;
 
 use tracing::info;
 
+use google_cloud_compute_v1::model::Operation;
+
 use super::GceProvider;
+use super::api::{RECHECK, Scope};
+use super::calls::ApiError;
 use super::spec::{Plan, marks_of};
 use crate::ownership::{Mark, owner};
 use crate::{DesiredLoadBalancer, Ingress, IpMode, ObservedLoadBalancer, ProviderError};
@@ -85,6 +89,33 @@ impl GceProvider {
                     "{kind} {name} exists and was not made by ferry for this Service; ferry leaves it alone"
                 ),
             }),
+        }
+    }
+}
+
+impl GceProvider {
+    /// A create's answer, settled; a 409 for a resource that is not there to read means GCE
+    /// still holds the name for a create in flight (ours, from before a restart): in progress.
+    pub(in crate::gce) async fn created(
+        &self,
+        uid: &str,
+        scope: Scope,
+        call: &str,
+        kind: &str,
+        name: &str,
+        answer: Result<Operation, ApiError>,
+    ) -> Result<(), ProviderError> {
+        match answer {
+            Ok(op) => {
+                self.api
+                    .settle(uid, scope, format!("{call} {name}"), op)
+                    .await
+            }
+            Err(e) if e.already_exists() => Err(ProviderError::in_progress(
+                format!("waiting for Compute Engine: {kind} {name} is being created"),
+                RECHECK,
+            )),
+            Err(e) => Err(e.into()),
         }
     }
 }

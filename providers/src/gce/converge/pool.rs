@@ -132,20 +132,15 @@ impl GceProvider {
                     .send()
             })
             .await;
-        match created {
-            Ok(op) => {
-                self.api
-                    .settle(
-                        uid,
-                        Scope::Region,
-                        format!("targetPools.insert {}", plan.name),
-                        op,
-                    )
-                    .await
-            }
-            Err(e) if e.already_exists() => self.creating("target pool", &plan.name),
-            Err(e) => Err(e.into()),
-        }
+        self.created(
+            uid,
+            Scope::Region,
+            "targetPools.insert",
+            "target pool",
+            &plan.name,
+            created,
+        )
+        .await
     }
 
     async fn pool_checks(
@@ -222,65 +217,45 @@ impl GceProvider {
             .filter(|h| !want_rel.contains(h.as_str()))
             .map(|h| format!("{}{h}", self.api.base))
             .collect();
-        for batch in add.chunks(BATCH) {
-            let refs: Vec<InstanceReference> = batch
-                .iter()
-                .map(|i| InstanceReference::new().set_instance((*i).clone()))
-                .collect();
-            let body = TargetPoolsAddInstanceRequest::new().set_instances(refs);
-            let op = self
-                .api
-                .calls
-                .run("targetPools.addInstance", || {
-                    self.api
-                        .clients
-                        .pools
-                        .add_instance()
-                        .set_project(p)
-                        .set_region(r)
-                        .set_target_pool(pool)
-                        .set_body(body.clone())
-                        .send()
-                })
-                .await?;
-            self.api
-                .settle(
-                    uid,
-                    Scope::Region,
-                    format!("targetPools.addInstance {pool}"),
-                    op,
-                )
-                .await?;
-        }
-        for batch in remove.chunks(BATCH) {
-            let refs: Vec<InstanceReference> = batch
-                .iter()
-                .map(|i| InstanceReference::new().set_instance(i.clone()))
-                .collect();
-            let body = TargetPoolsRemoveInstanceRequest::new().set_instances(refs);
-            let op = self
-                .api
-                .calls
-                .run("targetPools.removeInstance", || {
-                    self.api
-                        .clients
-                        .pools
-                        .remove_instance()
-                        .set_project(p)
-                        .set_region(r)
-                        .set_target_pool(pool)
-                        .set_body(body.clone())
-                        .send()
-                })
-                .await?;
-            self.api
-                .settle(
-                    uid,
-                    Scope::Region,
-                    format!("targetPools.removeInstance {pool}"),
-                    op,
-                )
-                .await?;
+        let add: Vec<String> = add.into_iter().cloned().collect();
+        for (adding, links) in [(true, add), (false, remove)] {
+            for batch in links.chunks(BATCH) {
+                let refs: Vec<InstanceReference> = batch
+                    .iter()
+                    .map(|i| InstanceReference::new().set_instance(i.clone()))
+                    .collect();
+                let pools = &self.api.clients.pools;
+                let (call, op) = if adding {
+                    let body = TargetPoolsAddInstanceRequest::new().set_instances(refs);
+                    let send = || {
+                        pools
+                            .add_instance()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_target_pool(pool)
+                            .set_body(body.clone())
+                            .send()
+                    };
+                    let call = "targetPools.addInstance";
+                    (call, self.api.calls.run(call, send).await?)
+                } else {
+                    let body = TargetPoolsRemoveInstanceRequest::new().set_instances(refs);
+                    let send = || {
+                        pools
+                            .remove_instance()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_target_pool(pool)
+                            .set_body(body.clone())
+                            .send()
+                    };
+                    let call = "targetPools.removeInstance";
+                    (call, self.api.calls.run(call, send).await?)
+                };
+                self.api
+                    .settle(uid, Scope::Region, format!("{call} {pool}"), op)
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -111,20 +111,15 @@ impl GceProvider {
                     .send()
             })
             .await;
-        match created {
-            Ok(op) => {
-                self.api
-                    .settle(
-                        uid,
-                        Scope::Region,
-                        format!("forwardingRules.insert {}", rule.name),
-                        op,
-                    )
-                    .await
-            }
-            Err(e) if e.already_exists() => self.creating("forwarding rule", &rule.name),
-            Err(e) => Err(e.into()),
-        }
+        self.created(
+            uid,
+            Scope::Region,
+            "forwardingRules.insert",
+            "forwarding rule",
+            &rule.name,
+            created,
+        )
+        .await
     }
 
     async fn set_target(&self, uid: &str, name: &str, pool: &str) -> Result<(), ProviderError> {

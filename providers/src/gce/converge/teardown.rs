@@ -12,15 +12,6 @@ use crate::{LoadBalancerId, ProviderError};
 use super::rules::rule_names;
 
 impl GceProvider {
-    /// Why a create answered 409 while the resource is not there to read: GCE still holds
-    /// the name for a create in flight (ours, from before a restart).
-    pub(super) fn creating(&self, kind: &str, name: &str) -> Result<(), ProviderError> {
-        Err(ProviderError::in_progress(
-            format!("waiting for Compute Engine: {kind} {name} is being created"),
-            crate::gce::api::RECHECK,
-        ))
-    }
-
     /// Deletes a regional resource; absent is done.
     pub(super) async fn delete_regional(
         &self,
