@@ -6,6 +6,7 @@
 //! Test-only: nothing here ships.
 
 pub mod aws;
+pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod control_plane;

@@ -47,6 +47,18 @@ impl Failure {
     }
 }
 
+/// An error with its sources, `: `-separated, for a message that says everything.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// A clap parser for a provider's `--…-api-rate` flag.
 pub fn positive_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {

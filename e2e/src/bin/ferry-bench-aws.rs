@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use ferry_e2e::aws::{AwsWorld, Seed};
+use ferry_e2e::bench::{remove_nodes, two_port_service, wait_all_ready};
 use ferry_e2e::control_plane::{ControlPlane, Options};
 use ferry_e2e::nodes::{SimulatedNode, register, simulated_node};
 use ferry_e2e::operator::OperatorProcess;
@@ -18,10 +19,9 @@ use ferry_e2e::scenario::namespace;
 use ferry_providers::LoadBalancerProvider;
 use ferry_providers::aws::{AwsConfig, AwsProvider};
 use ferry_providers::eligibility::eligible_targets;
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -64,33 +64,6 @@ impl Change {
     }
 }
 
-fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i:03}")),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("LoadBalancer".into()),
-            load_balancer_class: Some("ferry.dev/aws".into()),
-            ports: Some(vec![
-                ServicePort {
-                    name: Some("http".into()),
-                    port: 80,
-                    ..ServicePort::default()
-                },
-                ServicePort {
-                    name: Some("https".into()),
-                    port: 443,
-                    ..ServicePort::default()
-                },
-            ]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
-}
-
 /// Registers Ready nodes with the providerIDs of `world`'s instances, all at once.
 async fn add_nodes(
     client: &Client,
@@ -117,24 +90,6 @@ async fn add_nodes(
         .await?;
     }
     register(client, &nodes).await
-}
-
-async fn remove_nodes(client: &Client, which: std::ops::Range<usize>) -> anyhow::Result<()> {
-    let api: Api<Node> = Api::all(client.clone());
-    let deletes = which.map(|i| {
-        let api = api.clone();
-        async move {
-            api.delete(
-                &simulated_node("bench-aws", i).name,
-                &DeleteParams::default(),
-            )
-            .await
-        }
-    });
-    for r in futures::future::join_all(deletes).await {
-        r?;
-    }
-    Ok(())
 }
 
 /// Waits until the proxy has seen no call for `quiet`; returns the calls since `mark`.
@@ -244,39 +199,18 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
     )?;
     let ns = namespace(&admin, "bench-aws").await?;
     let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
-    let started = Instant::now();
     for i in 0..args.services {
-        svcs.create(&PostParams::default(), &service(i)).await?;
+        svcs.create(
+            &PostParams::default(),
+            &two_port_service(i, "ferry.dev/aws"),
+        )
+        .await?;
     }
-    loop {
-        let list = svcs.list(&ListParams::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|s| {
-                s.status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|l| l.ingress.as_ref())
-                    .is_some_and(|i| !i.is_empty())
-            })
-            .count();
-        if ready == args.services {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "{ready}/{} Services got a balancer in 10 min\n{}",
-                args.services,
-                operator.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let took = wait_all_ready(&svcs, args.services, || operator.log_text()).await?;
     eprintln!(
         "{} balancers ready in {:.1} s",
         args.services,
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     let groups = args.services * 2;
 
@@ -301,7 +235,7 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
         let ferry_add = settle(&world, mark, start, groups).await?;
         // The naive pattern acts alone: the operator is stopped (SIGTERM releases its lease).
         operator.terminate();
-        remove_nodes(&admin, all.clone()).await?;
+        remove_nodes(&admin, "bench-aws", all.clone()).await?;
         let naive_remove = naive(&provider, &admin, &svcs, &world).await?;
         add_nodes(&admin, &world, all.clone()).await?;
         let naive_add = naive(&provider, &admin, &svcs, &world).await?;
@@ -311,7 +245,7 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
         settle(&world, mark, Instant::now(), args.services).await?;
         let mark = world.proxy.mark();
         let start = Instant::now();
-        remove_nodes(&admin, all.clone()).await?;
+        remove_nodes(&admin, "bench-aws", all.clone()).await?;
         let ferry_remove = settle(&world, mark, start, groups).await?;
         eprintln!(
             "round {round}: ferry add {:?} remove {:?}",

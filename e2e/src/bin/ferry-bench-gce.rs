@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use ferry_e2e::bench::{remove_nodes, two_port_service, wait_all_ready};
 use ferry_e2e::control_plane::{ControlPlane, Options};
 use ferry_e2e::gce::GceFake;
 use ferry_e2e::nodes::{SimulatedNode, register, simulated_node};
@@ -20,10 +21,9 @@ use ferry_e2e::scenario::namespace;
 use ferry_providers::LoadBalancerProvider;
 use ferry_providers::eligibility::eligible_targets;
 use ferry_providers::gce::{GceArgs, GceProvider};
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const PROJECT: &str = "bench";
@@ -79,33 +79,6 @@ impl Change {
     }
 }
 
-fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i:03}")),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("LoadBalancer".into()),
-            load_balancer_class: Some(CLASS.into()),
-            ports: Some(vec![
-                ServicePort {
-                    name: Some("http".into()),
-                    port: 80,
-                    ..ServicePort::default()
-                },
-                ServicePort {
-                    name: Some("https".into()),
-                    port: 443,
-                    ..ServicePort::default()
-                },
-            ]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
-}
-
 fn node(i: usize) -> SimulatedNode {
     simulated_node("bench-gce", i)
 }
@@ -134,18 +107,6 @@ async fn add_nodes(
         .await?;
     }
     register(client, &nodes).await
-}
-
-async fn remove_nodes(client: &Client, which: std::ops::Range<usize>) -> anyhow::Result<()> {
-    let api: Api<Node> = Api::all(client.clone());
-    let deletes = which.map(|i| {
-        let api = api.clone();
-        async move { api.delete(&node(i).name, &DeleteParams::default()).await }
-    });
-    for r in futures::future::join_all(deletes).await {
-        r?;
-    }
-    Ok(())
 }
 
 /// Waits until the fake has seen no call for 3 s after at least `expect`; returns the calls
@@ -259,39 +220,15 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
         OperatorProcess::start_with_env(&cp.operator_kubeconfig, &cp.dir, &flags, &[])?;
     let ns = namespace(&admin, "bench-gce").await?;
     let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
-    let started = Instant::now();
     for i in 0..args.services {
-        svcs.create(&PostParams::default(), &service(i)).await?;
+        svcs.create(&PostParams::default(), &two_port_service(i, CLASS))
+            .await?;
     }
-    loop {
-        let list = svcs.list(&ListParams::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|s| {
-                s.status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|l| l.ingress.as_ref())
-                    .is_some_and(|i| !i.is_empty())
-            })
-            .count();
-        if ready == args.services {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "{ready}/{} Services got a balancer in 10 min\n{}",
-                args.services,
-                operator.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let took = wait_all_ready(&svcs, args.services, || operator.log_text()).await?;
     eprintln!(
         "{} balancers ready in {:.1} s",
         args.services,
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     let pools = args.services;
 
@@ -322,7 +259,7 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
         let ferry_add = settle(&fake, mark, start, pools).await?;
         // The naive pattern acts alone: the operator is stopped (SIGTERM releases its lease).
         operator.terminate();
-        remove_nodes(&admin, all.clone()).await?;
+        remove_nodes(&admin, "bench-gce", all.clone()).await?;
         let naive_remove = naive(&provider, &admin, &svcs, &fake).await?;
         add_nodes(&admin, &fake, all.clone()).await?;
         let naive_add = naive(&provider, &admin, &svcs, &fake).await?;
@@ -332,7 +269,7 @@ async fn run(args: Args, cp: ControlPlane) -> anyhow::Result<()> {
         settle(&fake, mark, Instant::now(), args.services).await?;
         let mark = fake.mark();
         let start = Instant::now();
-        remove_nodes(&admin, all.clone()).await?;
+        remove_nodes(&admin, "bench-gce", all.clone()).await?;
         let ferry_remove = settle(&fake, mark, start, pools).await?;
         eprintln!(
             "round {round}: ferry add {:?} remove {:?}",

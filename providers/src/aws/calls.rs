@@ -11,8 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::ProviderError;
-use crate::calls::Labels;
 pub use crate::calls::{Failure, RetryPolicy, all_pages};
+use crate::calls::{Labels, error_chain};
 
 /// A failed AWS call, after retries.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -111,17 +111,6 @@ where
         }
         _ => (Failure::Client, None, error_chain(err)),
     }
-}
-
-fn error_chain(err: &dyn StdError) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl From<ApiError> for ProviderError {

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::ProviderError;
-use crate::calls::{Failure, Labels, RetryPolicy};
+use crate::calls::{Failure, Labels, RetryPolicy, error_chain};
 
 /// The longest one attempt may take before it counts as a network failure.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,17 +114,6 @@ fn api_error(operation: &'static str, attempt: Attempt) -> ApiError {
             failure,
         },
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl From<ApiError> for ProviderError {
