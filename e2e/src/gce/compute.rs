@@ -497,13 +497,16 @@ impl Compute {
                     .get("target")
                     .and_then(Value::as_str)
                     .map(str::to_string)
-                    && self.by_link(&target).is_none()
                 {
-                    return Err(error(
-                        404,
-                        "notFound",
-                        &format!("The resource '{target}' was not found"),
-                    ));
+                    // GCE answers references as full URLs, whichever form it was given.
+                    let Some(full) = self.by_link(&target).map(|t| t["selfLink"].clone()) else {
+                        return Err(error(
+                            404,
+                            "notFound",
+                            &format!("The resource '{target}' was not found"),
+                        ));
+                    };
+                    body["target"] = full;
                 }
                 let ip = match body
                     .get("IPAddress")
@@ -531,13 +534,20 @@ impl Compute {
                 body["fingerprint"] = json!(fingerprint(&self.next_id));
             }
             "targetPools" => {
-                for link in links(body, "instances").chain(links(body, "healthChecks")) {
-                    if self.by_link(&link).is_none() {
-                        return Err(error(
-                            404,
-                            "notFound",
-                            &format!("The resource '{link}' was not found"),
-                        ));
+                for field in ["instances", "healthChecks"] {
+                    let mut full = Vec::new();
+                    for link in links(body, field) {
+                        let Some(found) = self.by_link(&link).map(|r| r["selfLink"].clone()) else {
+                            return Err(error(
+                                404,
+                                "notFound",
+                                &format!("The resource '{link}' was not found"),
+                            ));
+                        };
+                        full.push(found);
+                    }
+                    if body.get(field).is_some() {
+                        body[field] = Value::Array(full);
                     }
                 }
                 set_default(body, "sessionAffinity", "NONE");
@@ -565,6 +575,12 @@ impl Compute {
                         self.base, self.project
                     ),
                 );
+                if let Some(network) = body["network"].as_str()
+                    && let Some(i) = network.find("projects/")
+                    && !network.starts_with("http")
+                {
+                    body["network"] = json!(format!("{}/compute/v1/{}", self.base, &network[i..]));
+                }
                 set_default(body, "direction", "INGRESS");
                 if body.get("priority").is_none() {
                     body["priority"] = json!(1000);

@@ -103,8 +103,6 @@ pub struct Api {
     pub clients: Clients,
     pub calls: Calls,
     pub location: Location,
-    /// `<root>/compute/v1/`, which references to other resources start with.
-    pub base: String,
     operation_wait: Duration,
     pending: Mutex<HashMap<String, Vec<Pending>>>,
 }
@@ -124,7 +122,6 @@ impl Api {
     pub fn new(
         clients: Clients,
         location: Location,
-        endpoint: &str,
         calls_per_second: f64,
         retry: RetryPolicy,
         operation_wait: Duration,
@@ -133,7 +130,6 @@ impl Api {
             clients,
             calls: Calls::new(calls_per_second, retry),
             location,
-            base: format!("{}/compute/v1/", endpoint.trim_end_matches('/')),
             operation_wait,
             pending: Mutex::default(),
         }
@@ -147,23 +143,20 @@ impl Api {
         &self.location.region
     }
 
-    /// A regional resource's URL (`collection` as in the API: `addresses`, `targetPools`).
+    /// A regional resource's partial URL (`collection` as in the API: `addresses`,
+    /// `targetPools`). References are partial URLs, which GCE takes whichever endpoint it
+    /// is reached at, and answers as full ones (compared through `relative`).
     pub fn regional(&self, collection: &str, name: &str) -> String {
         format!(
-            "{}projects/{}/regions/{}/{collection}/{name}",
-            self.base,
+            "projects/{}/regions/{}/{collection}/{name}",
             self.project(),
             self.region()
         )
     }
 
-    /// A global resource's URL (`httpHealthChecks`, `firewalls`, `networks`).
+    /// A global resource's partial URL (`httpHealthChecks`, `firewalls`, `networks`).
     pub fn global(&self, collection: &str, name: &str) -> String {
-        format!(
-            "{}projects/{}/global/{collection}/{name}",
-            self.base,
-            self.project()
-        )
+        format!("projects/{}/global/{collection}/{name}", self.project())
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Pending>>> {

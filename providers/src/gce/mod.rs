@@ -92,7 +92,6 @@ impl GceProvider {
         let api = Api::new(
             clients,
             Location { project, region },
-            endpoint,
             args.api_rate,
             RetryPolicy::default(),
             args.operation_wait,

@@ -52,7 +52,13 @@ impl GceProvider {
         let pool = self.pool(uid, plan, &check).await?;
         self.rules(uid, plan, ip, &pool).await?;
         let tags = self.target_tags(plan).await?;
-        self.firewalls(uid, plan, ip, &tags).await?;
+        if tags.is_empty() {
+            // A firewall rule without target tags would apply to every instance of the
+            // network: with no node to name, the rules stay as they are.
+            info!(service = %desired.id, "no node to name in firewall rules yet; left as they are");
+        } else {
+            self.firewalls(uid, plan, ip, &tags).await?;
+        }
         if plan.requested_ip.is_some() {
             // A Service that now names a reserved address no longer needs its own.
             self.release_own_address(uid, plan).await?;

@@ -41,10 +41,7 @@ impl GceProvider {
 
     /// The URLs of the instances `plan` puts in the pool.
     pub(in crate::gce) fn instance_links(&self, plan: &Plan) -> BTreeSet<String> {
-        plan.instances
-            .iter()
-            .map(|i| format!("{}{}", self.api.base, i.path()))
-            .collect()
+        plan.instances.iter().map(|i| i.path()).collect()
     }
 
     /// The pool's URL, the pool made or corrected.
@@ -215,7 +212,7 @@ impl GceProvider {
         let remove: Vec<String> = have
             .iter()
             .filter(|h| !want_rel.contains(h.as_str()))
-            .map(|h| format!("{}{h}", self.api.base))
+            .cloned()
             .collect();
         let add: Vec<String> = add.into_iter().cloned().collect();
         for (adding, links) in [(true, add), (false, remove)] {
