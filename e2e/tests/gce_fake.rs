@@ -255,6 +255,95 @@ async fn the_fake_answers_as_the_discovery_document_says() {
     .await;
     assert_eq!(inst["selfLink"], node_b);
 
+    // Changes in place: a firewall rule patched and replaced, a rule pointed at another
+    // pool; references given as partial URLs come back as full ones.
+    let (s, _) = checked(
+        &d,
+        &fake,
+        "PATCH",
+        &global("firewalls/ferry-web-fw"),
+        Some(json!({"sourceRanges": ["10.0.0.0/8"]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, fw) = checked(&d, &fake, "GET", &global("firewalls/ferry-web-fw"), None).await;
+    assert_eq!(fw["sourceRanges"], json!(["10.0.0.0/8"]));
+    assert_eq!(
+        fw["targetTags"],
+        json!(["nodes"]),
+        "a patch keeps what it does not name"
+    );
+    let (s, _) = checked(
+        &d,
+        &fake,
+        "PUT",
+        &global("firewalls/ferry-web-fw"),
+        Some(json!({"name": "ferry-web-fw", "network": format!("projects/{PROJECT}/global/networks/default"),
+            "sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "udp", "ports": ["53"]}]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, fw) = checked(&d, &fake, "GET", &global("firewalls/ferry-web-fw"), None).await;
+    assert_eq!(
+        fw["allowed"],
+        json!([{"IPProtocol": "udp", "ports": ["53"]}])
+    );
+    assert!(
+        fw.get("targetTags")
+            .is_none_or(|t| t.as_array().is_some_and(Vec::is_empty)),
+        "an update replaces: {fw}"
+    );
+    assert!(fw["network"].as_str().unwrap().starts_with("http"), "{fw}");
+    checked(
+        &d,
+        &fake,
+        "POST",
+        &region("targetPools"),
+        Some(json!({"name": "ferry-other"})),
+    )
+    .await;
+    let (s, _) = checked(
+        &d,
+        &fake,
+        "POST",
+        &region("forwardingRules/ferry-web-tcp/setTarget"),
+        Some(json!({"target": format!("projects/{PROJECT}/regions/{REGION}/targetPools/ferry-other")})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, rule) = checked(
+        &d,
+        &fake,
+        "GET",
+        &region("forwardingRules/ferry-web-tcp"),
+        None,
+    )
+    .await;
+    assert!(
+        rule["target"].as_str().unwrap().starts_with("http")
+            && rule["target"]
+                .as_str()
+                .unwrap()
+                .ends_with("/targetPools/ferry-other"),
+        "{rule}"
+    );
+    checked(
+        &d,
+        &fake,
+        "POST",
+        &region("forwardingRules/ferry-web-tcp/setTarget"),
+        Some(json!({"target": pool_link})),
+    )
+    .await;
+    checked(
+        &d,
+        &fake,
+        "DELETE",
+        &region("targetPools/ferry-other"),
+        None,
+    )
+    .await;
+
     // The errors GCE gives.
     let (s, e) = checked(
         &d,

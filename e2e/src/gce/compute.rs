@@ -646,17 +646,14 @@ impl Compute {
                 "Invalid value for field 'resource.name': a resource cannot be renamed",
             );
         }
-        let mut updated = if patch {
-            existing.clone()
-        } else {
-            let mut fresh = Value::Object(given.clone());
-            if let Err(e) = self.complete(scope, collection, name, &mut fresh) {
-                return e;
-            }
-            fresh
-        };
+        let mut updated = if patch { existing.clone() } else { json!({}) };
         for (k, v) in given {
             updated[k.as_str()] = v;
+        }
+        updated["name"] = json!(name);
+        // Defaults and references as an insert has them.
+        if let Err(e) = self.complete(scope, collection, name, &mut updated) {
+            return e;
         }
         for k in ["kind", "id", "name", "selfLink", "creationTimestamp"] {
             updated[k] = existing[k].clone();
