@@ -256,3 +256,44 @@ impl LoadBalancerProvider for GceProvider {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The client's TLS stack comes up on ring (no provider of its own is compiled in), and a
+    /// GCE that cannot be reached is a transient failure, never a panic.
+    #[tokio::test]
+    async fn an_unreachable_https_endpoint_is_a_transient_error() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("https://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let anonymous = google_cloud_auth::credentials::anonymous::Builder::new().build();
+        let clients = Clients::build(&endpoint, Some(anonymous)).await.unwrap();
+        let retry = RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(1),
+        };
+        let location = Location {
+            project: "p".into(),
+            region: "r".into(),
+        };
+        let api = Api::new(clients, location, 100.0, retry, Duration::from_secs(1));
+        let cluster = ClusterIdentity {
+            id: "c".into(),
+            uid: "u".into(),
+        };
+        let provider = GceProvider::new(api, cluster, "default", Vec::new());
+        let err = provider.list_owned().await.unwrap_err();
+        assert_eq!(err.kind(), "transient", "{err}");
+        let counts = provider.api.calls.counts().get_or_create(&vec![
+            ("operation", "addresses.list".to_string()),
+            ("outcome", "network_error".to_string()),
+        ]);
+        assert_eq!(counts.get(), 2, "each attempt is counted");
+    }
+}
