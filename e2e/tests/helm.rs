@@ -232,6 +232,15 @@ fn bad_values_fail_with_one_line_naming_the_value() {
         ),
         (vec!["forwarder.mode=fast"], "forwarder.mode must be auto"),
         (vec!["pools[0].name=empty"], "pool empty needs addresses"),
+        // A misspelt key fails rather than being ignored (values.schema.json).
+        (
+            vec!["opertor.replicas=3"],
+            "additional properties 'opertor' not allowed",
+        ),
+        (
+            vec!["gce.projet=p"],
+            "additional properties 'projet' not allowed",
+        ),
         // A value that moved is refused, never silently dropped.
         (
             vec!["operator.aws.region=eu-west-1"],
