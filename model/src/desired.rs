@@ -22,6 +22,10 @@ pub const SHARED_IP_ANNOTATION: &str = "ferry.dev/allow-shared-ip";
 pub const METALLB_SHARED_IP_ANNOTATION: &str = "metallb.io/allow-shared-ip";
 pub const POOL_ANNOTATION: &str = "ferry.dev/address-pool";
 pub const METALLB_POOL_ANNOTATION: &str = "metallb.io/address-pool";
+/// MetalLB's older prefix, still on many Services in the wild; read like `metallb.io/`.
+pub const METALLB_LEGACY_IPS_ANNOTATION: &str = "metallb.universe.tf/loadBalancerIPs";
+pub const METALLB_LEGACY_SHARED_IP_ANNOTATION: &str = "metallb.universe.tf/allow-shared-ip";
+pub const METALLB_LEGACY_POOL_ANNOTATION: &str = "metallb.universe.tf/address-pool";
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -104,8 +108,14 @@ fn non_empty(found: Option<(&str, &str)>) -> Result<Option<String>, InvalidServi
 
 fn requested_ips(svc: &Service, families: &[IpFamily]) -> Result<Vec<IpAddr>, InvalidService> {
     let annotations = svc.annotations();
-    let from_annotation = match annotation(annotations, &[IPS_ANNOTATION, METALLB_IPS_ANNOTATION])?
-    {
+    let from_annotation = match annotation(
+        annotations,
+        &[
+            IPS_ANNOTATION,
+            METALLB_IPS_ANNOTATION,
+            METALLB_LEGACY_IPS_ANNOTATION,
+        ],
+    )? {
         None => None,
         Some((key, value)) => {
             let ips = value
@@ -288,11 +298,19 @@ pub fn desired(
     let annotations = svc.annotations();
     let sharing_key = non_empty(annotation(
         annotations,
-        &[SHARED_IP_ANNOTATION, METALLB_SHARED_IP_ANNOTATION],
+        &[
+            SHARED_IP_ANNOTATION,
+            METALLB_SHARED_IP_ANNOTATION,
+            METALLB_LEGACY_SHARED_IP_ANNOTATION,
+        ],
     )?)?;
     let requested_pool = non_empty(annotation(
         annotations,
-        &[POOL_ANNOTATION, METALLB_POOL_ANNOTATION],
+        &[
+            POOL_ANNOTATION,
+            METALLB_POOL_ANNOTATION,
+            METALLB_LEGACY_POOL_ANNOTATION,
+        ],
     )?)?;
 
     let traffic_policy = match spec.external_traffic_policy.as_deref() {
@@ -422,6 +440,28 @@ mod tests {
         let d = desired(&s, &[]).unwrap();
         assert_eq!(d.sharing_key.as_deref(), Some("dns"));
         assert_eq!(d.requested_pool.as_deref(), Some("edge"));
+        // MetalLB's older prefix means the same, and must agree with the newer one.
+        let s = service("a")
+            .lb()
+            .port(80, 1)
+            .annotate(METALLB_LEGACY_IPS_ANNOTATION, "192.0.2.8")
+            .annotate(METALLB_LEGACY_SHARED_IP_ANNOTATION, "web")
+            .annotate(METALLB_LEGACY_POOL_ANNOTATION, "lan")
+            .build();
+        let d = desired(&s, &[]).unwrap();
+        assert_eq!(
+            d.requested_ips,
+            vec!["192.0.2.8".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(d.sharing_key.as_deref(), Some("web"));
+        assert_eq!(d.requested_pool.as_deref(), Some("lan"));
+        let s = service("a")
+            .lb()
+            .port(80, 1)
+            .annotate(METALLB_LEGACY_POOL_ANNOTATION, "lan")
+            .annotate(METALLB_POOL_ANNOTATION, "edge")
+            .build();
+        assert_eq!(reason(&s), "ConflictingAnnotations");
     }
 
     #[test]
