@@ -146,6 +146,35 @@ fn the_chart_lints_and_renders_each_provider() {
         "no pool unless asked for"
     );
 
+    // Helm conventions: a disruption budget and soft anti-affinity for the two replicas,
+    // security contexts that can be overridden (no hard-coded UID).
+    let pdb = find(&docs, "PodDisruptionBudget").expect("a disruption budget");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_i64(), Some(1));
+    let op_pod = &operator["spec"]["template"]["spec"];
+    assert!(
+        op_pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .is_sequence()
+    );
+    assert_eq!(op_pod["securityContext"]["runAsUser"].as_i64(), Some(65532));
+    assert_eq!(
+        op_pod["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let single = render(&[
+        "operator.replicas=1",
+        "operator.podSecurityContext.runAsUser=1000",
+    ])
+    .unwrap();
+    assert!(
+        find(&single, "PodDisruptionBudget").is_none(),
+        "no budget for one replica"
+    );
+    let single_pod = &find(&single, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        single_pod["securityContext"]["runAsUser"].as_i64(),
+        Some(1000)
+    );
+
     // AWS: no forwarder; the cluster id, region and class reach the operator.
     let docs = render(&["provider=aws", "clusterId=prod-1", "aws.region=eu-west-1"]).unwrap();
     assert!(find(&docs, "DaemonSet").is_none(), "AWS needs no forwarder");
