@@ -175,6 +175,33 @@ fn the_chart_lints_and_renders_each_provider() {
         Some(1000)
     );
 
+    // A ServiceAccount of one's own (IRSA, Workload Identity), bound by the chart's RBAC;
+    // names from fullnameOverride.
+    let own = render(&[
+        "fullnameOverride=lb",
+        "operator.serviceAccount.create=false",
+        "operator.serviceAccount.name=mine",
+    ])
+    .unwrap();
+    let accounts: Vec<&str> = own
+        .iter()
+        .filter(|d| kind(d) == "ServiceAccount")
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(accounts, ["lb-forwarder"], "only the forwarder's is made");
+    let op = find(&own, "Deployment").unwrap();
+    assert_eq!(op["metadata"]["name"].as_str(), Some("lb-operator"));
+    assert_eq!(
+        op["spec"]["template"]["spec"]["serviceAccountName"].as_str(),
+        Some("mine")
+    );
+    assert!(
+        own.iter()
+            .filter(|d| kind(d) == "ClusterRoleBinding" || kind(d) == "RoleBinding")
+            .any(|d| d["subjects"][0]["name"].as_str() == Some("mine")),
+        "the chart's RBAC binds the given account"
+    );
+
     // AWS: no forwarder; the cluster id, region and class reach the operator.
     let docs = render(&["provider=aws", "clusterId=prod-1", "aws.region=eu-west-1"]).unwrap();
     assert!(find(&docs, "DaemonSet").is_none(), "AWS needs no forwarder");

@@ -1,10 +1,24 @@
 {{/* Names, labels and the checks every template shares. */}}
 
 {{- define "ferry.fullname" -}}
-{{- if contains "ferry" .Release.Name -}}
+{{- $name := default "ferry" .Values.nameOverride -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 50 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-ferry" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's ServiceAccount: the chart's own, or one you made (IRSA, Workload Identity). */}}
+{{- define "ferry.operatorServiceAccount" -}}
+{{- if .Values.operator.serviceAccount.name -}}
+{{- .Values.operator.serviceAccount.name -}}
+{{- else if .Values.operator.serviceAccount.create -}}
+{{- printf "%s-operator" (include "ferry.fullname" .) -}}
+{{- else -}}
+{{- fail "operator.serviceAccount.name is required when operator.serviceAccount.create is false" -}}
 {{- end -}}
 {{- end -}}
 
