@@ -415,9 +415,10 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             "helm {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).to_string()
     };
     // A pool no Service will draw from (autoAssign off), named for this test.
-    run(&[
+    let notes = run(&[
         "install",
         "edge",
         chart,
@@ -431,6 +432,14 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         "--set",
         "pools[0].autoAssign=false",
     ]);
+    // The notes say what the namespace needs and how the CRD is upgraded.
+    assert!(
+        notes.contains(&format!(
+            "kubectl label namespace {ns} pod-security.kubernetes.io/enforce=privileged"
+        )),
+        "{notes}"
+    );
+    assert!(notes.contains("kubectl apply --server-side -f"), "{notes}");
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns);
     let daemonsets: Api<DaemonSet> = Api::namespaced(admin.clone(), ns);
     let pools: Api<LoadBalancerPool> = Api::all(admin.clone());
