@@ -97,6 +97,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
+        ferry_runtime::build_info::register(&mut r, "forwarder");
         let d = DataplaneMetrics::default();
         r.register(
             "ferry_forwarder_connections",

@@ -2,8 +2,10 @@
 //! (`parse_args`), logs go through `tracing` (text for people, JSON for pipelines), the
 //! Kubernetes client (`kube_client`), the HTTP endpoints in `server`, and SIGTERM or Ctrl-C
 //! ends it (`shutdown_signal`). The operator and
-//! the forwarder each keep their own metrics; this crate only serves their encoded text.
+//! the forwarder each keep their own metrics; this crate serves their encoded text and adds
+//! the one series both carry, `ferry_build_info` (`build_info`).
 
+pub mod build_info;
 pub mod server;
 
 use std::time::Duration;
