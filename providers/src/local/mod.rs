@@ -541,12 +541,13 @@ impl Inner {
                     .map(|p| (p.total(), state.allocator.allocated_in(p)))
                     .unwrap_or((0, 0));
                 let clamp = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
+                // allocated + available = the pool's size, so sum() over states means something.
                 self.pool_addresses
                     .get_or_create(&vec![
                         ("pool".into(), name.clone()),
-                        ("state".into(), "total".into()),
+                        ("state".into(), "available".into()),
                     ])
-                    .set(clamp(total));
+                    .set(clamp(total.saturating_sub(allocated)));
                 self.pool_addresses
                     .get_or_create(&vec![
                         ("pool".into(), name.clone()),
@@ -693,7 +694,7 @@ impl LoadBalancerProvider for LocalProvider {
     fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
             "ferry_pool_addresses",
-            "Addresses of each LoadBalancerPool, by state (total, allocated)",
+            "Addresses of each LoadBalancerPool, by state (allocated, available; their sum is the pool's size)",
             self.inner.pool_addresses.clone(),
         );
     }

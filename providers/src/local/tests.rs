@@ -187,6 +187,18 @@ async fn allocates_from_pools_and_publishes_proxy_mode() {
     assert_eq!(last["patch"]["status"]["allocated"], 2);
     assert_eq!(last["patch"]["status"]["total"], 4);
     assert_eq!(last["patch"]["status"]["conditions"][0]["status"], "True");
+    // The metric's states add up to the pool's size.
+    let mut registry = prometheus_client::registry::Registry::default();
+    p.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "ferry_pool_addresses{pool=\"default\",state=\"allocated\"} 2",
+        "ferry_pool_addresses{pool=\"default\",state=\"available\"} 2",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    assert!(!text.contains("state=\"total\""), "{text}");
 }
 
 #[tokio::test]
