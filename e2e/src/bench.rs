@@ -1,6 +1,8 @@
 //! What the call-count benchmarks (`ferry-bench-aws`, `ferry-bench-gce`) share: the
-//! Services they create, waiting until every one has a balancer, and taking nodes away.
+//! Services they create, waiting until every one has a balancer, taking nodes away, and
+//! waiting until the cloud hears no more calls.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -85,4 +87,31 @@ pub async fn remove_nodes(
         r?;
     }
     Ok(())
+}
+
+/// Waits until the call log (`mark()` its length, `calls_since(m)` the calls after `m`) has
+/// grown by at least `expect` since `mark` and then stayed still for 3 s (at most 10 min);
+/// returns the calls since `mark` and how long after `start` the last one came.
+pub async fn settle(
+    mark: usize,
+    start: Instant,
+    expect: usize,
+    now: impl Fn() -> usize,
+    calls_since: impl Fn(usize) -> BTreeMap<String, usize>,
+) -> anyhow::Result<(BTreeMap<String, usize>, Duration)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = (now(), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = now();
+        if seen != last.0 {
+            last = (seen, Instant::now());
+        }
+        if seen - mark >= expect && last.1.elapsed() > Duration::from_secs(3) {
+            return Ok((calls_since(mark), last.1.duration_since(start)));
+        }
+        if Instant::now() > deadline {
+            bail!("no convergence within 10 min: {:?}", calls_since(mark));
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser;
 use ferry_e2e::bench::{remove_nodes, two_port_service, wait_all_ready};
 use ferry_e2e::control_plane::{ControlPlane, Options};
@@ -109,32 +109,17 @@ async fn add_nodes(
     register(client, &nodes).await
 }
 
-/// Waits until the fake has seen no call for 3 s after at least `expect`; returns the calls
-/// since `mark`.
+/// The calls of one node change, once the cloud is quiet again.
 async fn settle(
     fake: &GceFake,
     mark: usize,
     start: Instant,
     expect: usize,
 ) -> anyhow::Result<Change> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut last = (fake.mark(), Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = fake.mark();
-        if now != last.0 {
-            last = (now, Instant::now());
-        }
-        if now - mark >= expect && last.1.elapsed() > Duration::from_secs(3) {
-            return Ok(Change {
-                calls: fake.calls_since(mark),
-                took: last.1.duration_since(start),
-            });
-        }
-        if Instant::now() > deadline {
-            bail!("no convergence within 10 min: {:?}", fake.calls_since(mark));
-        }
-    }
+    let (calls, took) =
+        ferry_e2e::bench::settle(mark, start, expect, || fake.mark(), |m| fake.calls_since(m))
+            .await?;
+    Ok(Change { calls, took })
 }
 
 /// The naive pattern: ensure every balancer with the current targets.
