@@ -22,7 +22,6 @@ pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod neighbour;
-pub mod ownership;
 pub mod plan;
 pub mod planner;
 pub mod proxy_protocol;

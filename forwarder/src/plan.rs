@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_model::announce::{self, Candidacy};
 use ferry_model::class::ClassFilter;
 use ferry_model::desired::proxy_protocol_of;
 use ferry_model::desired::{desired, id_of};
@@ -22,10 +23,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use crate::ownership;
-
-/// The label EndpointSlices carry naming their Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use ferry_model::announce::SERVICE_NAME_LABEL;
 
 /// How a backend's health is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,9 +98,25 @@ pub struct NodePlan {
     pub frontends: Vec<Frontend>,
     /// The owner of every VIP ferry serves, for logs and metrics.
     pub owners: BTreeMap<IpAddr, String>,
+    /// The Services on every VIP ferry serves, owned or not.
+    pub claimants: BTreeMap<IpAddr, Vec<Claimant>>,
+    /// The VIPs no node can announce, and why.
+    pub unowned: BTreeMap<IpAddr, String>,
+    /// Ports of the Services on the VIPs held here that are not forwarded, and why, by
+    /// Service (`namespace/name`).
+    pub port_problems: BTreeMap<String, BTreeSet<String>>,
     /// Every (VIP, protocol, port) a Service serves on the VIPs held here, in either mode:
     /// traffic to a held VIP on any other port is dropped (`guard`).
     pub exposed: BTreeSet<(IpAddr, Protocol, u16)>,
+}
+
+/// One Service on a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Claimant {
+    /// `namespace/name`.
+    pub service: String,
+    /// `ipMode: Proxy`: the forwarder carries the traffic; otherwise it only announces.
+    pub forward: bool,
 }
 
 /// Something the shell should log once: a Service or address that is not served, and why.
@@ -134,24 +148,6 @@ struct Claim {
     desired: DesiredLoadBalancer,
     forward: bool,
     proxy_protocol: bool,
-}
-
-/// Nodes with at least one ready endpoint of the Service.
-fn nodes_with_endpoints(
-    slices: &[Arc<EndpointSlice>],
-    namespace: &str,
-    name: &str,
-) -> BTreeSet<String> {
-    slices
-        .iter()
-        .filter(|s| {
-            s.namespace().as_deref() == Some(namespace)
-                && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
-        })
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .filter_map(|e| e.node_name.clone())
-        .collect()
 }
 
 /// Where a Service port without a NodePort (`allocateLoadBalancerNodePorts: false`) is
@@ -259,42 +255,56 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
         }
     }
 
-    let live: Vec<&NodeTarget> = targets
-        .iter()
-        .filter(|t| view.live.contains(&t.name))
-        .collect();
     let me = targets.iter().find(|t| t.name == view.node_name);
     let mut out = NodePlan::default();
     for (vip, claims) in claims {
-        let mut candidates: BTreeSet<&str> = live
+        out.claimants.insert(
+            vip,
+            claims
+                .iter()
+                .map(|c| Claimant {
+                    service: c.service.clone(),
+                    forward: c.forward,
+                })
+                .collect(),
+        );
+        // With `Local`, only nodes with ready endpoints of every `Local` Service on the VIP.
+        let local_endpoints = claims
             .iter()
-            .map(|t| t.name.as_str())
-            .filter(|n| !view.refused.get(*n).is_some_and(|r| r.contains(&vip)))
-            .collect();
-        for claim in &claims {
-            if matches!(claim.desired.traffic_policy, TrafficPolicy::Local { .. }) {
-                let with = nodes_with_endpoints(
+            .filter(|c| matches!(c.desired.traffic_policy, TrafficPolicy::Local { .. }))
+            .map(|c| {
+                announce::nodes_with_ready_endpoints(
                     view.slices,
-                    &claim.desired.id.namespace,
-                    &claim.desired.id.name,
-                );
-                candidates.retain(|n| with.contains(*n));
-            }
-        }
-        let Some(owner) = ownership::owner(&vip, candidates.iter().copied()) else {
+                    &c.desired.id.namespace,
+                    &c.desired.id.name,
+                )
+            })
+            .reduce(|a, b| a.intersection(&b).cloned().collect());
+        let standings = announce::standings(
+            &vip,
+            &targets,
+            &Candidacy {
+                live: view.live,
+                refused: view.refused,
+                local_endpoints: local_endpoints.as_ref(),
+            },
+        );
+        let Some(owner) = announce::owner_of(&standings) else {
+            let why = format!(
+                "no node can announce {vip} (no live forwarder{} that can serve it)",
+                if local_endpoints.is_some() {
+                    " on a node with ready endpoints"
+                } else {
+                    ""
+                }
+            );
             for claim in &claims {
                 notices.push(Notice {
                     service: claim.service.clone(),
-                    message: format!(
-                        "{vip} has no node to announce it (no live forwarder{} that can serve it)",
-                        if matches!(claim.desired.traffic_policy, TrafficPolicy::Local { .. }) {
-                            " on a node with ready endpoints"
-                        } else {
-                            ""
-                        }
-                    ),
+                    message: why.clone(),
                 });
             }
+            out.unowned.insert(vip, why);
             continue;
         };
         out.owners.insert(vip, owner.to_string());
@@ -313,6 +323,7 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
             );
         }
         for claim in claims.iter().filter(|c| c.forward) {
+            let before = notices.len();
             out.frontends.extend(frontends_of(
                 claim,
                 vip,
@@ -321,6 +332,13 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
                 view.slices,
                 &mut notices,
             ));
+            // What `frontends_of` noticed is about ports of this Service it does not forward.
+            for n in notices.iter().skip(before) {
+                out.port_problems
+                    .entry(n.service.clone())
+                    .or_default()
+                    .insert(n.message.clone());
+            }
         }
     }
     out.frontends.sort();
