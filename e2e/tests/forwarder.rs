@@ -829,7 +829,7 @@ async fn a_vip_that_cannot_be_served_on_its_node_goes_to_another_and_says_why() 
     // The node rendezvous hashing would pick for this VIP has a host daemon on the
     // Service's port: the listener cannot bind there.
     let vip = "10.213.0.205";
-    let chosen = ferry_forwarder::ownership::owner(&vip.parse().unwrap(), NODES)
+    let chosen = ferry_model::announce::owner(&vip.parse().unwrap(), NODES)
         .unwrap()
         .to_string();
     let host = &c.topo.nodes[c.node_index(&chosen)];
@@ -899,6 +899,196 @@ async fn a_vip_that_cannot_be_served_on_its_node_goes_to_another_and_says_why() 
     .await;
     c.wait_for_traffic(vip, 2222).await;
     for name in ["web", "clash", "later"] {
+        delete_and_wait(&c.svcs, name, WAIT).await;
+    }
+}
+
+/// The forwarders' `ferry.dev/Announced` condition on `name`: (status, reason, message).
+async fn announced(c: &Cluster, name: &str) -> Option<(String, String, String)> {
+    let svc = c.svcs.get(name).await.ok()?;
+    svc.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "ferry.dev/Announced")
+        .map(|c| (c.status, c.reason, c.message))
+}
+
+/// The notes of the Events with `reason` on the Service `name`, oldest first.
+async fn event_notes(c: &Cluster, name: &str, reason: &str) -> Vec<String> {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(c.admin.clone(), &c.namespace);
+    let mut found: Vec<(Option<String>, String)> = events
+        .list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .map(|e| {
+            (
+                e.event_time.map(|t| t.0.to_string()),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, note)| note).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_says_which_node_announces_it_and_when_none_can() {
+    let _serial = serial().await;
+    let mut c = Cluster::start("announced", NodePorts::Listening, &[]).await;
+    let web = c.http_service("web", 30080, json!({})).await;
+    let owner = c.wait_for_single_owner(&web).await;
+    c.wait_for_traffic(&web, 80).await;
+
+    // The owner says so on the Service, beside the operator's own condition, with an Event.
+    let expected = format!("announcing {web} from node \"{owner}\" (kernel mode)");
+    eventually(WAIT, "the Announced condition naming the owner", || async {
+        let (status, reason, message) = announced(&c, "web").await?;
+        (status == "True" && reason == "Announced" && message == expected).then_some(())
+    })
+    .await;
+    let svc = c.svcs.get("web").await.unwrap();
+    let types: Vec<String> = svc
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.type_)
+        .collect();
+    assert!(
+        types.contains(&"ferry.dev/LoadBalancerReady".to_string()),
+        "the operator's condition is kept: {types:?}"
+    );
+    let notes = eventually(WAIT, "a NodeAssigned Event", || async {
+        let n = event_notes(&c, "web", "NodeAssigned").await;
+        (!n.is_empty()).then_some(n)
+    })
+    .await;
+    assert_eq!(notes, [expected.clone()]);
+    let owner_series = format!(
+        "ferry_forwarder_vip_owner{{vip=\"{web}\",namespace=\"{}\",service=\"web\",node=\"{owner}\"}}",
+        c.namespace
+    );
+    assert_eq!(c.forwarder(&owner).metric(&owner_series), Some(1.0));
+    for other in NODES.iter().filter(|n| **n != owner) {
+        assert_eq!(
+            c.forwarder(other).metric("ferry_forwarder_vip_owner{"),
+            None,
+            "{other} does not announce {web}"
+        );
+    }
+    let healthy = format!(
+        "ferry_forwarder_backends{{namespace=\"{}\",service=\"web\",state=\"healthy\"}}",
+        c.namespace
+    );
+    eventually(WAIT, "three healthy NodePorts in the metrics", || async {
+        (c.forwarder(&owner).metric(&healthy) == Some(3.0)).then_some(())
+    })
+    .await;
+
+    // The owner's forwarder dies: the new owner says so, once.
+    let i = c.node_index(&owner);
+    c.forwarders[i].as_mut().unwrap().kill();
+    let second = c.wait_for_single_owner(&web).await;
+    assert_ne!(second, owner);
+    let moved = format!("announcing {web} from node \"{second}\" (kernel mode)");
+    eventually(WAIT, "the condition naming the new owner", || async {
+        let (_, _, message) = announced(&c, "web").await?;
+        (message == moved).then_some(())
+    })
+    .await;
+    eventually(WAIT, "a NodeAssigned Event for the new owner", || async {
+        let n = event_notes(&c, "web", "NodeAssigned").await;
+        (n.last() == Some(&moved)).then_some(())
+    })
+    .await;
+    assert!(
+        c.forwarder(&second)
+            .metric_values("ferry_forwarder_vip_owner_changes_total{")
+            .iter()
+            .sum::<f64>()
+            >= 1.0
+    );
+    c.forwarders[i].as_mut().unwrap().restart().unwrap();
+    assert_eq!(c.wait_for_single_owner(&web).await, owner);
+    eventually(
+        WAIT,
+        "the condition naming the first owner again",
+        || async {
+            let (_, _, message) = announced(&c, "web").await?;
+            (message == expected).then_some(())
+        },
+    )
+    .await;
+
+    // `Local` with no ready endpoint anywhere: no node can announce it, and the Service says so.
+    let lonely = c
+        .service(
+            "lonely",
+            json!({ "type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [
+                { "name": "http", "port": 80, "nodePort": 30082, "protocol": "TCP" } ] }),
+            json!({}),
+        )
+        .await;
+    let (_, reason, message) =
+        eventually(WAIT, "the Announced condition turning False", || async {
+            announced(&c, "lonely")
+                .await
+                .filter(|(s, _, _)| s == "False")
+        })
+        .await;
+    assert_eq!(reason, "NoNodeAnnounces");
+    assert!(
+        message.contains(&format!("no node can announce {lonely}"))
+            && message.contains("ready endpoints"),
+        "{message}"
+    );
+    eventually(WAIT, "a NoNodeAnnounces Warning", || async {
+        (!event_notes(&c, "lonely", "NoNodeAnnounces")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    let unannounced = format!("ferry_forwarder_vip_unannounced{{vip=\"{lonely}\"");
+    eventually(
+        WAIT,
+        "every forwarder counting the VIP nobody announces",
+        || async {
+            NODES
+                .iter()
+                .all(|n| c.forwarder(n).metric(&unannounced) == Some(1.0))
+                .then_some(())
+        },
+    )
+    .await;
+    // An endpoint appears on one node: that node announces it, and the condition follows.
+    c.endpoints_on("lonely", NODES[1]).await;
+    assert_eq!(c.wait_for_single_owner(&lonely).await, NODES[1]);
+    eventually(WAIT, "the Announced condition turning True", || async {
+        let (status, _, message) = announced(&c, "lonely").await?;
+        (status == "True" && message.contains(NODES[1])).then_some(())
+    })
+    .await;
+    // A settled condition is not rewritten: no write loop.
+    let before = c.svcs.get("web").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        c.svcs.get("web").await.unwrap().metadata.resource_version,
+        before,
+        "the Service was written again with nothing changed"
+    );
+    assert_eq!(
+        event_notes(&c, "web", "NodeAssigned").await.last(),
+        Some(&expected)
+    );
+    for name in ["web", "lonely"] {
         delete_and_wait(&c.svcs, name, WAIT).await;
     }
 }

@@ -86,6 +86,14 @@ enum Paths {
 }
 
 impl Dataplane {
+    /// How this node forwards, in words for users.
+    pub fn describe(&self) -> &'static str {
+        match self.forwarding {
+            Paths::Kernel(..) => "kernel mode",
+            Paths::Userspace(_) => "userspace mode",
+        }
+    }
+
     /// Guards the VIPs `held`: only `exposed` is open on them (see `guard`).
     pub async fn guard(
         &mut self,

@@ -3,7 +3,8 @@
 //! `heartbeat`), hears its peers directly (`membership`), decides who is alive (`liveness`),
 //! and the `planner` computes this node's `plan` (which VIPs it holds, which ports it forwards
 //! where) and applies it: VIPs through `announce` (netlink plus ARP/NDP), traffic through the
-//! `dataplane` (`kernel` nftables or `userspace` tokio), backends kept honest by `health`. It
+//! `dataplane` (`kernel` nftables or `userspace` tokio), backends kept honest by `health`, and
+//! tells users on each Service which node announces its address (`report`). It
 //! never talks to the operator: both read and write only the Kubernetes API, so either can
 //! restart alone. This file is start-up: it wires those pieces together.
 //!
@@ -26,6 +27,7 @@ pub mod plan;
 pub mod planner;
 pub mod proxy_protocol;
 pub mod refusals;
+pub mod report;
 pub mod rlimit;
 pub mod userspace;
 pub mod watches;
@@ -260,6 +262,20 @@ pub async fn run_with_client(
         timeout: config.health_check_timeout,
     });
     health.set_ready(true);
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "ferry-forwarder".into(),
+            instance: Some(config.node_name.clone()),
+        },
+    );
+    let mode = crate::report::Mode(match config.announce {
+        Announce::Netlink => dataplane.describe().to_string(),
+        Announce::None => format!(
+            "{}; the address is local here, not announced (--announce none)",
+            dataplane.describe()
+        ),
+    });
     let planner = Planner::new(
         Inputs {
             node_name: config.node_name.clone(),
@@ -272,13 +288,13 @@ pub async fn run_with_client(
             membership,
             peer_timeout: config.peer_timeout,
             changed,
-            recorder: Some(kube::runtime::events::Recorder::new(
+            recorder: Some(recorder.clone()),
+            reporter: Some(crate::report::Reporter::new(
                 client.clone(),
-                kube::runtime::events::Reporter {
-                    controller: "ferry-forwarder".into(),
-                    instance: Some(config.node_name.clone()),
-                },
+                recorder,
+                &config.node_name,
             )),
+            mode,
         },
         Outputs {
             announcer,

@@ -1,7 +1,9 @@
 //! The forwarder's Prometheus metrics: what it holds (VIPs, live forwarders), how its plan is
 //! applied, and per Service what its data plane does (connections, refusals, timeouts, UDP
-//! flows). Labels are Service keys, never client addresses: cardinality stays with the
-//! cluster's size, not its traffic.
+//! flows), and per VIP who announces it (`vip_owner`, on the owner), who took it over, and
+//! which no node can announce. Services are labelled `namespace` and `service` (its name),
+//! as kube-state-metrics does, so the two join. Labels are Service keys and VIPs, never
+//! client addresses: cardinality stays with the cluster's size, not its traffic.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +12,39 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// `namespace` and `service` labels of a Service key (`namespace/name`).
+pub fn service_labels(service: &str) -> Labels {
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    vec![
+        ("namespace", namespace.to_string()),
+        ("service", name.to_string()),
+    ]
+}
+
+/// Gauges whose label sets follow a state: each `set` replaces every series with the given
+/// ones, removing those no longer present (rather than clearing, so a scrape never sees
+/// the family empty in between).
+#[derive(Default)]
+pub struct StateGauge {
+    family: Family<Labels, Gauge>,
+    last: std::sync::Mutex<std::collections::BTreeSet<Labels>>,
+}
+
+impl StateGauge {
+    pub fn set(&self, values: impl IntoIterator<Item = (Labels, i64)>) {
+        let mut now = std::collections::BTreeSet::new();
+        for (labels, value) in values {
+            self.family.get_or_create(&labels).set(value);
+            now.insert(labels);
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in last.difference(&now) {
+            self.family.remove(gone);
+        }
+        *last = now;
+    }
+}
 
 /// Counters the data planes update, by Service.
 #[derive(Default)]
@@ -63,7 +98,7 @@ impl ServiceMetrics {
 impl DataplaneMetrics {
     /// The handles of `service` (`namespace/name`).
     pub fn service(&self, service: &str) -> ServiceMetrics {
-        let labels = vec![("service", service.to_string())];
+        let labels = service_labels(service);
         ServiceMetrics {
             connections: self.connections.get_or_create(&labels).clone(),
             active: self.active.get_or_create(&labels).clone(),
@@ -86,6 +121,14 @@ pub struct Metrics {
     pub announcements: Counter,
     pub refused_vips: Gauge,
     pub forwarding_failures: Family<Labels, Counter>,
+    /// 1 per (VIP, Service) this node announces.
+    pub vip_owner: StateGauge,
+    /// VIPs this node took over, by Service.
+    pub vip_owner_changes: Family<Labels, Counter>,
+    /// 1 per (VIP, Service) no node can announce, as this node sees it.
+    pub vip_unannounced: StateGauge,
+    /// Backends of the Services forwarded here, by health state.
+    pub backends: StateGauge,
 }
 
 impl Default for Metrics {
@@ -143,6 +186,10 @@ impl Metrics {
             announcements: Counter::default(),
             refused_vips: Gauge::default(),
             forwarding_failures: Family::default(),
+            vip_owner: StateGauge::default(),
+            vip_owner_changes: Family::default(),
+            vip_unannounced: StateGauge::default(),
+            backends: StateGauge::default(),
             registry: r,
         };
         let mut m = m;
@@ -181,12 +228,38 @@ impl Metrics {
             "Gratuitous ARPs and unsolicited neighbour advertisements sent",
             m.announcements.clone(),
         );
+        m.registry.register(
+            "ferry_forwarder_vip_owner",
+            "1 for each VIP (and Service on it) this node announces",
+            m.vip_owner.family.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_vip_owner_changes",
+            "VIPs this node took over from another node (or from none), by Service",
+            m.vip_owner_changes.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_vip_unannounced",
+            "1 for each VIP (and Service on it) that no node can announce, as this node sees it",
+            m.vip_unannounced.family.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_backends",
+            "Backends (nodeIP:nodePort or endpoint) of the Services this node forwards, by health state (healthy, unhealthy)",
+            m.backends.family.clone(),
+        );
         m
     }
 
     pub fn forwarding_failed(&self, service: &str) {
         self.forwarding_failures
-            .get_or_create(&vec![("service", service.to_string())])
+            .get_or_create(&service_labels(service))
+            .inc();
+    }
+
+    pub fn took_over(&self, service: &str) {
+        self.vip_owner_changes
+            .get_or_create(&service_labels(service))
             .inc();
     }
 
@@ -216,8 +289,32 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("ferry_forwarder_vips_held 2"), "{text}");
         assert!(text.contains("ferry_forwarder_plan_applies_total{result=\"ok\"} 1"));
-        assert!(text.contains("ferry_forwarder_connections_total{service=\"default/web\"} 1"));
-        assert!(text.contains("ferry_forwarder_active_connections{service=\"default/web\"} 1"));
+        assert!(text.contains(
+            "ferry_forwarder_connections_total{namespace=\"default\",service=\"web\"} 1"
+        ));
+        assert!(text.contains(
+            "ferry_forwarder_active_connections{namespace=\"default\",service=\"web\"} 1"
+        ));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn state_gauges_drop_series_that_are_gone() {
+        let m = Metrics::new();
+        let owner = |vip: &str| {
+            let mut l = service_labels("default/web");
+            l.insert(0, ("vip", vip.to_string()));
+            l
+        };
+        m.vip_owner
+            .set([(owner("192.0.2.1"), 1), (owner("192.0.2.2"), 1)]);
+        m.vip_owner.set([(owner("192.0.2.2"), 1)]);
+        let text = m.encode();
+        assert!(!text.contains("192.0.2.1"), "{text}");
+        assert!(text.contains(
+            "ferry_forwarder_vip_owner{vip=\"192.0.2.2\",namespace=\"default\",service=\"web\"} 1"
+        ), "{text}");
+        m.vip_owner.set([]);
+        assert!(!m.encode().contains("ferry_forwarder_vip_owner{"));
     }
 }

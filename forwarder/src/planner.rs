@@ -29,6 +29,7 @@ use crate::membership::{Membership, Peer};
 use crate::metrics::Metrics;
 use crate::plan::{self, ClusterView, Frontend, NodePlan, Notice};
 use crate::refusals::Refusals;
+use crate::report::{self, Mode, Reporter};
 
 /// How often the node's state is re-checked even when nothing was reported (an address
 /// removed by hand comes back within this).
@@ -107,6 +108,10 @@ pub struct Inputs {
     pub changed: Arc<Notify>,
     /// Events about Services this node cannot serve.
     pub recorder: Option<kube::runtime::events::Recorder>,
+    /// Writes the data-plane state onto Services (none in tests without an API).
+    pub reporter: Option<Reporter>,
+    /// How this node carries VIPs, for what the reporter writes.
+    pub mode: Mode,
 }
 
 /// What the planner acts on.
@@ -271,7 +276,7 @@ impl Planner {
             .flatten()
             .min();
             if due(woken_by_timer, live_changed, now, self.last_pass, retry_at) {
-                self.pass(verdict.live).await;
+                self.pass(verdict.live, verdict.api_fresh).await;
             }
             match self.wait(&health_changed, &mut stop).await {
                 Wake::Stop => break,
@@ -330,7 +335,7 @@ impl Planner {
         lifted
     }
 
-    async fn pass(&mut self, live: BTreeSet<String>) {
+    async fn pass(&mut self, live: BTreeSet<String>, api_fresh: bool) {
         self.last_pass = Instant::now();
         // Node facts are read where the plan is made: a change of them alone is applied too.
         self.node = Forwarding::read();
@@ -415,8 +420,76 @@ impl Planner {
         }
         metrics.vips_held.set(plan.announce.len() as i64);
         metrics.refused_vips.set(self.refusals.vips().len() as i64);
+        self.record_vips(&plan);
+        // Fail static: with the API's view stale, nothing is reported either.
+        if let Some(reporter) = self.inputs.reporter.as_ref().filter(|_| api_fresh) {
+            let reports = report::reports(&plan, &live, &self.inputs.node_name, &self.inputs.mode);
+            reporter.publish(&reports, &services, &live);
+        }
         self.last_plan = Some(plan);
         self.last_live = Some(live);
+    }
+
+    /// The per-VIP metrics: what this node announces and took over, what nobody can
+    /// announce, and the health of the backends it forwards to.
+    fn record_vips(&self, plan: &NodePlan) {
+        let metrics = &self.outputs.metrics;
+        let per_service = |vip: &IpAddr| {
+            plan.claimants
+                .get(vip)
+                .into_iter()
+                .flatten()
+                .map(|c| c.service.as_str())
+                .collect::<Vec<_>>()
+        };
+        let with_vip = |vip: &IpAddr, service: &str| {
+            let mut labels = vec![("vip", vip.to_string())];
+            labels.extend(crate::metrics::service_labels(service));
+            labels
+        };
+        metrics.vip_owner.set(plan.announce.iter().flat_map(|vip| {
+            per_service(vip).into_iter().map(move |service| {
+                let mut labels = with_vip(vip, service);
+                labels.push(("node", self.inputs.node_name.clone()));
+                (labels, 1)
+            })
+        }));
+        if let Some(last) = &self.last_plan {
+            for vip in plan.announce.difference(&last.announce) {
+                for service in per_service(vip) {
+                    metrics.took_over(service);
+                }
+            }
+        }
+        metrics
+            .vip_unannounced
+            .set(plan.unowned.keys().flat_map(|vip| {
+                per_service(vip)
+                    .into_iter()
+                    .map(move |service| (with_vip(vip, service), 1))
+            }));
+        let mut backends: std::collections::BTreeMap<(&str, std::net::SocketAddr), bool> =
+            Default::default();
+        for f in &plan.frontends {
+            for b in &f.backends {
+                let up = health::probe_for(f, *b).is_none_or(|p| self.outputs.checker.healthy(&p));
+                let entry = backends.entry((f.service.as_str(), *b)).or_insert(true);
+                *entry &= up;
+            }
+        }
+        let mut counts: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+        for ((service, _), up) in backends {
+            *counts
+                .entry((service, if up { "healthy" } else { "unhealthy" }))
+                .or_default() += 1;
+        }
+        metrics
+            .backends
+            .set(counts.into_iter().map(|((service, state), n)| {
+                let mut labels = crate::metrics::service_labels(service);
+                labels.push(("state", state.to_string()));
+                (labels, n)
+            }));
     }
 
     async fn guard(
