@@ -970,7 +970,7 @@ async fn the_service_says_which_node_announces_it_and_when_none_can() {
         (!n.is_empty()).then_some(n)
     })
     .await;
-    assert_eq!(notes, [expected.clone()]);
+    assert_eq!(notes, std::slice::from_ref(&expected));
     let owner_series = format!(
         "ferry_forwarder_vip_owner{{vip=\"{web}\",namespace=\"{}\",service=\"web\",node=\"{owner}\"}}",
         c.namespace
