@@ -593,8 +593,8 @@ async fn userspace_bounds_time_and_flows_and_isolates_backend_failures() {
             Ok(())
         })
         .unwrap();
-    let service = format!("{}/web", c.namespace);
-    let series = |name: &str| format!("{name}{{service=\"{service}\"}}");
+    let namespace = c.namespace.clone();
+    let series = |name: &str| format!("{name}{{namespace=\"{namespace}\",service=\"web\"}}");
     // Counted once the figures stop moving (a few datagrams may be lost in the kernel's
     // queue before the forwarder reads them; a debug build opens flows slowly).
     let mut last = (-1.0, -1.0);
