@@ -568,7 +568,7 @@ async fn write_lease(client: &kube::Client, ns: &str, name: &str) -> Result<(), 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forwarder_can_write_only_its_own_heartbeat_lease() {
+async fn a_forwarder_can_write_only_its_own_heartbeat_lease_and_announced_condition() {
     let _serial = serial().await;
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
@@ -623,6 +623,67 @@ async fn a_forwarder_can_write_only_its_own_heartbeat_lease() {
             .await
             .is_err()
     );
+
+    // In a Service's status, it may write its own condition and nothing else.
+    let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), ns);
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "guarded" },
+        "spec": { "type": "LoadBalancer", "loadBalancerClass": "example.com/other",
+                  "ports": [{ "port": 80 }] },
+    }))
+    .unwrap();
+    svcs.create(&Default::default(), &svc).await.unwrap();
+    let status = |body: serde_json::Value| {
+        let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(a.clone(), ns);
+        async move {
+            api.patch_status(
+                "guarded",
+                &kube::api::PatchParams::apply("ferry-forwarder").force(),
+                &kube::api::Patch::Apply(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": { "name": "guarded" },
+                    "status": body,
+                })),
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    let condition = |type_: &str| {
+        serde_json::json!({ "type": type_, "status": "True", "reason": "Announced",
+            "message": "announcing", "lastTransitionTime": "2026-01-01T00:00:00Z" })
+    };
+    eventually(WAIT, "the Service status policy in force", || async {
+        status(serde_json::json!({ "loadBalancer": { "ingress": [{ "ip": "192.0.2.99" }] } }))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    status(serde_json::json!({ "conditions": [condition("ferry.dev/Announced")] }))
+        .await
+        .expect("its own condition");
+    for (what, body) in [
+        (
+            "the operator's condition",
+            serde_json::json!({ "conditions": [condition("ferry.dev/LoadBalancerReady")] }),
+        ),
+        (
+            "the ingress",
+            serde_json::json!({ "loadBalancer": { "ingress": [{ "ip": "192.0.2.99" }] } }),
+        ),
+    ] {
+        match status(body).await {
+            Err(kube::Error::Api(e)) => {
+                assert!(e.code == 403 || e.code == 422, "{what}: {e:?}");
+                assert!(
+                    e.message.contains("only the ferry.dev/Announced"),
+                    "{what}: {e:?}"
+                );
+            }
+            other => panic!("a forwarder writing {what}: {other:?}"),
+        }
+    }
     let out = helm(&["uninstall", "guard", "-n", ns], kubeconfig);
     assert!(out.status.success());
     for node in ["guard-node-a"] {
