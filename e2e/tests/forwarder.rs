@@ -991,6 +991,18 @@ async fn the_service_says_which_node_announces_it_and_when_none_can() {
         (c.forwarder(&owner).metric(&healthy) == Some(3.0)).then_some(())
     })
     .await;
+    // Kernel mode counts the Service's new connections too, from its nftables counters.
+    assert_eq!(c.spread(&web, 80, 12).len(), 3);
+    let connections = format!(
+        "ferry_forwarder_connections_total{{namespace=\"{}\",service=\"web\"}}",
+        c.namespace
+    );
+    eventually(
+        WAIT,
+        "the kernel's new connections in the metrics",
+        || async { (c.forwarder(&owner).metric(&connections) >= Some(12.0)).then_some(()) },
+    )
+    .await;
 
     // The owner's forwarder dies: the new owner says so, once.
     let i = c.node_index(&owner);

@@ -151,6 +151,16 @@ impl Dataplane {
         Ok(failures)
     }
 
+    /// Adds what the kernel counted since the last call to the per-Service connection
+    /// counters (the userspace side counts its own as it relays).
+    pub async fn collect_counts(&mut self, metrics: &Metrics) {
+        if let Paths::Kernel(kernel, _, _) = &mut self.forwarding {
+            for (service, n) in kernel.new_connections().await {
+                metrics.dataplane.service(&service).counted(n);
+            }
+        }
+    }
+
     /// Whether the frontends of a refused VIP could be set up now, without taking the VIP:
     /// listeners bind before their address is on the interface (IP_FREEBIND).
     pub fn probe(&self, frontends: &[Frontend]) -> std::io::Result<()> {

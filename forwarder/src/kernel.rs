@@ -255,9 +255,10 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
         // fe_i picks a backend for a new connection and be_i_j steers the packet there;
         // nat_i binds the connection to where it was steered, unless the node's own NodePort
         // implementation (kube-proxy) already took it.
+        // Only first packets enter fe_i: its counter counts new connections (`counters`).
         let _ = writeln!(
             chains,
-            "\tchain fe_{i} {{\n\t\tcomment \"{} {}/{}\"",
+            "\tchain fe_{i} {{\n\t\tcomment \"{} {}/{}\"\n\t\tcounter",
             f.service,
             f.port,
             p.to_uppercase()
@@ -397,9 +398,8 @@ pub(crate) async fn nft(script: &str) -> Result<(), KernelError> {
     }
 }
 
-/// The recent clients in this node's affinity sets now (none when the table cannot be read,
-/// e.g. before it exists).
-async fn current_affinity_clients() -> AffinityClients {
+/// `nft -j list table` of ferry's table (`None` when it cannot be read, e.g. before it exists).
+async fn list_table() -> Option<String> {
     let listed = Command::new("nft")
         .args(["-j", "list", "table", "inet", TABLE])
         .stdin(Stdio::null())
@@ -408,9 +408,9 @@ async fn current_affinity_clients() -> AffinityClients {
         .output();
     match tokio::time::timeout(NFT_TIMEOUT, listed).await {
         Ok(Ok(out)) if out.status.success() => {
-            affinity_clients(&String::from_utf8_lossy(&out.stdout))
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
         }
-        _ => AffinityClients::new(),
+        _ => None,
     }
 }
 
@@ -418,6 +418,11 @@ async fn current_affinity_clients() -> AffinityClients {
 #[derive(Debug, Default)]
 pub struct Kernel {
     applied: Option<String>,
+    /// The frontends of the table in place, in their chains' order (`fe_<i>` is the i-th).
+    in_place: Vec<Frontend>,
+    counted: crate::counters::Deltas,
+    /// Counts taken from a table before it was replaced, not yet reported.
+    pending: Vec<(String, u64)>,
 }
 
 impl Kernel {
@@ -436,10 +441,21 @@ impl Kernel {
         if self.applied.as_deref() == Some(script.as_str()) {
             return Ok(());
         }
-        let kept = if script.contains("\tset aff_") {
-            current_affinity_clients().await
+        // One read of the old table: its recent affinity clients, and what it counted
+        // before it goes.
+        let wants_clients = script.contains("\tset aff_");
+        let listed = if wants_clients || !self.in_place.is_empty() {
+            list_table().await
         } else {
-            AffinityClients::new()
+            None
+        };
+        let kept = match &listed {
+            Some(listed) if wants_clients => affinity_clients(listed),
+            _ => AffinityClients::new(),
+        };
+        let counted = match &listed {
+            Some(listed) => self.counts_in(listed),
+            None => Vec::new(),
         };
         if kept.is_empty() {
             nft(&script).await?;
@@ -447,12 +463,38 @@ impl Kernel {
             nft(&ruleset(frontends, &kept)).await?;
         }
         self.applied = Some(script);
+        self.in_place = servable(frontends);
+        self.counted.reset();
+        self.pending.extend(counted);
         Ok(())
+    }
+
+    /// New connections per Service (`namespace/name`) since the last call, as the table's
+    /// steering counters have them (nothing when the table cannot be read).
+    pub async fn new_connections(&mut self) -> Vec<(String, u64)> {
+        let mut out = std::mem::take(&mut self.pending);
+        if self.in_place.is_empty() {
+            return out;
+        }
+        if let Some(listed) = list_table().await {
+            out.extend(self.counts_in(&listed));
+        }
+        out
+    }
+
+    /// What the table listed in `listed` counted since the last read, per Service.
+    fn counts_in(&mut self, listed: &str) -> Vec<(String, u64)> {
+        let deltas = self.counted.take(crate::counters::chain_counts(listed));
+        deltas
+            .into_iter()
+            .filter_map(|(i, n)| Some((self.in_place.get(i)?.service.clone(), n)))
+            .collect()
     }
 
     /// Removes the table.
     pub async fn clear(&mut self) -> Result<(), KernelError> {
         self.applied = None;
+        self.in_place.clear();
         nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).await
     }
 }

@@ -14,6 +14,7 @@
 pub mod announce;
 pub mod balance;
 pub mod config;
+pub mod counters;
 pub mod dataplane;
 pub mod guard;
 pub mod health;

@@ -75,6 +75,10 @@ impl ServiceMetrics {
         self.connections.inc();
         self.active.inc();
     }
+    /// New connections the kernel data plane counted.
+    pub fn counted(&self, n: u64) {
+        self.connections.inc_by(n);
+    }
     pub fn closed(&self) {
         self.active.dec();
     }
@@ -144,7 +148,7 @@ impl Metrics {
         let d = DataplaneMetrics::default();
         r.register(
             "ferry_forwarder_connections",
-            "TCP connections relayed (userspace path), by Service",
+            "New connections forwarded, by Service: TCP connections relayed in userspace, and new TCP connections and UDP flows steered by nftables in kernel mode",
             d.connections.clone(),
         );
         r.register(

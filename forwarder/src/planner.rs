@@ -36,6 +36,8 @@ use crate::report::{self, Mode, Reporter};
 pub const RESYNC: Duration = Duration::from_secs(10);
 /// Changes arriving within this window are applied together.
 const SETTLE: Duration = Duration::from_millis(20);
+/// How often the kernel's connection counters are read (besides before each table change).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
 /// How long the withdrawal at shutdown may take.
 const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -139,6 +141,7 @@ pub struct Planner {
     trusted: BTreeSet<String>,
     last_verdict: Option<(bool, bool)>,
     refusals: Refusals,
+    last_counts: Instant,
 }
 
 /// The pools the operator of this class allocates from (the same validation, so both agree
@@ -165,6 +168,7 @@ impl Planner {
             last_live: None,
             trusted: BTreeSet::new(),
             last_verdict: None,
+            last_counts: now,
         }
     }
 
@@ -377,6 +381,11 @@ impl Planner {
         }
         self.refusals
             .succeeded(plan.announce.iter().copied().collect::<Vec<_>>());
+        if self.last_counts.elapsed() >= COUNT_EVERY {
+            self.last_counts = Instant::now();
+            let metrics = self.outputs.metrics.clone();
+            self.outputs.dataplane.collect_counts(&metrics).await;
+        }
         let metrics = self.outputs.metrics.clone();
         metrics.live_forwarders.set(live.len() as i64);
         let notices: BTreeSet<Notice> = notices.into_iter().collect();
