@@ -273,7 +273,7 @@ pub async fn run_with_client(
     let mode = crate::report::Mode(match config.announce {
         Announce::Netlink => dataplane.describe().to_string(),
         Announce::None => format!(
-            "{}; the address is local here, not announced (--announce none)",
+            "{}; the address is already local here and not announced: --announce none",
             dataplane.describe()
         ),
     });
