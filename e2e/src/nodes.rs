@@ -21,6 +21,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -182,7 +183,7 @@ fn echo_line(node: &SimulatedNode, target: &Target) -> String {
 async fn serve_tcp(
     listener: TcpListener,
     node: SimulatedNode,
-    target: Target,
+    target: watch::Receiver<Target>,
     slices: Store<EndpointSlice>,
 ) {
     loop {
@@ -190,7 +191,8 @@ async fn serve_tcp(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (node, target, slices) = (node.clone(), target.clone(), slices.clone());
+        let target = target.borrow().clone();
+        let (node, slices) = (node.clone(), slices.clone());
         tokio::spawn(async move {
             if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Tcp) {
                 match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint))
@@ -245,7 +247,7 @@ async fn serve_tcp(
 async fn serve_udp(
     socket: UdpSocket,
     node: SimulatedNode,
-    target: Target,
+    target: watch::Receiver<Target>,
     slices: Store<EndpointSlice>,
 ) {
     let socket = Arc::new(socket);
@@ -254,6 +256,7 @@ async fn serve_udp(
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
             continue;
         };
+        let target = target.borrow().clone();
         if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Udp) {
             // One request, one reply: enough for DNS-like tests.
             let payload = buf[..n].to_vec();
@@ -328,6 +331,39 @@ impl Drop for Responders {
     }
 }
 
+/// A NodePort being served, and what it serves (changed in place when only the Service's
+/// port or name changes, so the listener is never closed and opened again).
+struct Serving {
+    target: watch::Sender<Target>,
+    task: JoinHandle<()>,
+}
+
+/// Listens for `binding` and serves `target` there.
+async fn serve(
+    binding: &Binding,
+    node: SimulatedNode,
+    target: watch::Receiver<Target>,
+    slices: &Store<EndpointSlice>,
+) -> std::io::Result<JoinHandle<()>> {
+    let addr = SocketAddr::new(IpAddr::V4(node.ip), binding.node_port);
+    Ok(match binding.proto {
+        Proto::Tcp => {
+            let l = TcpListener::bind(addr).await?;
+            tokio::spawn(serve_tcp(l, node, target, slices.clone()))
+        }
+        Proto::Udp => {
+            let s = UdpSocket::bind(addr).await?;
+            tokio::spawn(serve_udp(s, node, target, slices.clone()))
+        }
+    })
+}
+
+/// How soon a NodePort that could not be bound is tried again (the listener of a Service
+/// just deleted may still be closing; a host process may hold the port for a while).
+const REBIND: Duration = Duration::from_millis(250);
+
+/// Serves every Service NodePort on every simulated node, following each Service change as
+/// kube-proxy does (port, nodePort, protocol, type, deletion), until dropped.
 pub fn start_responders(client: Client, nodes: Vec<SimulatedNode>) -> Responders {
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let slice_watch = watcher(
@@ -338,54 +374,74 @@ pub fn start_responders(client: Client, nodes: Vec<SimulatedNode>) -> Responders
     .reflect(slice_writer)
     .for_each(|_| async {});
     let (services, svc_writer) = reflector::store::<Service>();
-    let svc_changes = watcher(Api::<Service>::all(client), watcher::Config::default())
+    // Every event, deletions included, is a reason to look again.
+    let svc_events = watcher(Api::<Service>::all(client), watcher::Config::default())
         .default_backoff()
-        .reflect(svc_writer)
-        .touched_objects();
+        .reflect(svc_writer);
     let main = tokio::spawn(async move {
-        let mut live: HashMap<Binding, (Target, JoinHandle<()>)> = HashMap::new();
-        futures::pin_mut!(svc_changes);
-        while let Some(change) = svc_changes.next().await {
-            if let Err(err) = change {
-                warn!(error = %err, "watching Services");
-                continue;
+        let mut live: HashMap<Binding, Serving> = HashMap::new();
+        let mut unbound = false;
+        // Failed binds per NodePort: a passing failure (a listener still closing) is a debug
+        // line, a lasting one (about 2 s) one warning.
+        let mut failures: HashMap<Binding, u32> = HashMap::new();
+        futures::pin_mut!(svc_events);
+        loop {
+            tokio::select! {
+                event = svc_events.next() => match event {
+                    Some(Err(err)) => {
+                        warn!(error = %err, "watching Services");
+                        continue;
+                    }
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
+                _ = tokio::time::sleep(REBIND), if unbound => {}
             }
             let wanted: HashMap<Binding, Target> = services
                 .state()
                 .iter()
                 .flat_map(|s| bindings_of(s, &nodes))
                 .collect();
-            live.retain(|binding, (target, task)| {
-                let keep = wanted.get(binding) == Some(target);
+            failures.retain(|binding, _| wanted.contains_key(binding));
+            live.retain(|binding, serving| {
+                let keep = wanted.contains_key(binding);
                 if !keep {
-                    task.abort();
+                    serving.task.abort();
                 }
                 keep
             });
+            unbound = false;
             for (binding, target) in wanted {
-                if live.contains_key(&binding) {
+                if let Some(serving) = live.get(&binding) {
+                    serving.target.send_if_modified(|t| {
+                        let changed = *t != target;
+                        *t = target.clone();
+                        changed
+                    });
                     continue;
                 }
-                let node = nodes[binding.node].clone();
-                let addr = SocketAddr::new(IpAddr::V4(node.ip), binding.node_port);
-                let task = match binding.proto {
-                    Proto::Tcp => match TcpListener::bind(addr).await {
-                        Ok(l) => tokio::spawn(serve_tcp(l, node, target.clone(), slices.clone())),
-                        Err(err) => {
-                            warn!(%addr, error = %err, "cannot listen for a NodePort");
-                            continue;
-                        }
-                    },
-                    Proto::Udp => match UdpSocket::bind(addr).await {
-                        Ok(s) => tokio::spawn(serve_udp(s, node, target.clone(), slices.clone())),
-                        Err(err) => {
-                            warn!(%addr, error = %err, "cannot listen for a NodePort");
-                            continue;
-                        }
-                    },
+                let Some(node) = nodes.get(binding.node).cloned() else {
+                    continue;
                 };
-                info!(%addr, proto = ?binding.proto, service = %format!("{}/{}", target.namespace, target.service), "serving NodePort");
-                live.insert(binding, (target, task));
+                let addr = SocketAddr::new(IpAddr::V4(node.ip), binding.node_port);
+                let (tx, rx) = watch::channel(target.clone());
+                match serve(&binding, node, rx, &slices).await {
+                    Ok(task) => {
+                        info!(%addr, proto = ?binding.proto, service = %format!("{}/{}", target.namespace, target.service), "serving NodePort");
+                        failures.remove(&binding);
+                        live.insert(binding, Serving { target: tx, task });
+                    }
+                    Err(err) => {
+                        let n = failures.entry(binding).or_default();
+                        *n += 1;
+                        if *n == 8 {
+                            warn!(%addr, error = %err, "cannot listen for a NodePort; still trying");
+                        } else {
+                            debug!(%addr, error = %err, attempt = *n, "cannot listen for a NodePort yet");
+                        }
+                        unbound = true;
+                    }
+                }
             }
         }
     });

@@ -253,3 +253,120 @@ fn kubectl_sees_an_external_ip_within_seconds() {
     assert!(status.success(), "{status}");
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// One UDP datagram to `addr` and its answer, or an empty string when none comes.
+fn udp_ask(addr: &str) -> String {
+    let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.send_to(b"who", addr).is_err() {
+        return String::new();
+    }
+    let mut buf = [0u8; 512];
+    match s.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits until `check` holds, for at most 15 s.
+fn within(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The upstream LoadBalancer e2e tests change a Service under a live balancer: the simulated
+/// nodes follow each change as kube-proxy does. Without forwarders, nothing else writes the
+/// Service between the changes, so each change alone must be enough.
+#[test]
+fn the_simulated_nodes_follow_every_service_change_and_sigterm_stops_the_sandbox() {
+    let mut sandbox = start_sandbox_with(&[
+        "--nodes",
+        "2",
+        "--pool",
+        "127.242.0.0/28",
+        "--no-forwarders",
+    ]);
+    let kc = sandbox.kubeconfig.clone();
+    let dir = kc.parent().unwrap().to_path_buf();
+    let manifest = dir.join("follow.yaml");
+    let apply = |kind: &str, port: u16, node_port: Option<u16>, protocol: &str| {
+        let node_port = node_port
+            .map(|p| format!("\n      nodePort: {p}"))
+            .unwrap_or_default();
+        std::fs::write(
+            &manifest,
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: follow\n  namespace: default\nspec:\n  type: {kind}\n  ports:\n    - name: p\n      port: {port}\n      protocol: {protocol}{node_port}\n"
+            ),
+        )
+        .unwrap();
+        kubectl(&kc, &["apply", "-f", manifest.to_str().unwrap()]);
+    };
+    let echo = |port: u16| format!("service=default/follow port={port}");
+
+    apply("LoadBalancer", 80, Some(30180), "TCP");
+    within("the NodePort answers", || {
+        http_get("127.0.1.1:30180").contains(&echo(80))
+    });
+    // The Service's port changes, its NodePort stays: the node answers for the new port
+    // (before, it stopped answering on the NodePort, and the EXTERNAL-IP accepted and closed
+    // every connection).
+    apply("LoadBalancer", 8080, Some(30180), "TCP");
+    within("the NodePort answers for the new port", || {
+        http_get("127.0.1.2:30180").contains(&echo(8080))
+    });
+
+    // The NodePort changes: the new one answers, the old one is closed.
+    apply("LoadBalancer", 8080, Some(30181), "TCP");
+    within("the new NodePort answers", || {
+        http_get("127.0.1.1:30181").contains(&echo(8080))
+    });
+    within("the old NodePort closed", || {
+        http_get("127.0.1.1:30180").is_empty()
+    });
+
+    // TCP becomes UDP on the same NodePort.
+    apply("LoadBalancer", 8080, Some(30181), "UDP");
+    within("the NodePort answers UDP", || {
+        udp_ask("127.0.1.2:30181").contains(&echo(8080))
+    });
+    within("the NodePort no longer takes TCP", || {
+        http_get("127.0.1.2:30181").is_empty()
+    });
+
+    // A ClusterIP Service has no NodePort; back to LoadBalancer, it has one again.
+    apply("ClusterIP", 8080, None, "UDP");
+    within("no NodePort for a ClusterIP Service", || {
+        udp_ask("127.0.1.1:30181").is_empty()
+    });
+    apply("LoadBalancer", 80, Some(30182), "TCP");
+    within("the NodePort of the LoadBalancer again", || {
+        http_get("127.0.1.1:30182").contains(&echo(80))
+    });
+
+    kubectl(&kc, &["delete", "svc", "follow", "--timeout=20s"]);
+    within("nothing on the NodePort of a deleted Service", || {
+        http_get("127.0.1.1:30182").is_empty()
+    });
+
+    // SIGTERM, as a process manager stops it: a clean exit that removes its folder.
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(sandbox.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = sandbox.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sandbox did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}

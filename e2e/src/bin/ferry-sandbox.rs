@@ -261,9 +261,9 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     say!(
         "  curl http://{first}:$(kubectl get svc web -o jsonpath='{{.spec.ports[0].nodePort}}')   # a node's NodePort"
     );
-    say!("Ctrl-C stops the sandbox and removes everything it created.");
+    say!("Ctrl-C (or SIGTERM) stops the sandbox and removes everything it created.");
 
-    tokio::signal::ctrl_c().await?;
+    ferry_runtime::shutdown_signal().await;
     eprintln!("ferry-sandbox: stopping");
     let _ = stop_tx.send(true);
     for f in forwarders {
@@ -351,8 +351,8 @@ async fn run_cloud(
     for line in cloud.inspect() {
         say!("{line}");
     }
-    say!("Ctrl-C stops the sandbox and removes everything it created.");
-    tokio::signal::ctrl_c().await?;
+    say!("Ctrl-C (or SIGTERM) stops the sandbox and removes everything it created.");
+    ferry_runtime::shutdown_signal().await;
     eprintln!("ferry-sandbox: stopping");
     drop(operator);
     drop(cloud);
