@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Events being published at once.
     event_slots: Arc<tokio::sync::Semaphore>,
+    /// The API server was seen to drop `ingress[].ipMode` from what was written.
+    ip_mode_dropped: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,6 +105,7 @@ impl Context {
             applied: Mutex::default(),
             failures: Mutex::default(),
             event_slots: Arc::new(tokio::sync::Semaphore::new(MAX_EVENTS_IN_FLIGHT)),
+            ip_mode_dropped: AtomicBool::new(false),
         }
     }
 
@@ -264,21 +268,40 @@ async fn patch_json(
     .map(|_| ())
 }
 
+/// Writes what differs of `ingress` and `readiness`; returns whether anything was written.
+/// An API server that drops `ipMode` (before Kubernetes 1.30, or with the LoadBalancerIPMode
+/// gate off) is noticed from its answer, and `ipMode` is left out of comparisons from then
+/// on: otherwise every reconcile would write the same status again, and the write's own
+/// watch event would start the next one.
 async fn write_status(
+    ctx: &Context,
     api: &Api<Service>,
     svc: &Service,
     ingress: Option<&[k8s_openapi::api::core::v1::LoadBalancerIngress]>,
     readiness: Option<&Readiness>,
 ) -> Result<bool, kube::Error> {
-    let Some(body) = status_patch(svc, ingress, readiness) else {
+    let ip_mode_kept = !ctx.ip_mode_dropped.load(Ordering::Relaxed);
+    let Some(body) = status_patch(svc, ingress, readiness, ip_mode_kept) else {
         return Ok(false);
     };
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch_status(&svc.name_any(), &params, &Patch::Strategic(&body))
+    let written = api
+        .patch_status(&svc.name_any(), &params, &Patch::Strategic(&body))
         .await?;
+    if ip_mode_kept
+        && let Some(sent) = ingress
+        && status::ip_mode_dropped(sent, &current_ingress(&written))
+        && !ctx.ip_mode_dropped.swap(true, Ordering::Relaxed)
+    {
+        warn!(
+            "this API server drops status.loadBalancer.ingress[].ipMode (Kubernetes before 1.30, \
+             or the LoadBalancerIPMode feature gate off): Services read as ipMode VIP, so the \
+             forwarders only announce their addresses and kube-proxy forwards the traffic"
+        );
+    }
     Ok(true)
 }
 
@@ -323,6 +346,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
             )
             .await;
             write_status(
+                ctx,
                 &api,
                 svc,
                 None,
@@ -421,6 +445,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
                 .await;
             }
             write_status(
+                ctx,
                 &api,
                 svc,
                 None,
@@ -456,8 +481,12 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     }
 
     let ingress = ingress_of(&observed);
-    let changed_ingress = current_ingress(svc) != ingress;
-    if write_status(&api, svc, Some(&ingress), Some(&Readiness::ready())).await? {
+    let changed_ingress = !status::same_ingress(
+        &current_ingress(svc),
+        &ingress,
+        !ctx.ip_mode_dropped.load(Ordering::Relaxed),
+    );
+    if write_status(ctx, &api, svc, Some(&ingress), Some(&Readiness::ready())).await? {
         debug!("status updated");
     }
     if only_targets {
@@ -510,7 +539,14 @@ async fn report_failure(
         "Ensure",
     )
     .await;
-    write_status(api, svc, None, Some(&Readiness::failed(reason, message))).await?;
+    write_status(
+        ctx,
+        api,
+        svc,
+        None,
+        Some(&Readiness::failed(reason, message)),
+    )
+    .await?;
     Ok(())
 }
 
@@ -540,7 +576,7 @@ async fn cleanup(
     // otherwise, until its finalizer goes (or after a crash, for as long as it stays), it
     // would show an address the next Service already has.
     if deleting && ours && !current_ingress(svc).is_empty() {
-        write_status(api, svc, Some(&[]), None).await?;
+        write_status(ctx, api, svc, Some(&[]), None).await?;
     }
     match ctx.call("delete", ctx.provider.delete(id)).await {
         Ok(()) => {}
@@ -565,7 +601,7 @@ async fn cleanup(
     }
     if !deleting {
         // The Service stays but is no longer ours: take back what ferry published.
-        write_status(api, svc, ours.then_some(&[][..]), None).await?;
+        write_status(ctx, api, svc, ours.then_some(&[][..]), None).await?;
     }
     release(api, svc, &ctx.class.class).await?;
     info!("load balancer deleted");

@@ -43,6 +43,8 @@ struct ApiServer {
     seen: Arc<Mutex<Vec<Seen>>>,
     fail: Arc<Mutex<Vec<(String, u16)>>>,
     services: Arc<Mutex<Vec<Service>>>,
+    /// What a status write answers, when set (else the Service as it was).
+    status_answer: Arc<Mutex<Option<Service>>>,
 }
 
 impl ApiServer {
@@ -52,11 +54,13 @@ impl ApiServer {
             seen: Arc::default(),
             fail: Arc::default(),
             services: Arc::new(Mutex::new(vec![service.clone()])),
+            status_answer: Arc::default(),
         };
-        let (seen, fail, services) = (
+        let (seen, fail, services, status_answer) = (
             server.seen.clone(),
             server.fail.clone(),
             server.services.clone(),
+            server.status_answer.clone(),
         );
         let echo = service.clone();
         tokio::spawn(async move {
@@ -92,6 +96,13 @@ impl ApiServer {
                     )
                 } else if path.ends_with("/events") {
                     (200, body)
+                } else if let Some(answer) = status_answer
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .filter(|_| method == "PATCH" && path.ends_with("/status"))
+                {
+                    (200, serde_json::to_value(&answer).unwrap())
                 } else if method == "GET" && path == "/api/v1/services" {
                     let items = services.lock().unwrap().clone();
                     (
@@ -1028,4 +1039,39 @@ async fn a_delete_the_cloud_is_still_carrying_out_keeps_the_finalizer_without_a_
         w.api.seen().iter().any(|s| s.is("PATCH", SVC)),
         "released once the delete is done"
     );
+}
+
+#[tokio::test]
+async fn an_api_server_that_drops_ip_mode_gets_one_status_write_not_a_loop() {
+    let svc = service("web").lb().port(80, 30080).finalized().build();
+    let w = world(&svc, FakeProvider::new(), &[]);
+    // As Kubernetes 1.29 keeps it: the address, without its ipMode.
+    let mut kept = provisioned(svc.clone(), "203.0.113.1");
+    if let Some(ingress) = kept
+        .status
+        .as_mut()
+        .and_then(|s| s.load_balancer.as_mut())
+        .and_then(|lb| lb.ingress.as_mut())
+    {
+        for i in ingress {
+            i.ip_mode = None;
+        }
+    }
+    *w.api.status_answer.lock().unwrap() = Some(kept.clone());
+    reconcile(Arc::new(svc), w.ctx.clone()).await.unwrap();
+    assert_eq!(w.api.status_patches().len(), 1);
+    // The write's own watch event brings the Service back as the server kept it.
+    for _ in 0..3 {
+        reconcile(Arc::new(kept.clone()), w.ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        w.api.status_patches().len(),
+        1,
+        "the same status was written again: {:?}",
+        w.api.status_patches()
+    );
+    let events: Vec<String> = w.api.events().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(events, ["EnsuredLoadBalancer"]);
 }

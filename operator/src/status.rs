@@ -89,10 +89,40 @@ pub fn current_condition(svc: &Service) -> Option<&Condition> {
 /// `None` when it already does. `ingress: None` leaves the ingress as it is (a failure never
 /// takes an address away); `readiness: None` removes ferry's condition (the Service is no
 /// longer ours). Conditions merge by type, so other controllers' conditions are kept.
+/// Whether `current` shows what `wanted` says; with `ip_mode_kept` false (an API server
+/// that drops `ipMode`) the modes are not compared.
+pub fn same_ingress(
+    current: &[LoadBalancerIngress],
+    wanted: &[LoadBalancerIngress],
+    ip_mode_kept: bool,
+) -> bool {
+    if ip_mode_kept {
+        return current == wanted;
+    }
+    let without_mode = |i: &[LoadBalancerIngress]| -> Vec<LoadBalancerIngress> {
+        i.iter()
+            .map(|i| LoadBalancerIngress {
+                ip_mode: None,
+                ..i.clone()
+            })
+            .collect()
+    };
+    without_mode(current) == without_mode(wanted)
+}
+
+/// Whether the API server's answer to a write of `sent` lost the `ipMode`s it carried.
+pub fn ip_mode_dropped(sent: &[LoadBalancerIngress], answered: &[LoadBalancerIngress]) -> bool {
+    sent.iter().any(|i| i.ip_mode.is_some())
+        && !answered.is_empty()
+        && answered.iter().all(|i| i.ip_mode.is_none())
+        && same_ingress(answered, sent, false)
+}
+
 pub fn status_patch(
     svc: &Service,
     ingress: Option<&[LoadBalancerIngress]>,
     readiness: Option<&Readiness>,
+    ip_mode_kept: bool,
 ) -> Option<serde_json::Value> {
     let generation = svc.metadata.generation;
     let old = current_condition(svc);
@@ -120,7 +150,7 @@ pub fn status_patch(
         }
         _ => false,
     };
-    let ingress_same = ingress.is_none_or(|i| current_ingress(svc) == i);
+    let ingress_same = ingress.is_none_or(|i| same_ingress(&current_ingress(svc), i, ip_mode_kept));
     if condition_same && ingress_same {
         return None;
     }
@@ -205,18 +235,18 @@ mod tests {
     fn nothing_is_written_when_the_service_already_shows_it() {
         let svc = service("web").lb().port(80, 30080).build();
         let ingress = ingress_of(&observed("192.0.2.1"));
-        let body =
-            status_patch(&svc, Some(&ingress), Some(&Readiness::ready())).expect("first write");
+        let body = status_patch(&svc, Some(&ingress), Some(&Readiness::ready()), true)
+            .expect("first write");
         // Feed the written status back: the next call writes nothing.
         let status: ServiceStatus = serde_json::from_value(body["status"].clone()).unwrap();
         let svc = with_status(
             status.load_balancer.unwrap().ingress.unwrap(),
             status.conditions.unwrap().pop(),
         );
-        assert!(status_patch(&svc, Some(&ingress), Some(&Readiness::ready())).is_none());
+        assert!(status_patch(&svc, Some(&ingress), Some(&Readiness::ready()), true).is_none());
         // A failure changes the condition and leaves the ingress alone.
         let failed = Readiness::failed("IPInUse", "taken");
-        let body = status_patch(&svc, None, Some(&failed)).unwrap();
+        let body = status_patch(&svc, None, Some(&failed), true).unwrap();
         assert_eq!(body["status"]["conditions"][0]["status"], "False");
         assert!(body["status"].get("loadBalancer").is_none());
     }
@@ -234,12 +264,36 @@ mod tests {
                 last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
             }),
         );
-        let body = status_patch(&svc, Some(&[]), None).unwrap();
+        let body = status_patch(&svc, Some(&[]), None, true).unwrap();
         assert_eq!(body["status"]["loadBalancer"], json!({ "ingress": null }));
         assert_eq!(
             body["status"]["conditions"],
             json!([{ "type": READY_CONDITION, "$patch": "delete" }])
         );
-        assert!(status_patch(&service("x").build(), Some(&[]), None).is_none());
+        assert!(status_patch(&service("x").build(), Some(&[]), None, true).is_none());
+    }
+
+    #[test]
+    fn an_api_server_that_drops_ip_mode_is_not_written_again_and_again() {
+        let sent = ingress_of(&observed("192.0.2.1"));
+        let mut kept_by_server = sent.clone();
+        kept_by_server[0].ip_mode = None;
+        assert!(ip_mode_dropped(&sent, &kept_by_server));
+        assert!(!ip_mode_dropped(&sent, &sent));
+        assert!(!ip_mode_dropped(&sent, &[]), "an empty answer says nothing");
+        let svc = with_status(kept_by_server.clone(), None);
+        let ready = Readiness::ready();
+        assert!(
+            status_patch(&svc, Some(&sent), None, true).is_some(),
+            "with ipMode kept, a missing mode is written"
+        );
+        assert!(
+            status_patch(&svc, Some(&sent), None, false).is_none(),
+            "with ipMode dropped, the same addresses are the same status"
+        );
+        assert!(
+            status_patch(&svc, Some(&ingress_of(&observed("192.0.2.2"))), None, false).is_some()
+        );
+        assert!(status_patch(&svc, Some(&sent), Some(&ready), false).is_some());
     }
 }
