@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# ferry on kind (needs Docker, kind, kubectl and helm): builds the image, creates a three-node
+# ferry on kind (needs Docker, kind, kubectl, helm and python3): builds the image, creates a three-node
 # cluster, installs the chart with a pool carved from the end of kind's Docker network, and
 # serves a small web Deployment through a LoadBalancer Service, reachable from this machine.
 # Usage: e2e/kind/up.sh            (e2e/kind/down.sh removes the cluster)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-for tool in docker kind kubectl helm; do
+for tool in docker kind kubectl helm python3; do
     command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required" >&2; exit 1; }
 done
 
