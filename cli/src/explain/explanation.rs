@@ -661,3 +661,266 @@ pub fn explain(o: &Observed) -> Explanation {
         problems,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_crds::{LoadBalancerPoolSpec, LoadBalancerPoolStatus};
+    use ferry_model::fixtures::{endpoint_slice, node, service};
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, PortStatus, ServiceStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn now() -> jiff::Timestamp {
+        jiff::Timestamp::from_second(NOW).unwrap()
+    }
+
+    fn pool(name: &str, addresses: &[&str], available: Option<i64>) -> LoadBalancerPool {
+        let mut p = LoadBalancerPool::new(name, LoadBalancerPoolSpec::with_addresses(addresses));
+        p.status = available.map(|available| LoadBalancerPoolStatus {
+            total: 2,
+            allocated: 2 - available,
+            available,
+            ..LoadBalancerPoolStatus::default()
+        });
+        p
+    }
+
+    /// A heartbeat of `node` renewed `ago` seconds before now, lasting 15 s.
+    fn heartbeat(node: &str, ago: i64) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("{LEASE_PREFIX}{node}")),
+                namespace: Some("ferry-system".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                lease_duration_seconds: Some(15),
+                renew_time: Some(MicroTime(jiff::Timestamp::from_second(NOW - ago).unwrap())),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    fn observed(svc: Service) -> Observed {
+        Observed {
+            services: vec![svc.clone()],
+            service: svc,
+            pools: vec![pool("lan", &["192.0.2.10-192.0.2.11"], Some(1))],
+            nodes: vec![
+                node("n1").ip("10.0.0.1").build(),
+                node("n2").ip("10.0.0.2").build(),
+            ],
+            slices: vec![],
+            leases: vec![heartbeat("n1", 1), heartbeat("n2", 2)],
+            events: vec![],
+            now: now(),
+        }
+    }
+
+    fn healthy() -> Service {
+        service("web")
+            .lb()
+            .port(80, 30080)
+            .finalized()
+            .ingress("192.0.2.10", "Proxy")
+            .build()
+    }
+
+    #[test]
+    fn a_healthy_service_names_its_pool_and_the_forwarders_owner() {
+        let e = explain(&observed(healthy()));
+        assert_eq!(e.problems, Vec::<String>::new());
+        assert!(e.ownership.ferrys);
+        assert!(e.ownership.finalizer);
+        assert_eq!(e.allocation.given.len(), 1);
+        assert_eq!(e.allocation.given[0].pool.as_deref(), Some("lan"));
+        let vip = &e.vips[0];
+        assert_eq!(vip.served_by, "ferry forwarder");
+        // The same owner as the forwarders compute.
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        assert_eq!(vip.owner.as_deref(), announce::owner(&ip, ["n1", "n2"]));
+        assert_eq!(vip.standings.len(), 2);
+        assert_eq!(vip.standings[0].node, vip.owner.clone().unwrap());
+        assert!(e.nodes.iter().all(|n| n.eligible && n.forwarder.alive));
+        assert_eq!(e.nodes[0].forwarder.renewed_seconds_ago, Some(1));
+        assert_eq!(e.ports[0].node_port, Some(30080));
+    }
+
+    #[test]
+    fn a_stale_heartbeat_is_a_dead_forwarder_and_nobody_announces() {
+        let mut o = observed(healthy());
+        o.leases = vec![heartbeat("n1", 60), heartbeat("n2", 16)];
+        let e = explain(&o);
+        assert!(e.nodes.iter().all(|n| !n.forwarder.alive));
+        assert_eq!(e.vips[0].owner, None);
+        assert!(
+            e.vips[0]
+                .standings
+                .iter()
+                .all(|s| s.standing == "no live forwarder")
+        );
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p == "no node announces 192.0.2.10: no live forwarder"),
+            "{:?}",
+            e.problems
+        );
+        // One live forwarder is enough, and it is the owner.
+        o.leases = vec![heartbeat("n1", 60), heartbeat("n2", 3)];
+        assert_eq!(explain(&o).vips[0].owner.as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn local_policy_needs_a_node_with_ready_endpoints() {
+        let svc = service("web")
+            .lb()
+            .port(80, 30080)
+            .local(30500)
+            .ingress("192.0.2.10", "Proxy")
+            .build();
+        let mut o = observed(svc);
+        let e = explain(&o);
+        assert_eq!(e.traffic_policy, "Local");
+        assert_eq!(e.vips[0].owner, None);
+        assert!(e.nodes.iter().all(|n| n.ready_endpoints == Some(false)));
+        assert!(e.problems.iter().any(|p| p.contains("ready endpoints")));
+        o.slices = vec![Arc::new(endpoint_slice(
+            "web",
+            &[("10.1.0.5", "n1", true), ("10.1.0.6", "n2", false)],
+        ))];
+        let e = explain(&o);
+        assert_eq!(e.vips[0].owner.as_deref(), Some("n1"));
+        assert_eq!(e.problems, Vec::<String>::new());
+    }
+
+    #[test]
+    fn another_class_is_not_ferrys() {
+        let svc = service("web")
+            .lb()
+            .class("example.com/lb")
+            .port(80, 0)
+            .build();
+        let e = explain(&observed(svc));
+        assert!(!e.ownership.ferrys);
+        assert!(
+            e.ownership
+                .summary
+                .contains("not ferry's (class example.com/lb)"),
+            "{}",
+            e.ownership.summary
+        );
+        assert_eq!(e.problems.len(), 1, "{:?}", e.problems);
+    }
+
+    #[test]
+    fn no_pool_and_a_full_pool_say_why_there_is_no_address() {
+        let svc = service("web").lb().port(80, 30080).build();
+        let mut o = observed(svc);
+        o.pools.clear();
+        let e = explain(&o);
+        assert!(
+            e.problems
+                .contains(&"no address: no LoadBalancerPool serves class ferry.dev/local".into()),
+            "{:?}",
+            e.problems
+        );
+        o.pools = vec![pool("lan", &["192.0.2.10-192.0.2.11"], Some(0))];
+        let e = explain(&o);
+        assert!(
+            e.problems.iter().any(|p| p.contains("full")),
+            "{:?}",
+            e.problems
+        );
+        assert_eq!(e.allocation.candidate_pools[0].available, Some(0));
+    }
+
+    #[test]
+    fn an_address_outside_every_pool_is_the_clouds() {
+        let svc = service("web")
+            .lb()
+            .class("ferry.dev/aws")
+            .port(80, 30080)
+            .ingress("198.51.100.7", "Proxy")
+            .build();
+        let e = explain(&observed(svc));
+        assert!(e.vips[0].served_by.contains("cloud provider"));
+        assert!(e.vips[0].standings.is_empty());
+    }
+
+    #[test]
+    fn ineligible_nodes_refusals_port_errors_conditions_and_events_are_shown() {
+        let mut svc = healthy();
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("192.0.2.10".into()),
+                    ip_mode: Some("Proxy".into()),
+                    ports: Some(vec![PortStatus {
+                        port: 80,
+                        protocol: "TCP".into(),
+                        error: Some("ListenFailed".into()),
+                    }]),
+                    ..LoadBalancerIngress::default()
+                }]),
+            }),
+            conditions: Some(vec![
+                Condition {
+                    type_: "ferry.dev/Announced".into(),
+                    status: "False".into(),
+                    reason: "NoLiveForwarder".into(),
+                    message: "nobody".into(),
+                    last_transition_time: Time(now()),
+                    observed_generation: None,
+                },
+                Condition {
+                    type_: "example.com/Other".into(),
+                    status: "False".into(),
+                    reason: "X".into(),
+                    message: "x".into(),
+                    last_transition_time: Time(now()),
+                    observed_generation: None,
+                },
+            ]),
+        });
+        let mut o = observed(svc);
+        o.nodes.push(node("n3").build());
+        let mut refusing = heartbeat("n1", 1);
+        refusing.metadata.annotations = Some(BTreeMap::from([(
+            REFUSED_ANNOTATION.to_string(),
+            "192.0.2.10".to_string(),
+        )]));
+        o.leases = vec![refusing, heartbeat("n2", 1)];
+        o.events = (0..8)
+            .map(|i| EventLine {
+                time: Some(format!("2027-01-01T00:00:0{i}Z")),
+                type_: "Normal".into(),
+                reason: format!("R{i}"),
+                message: "m".into(),
+                count: 1,
+            })
+            .rev()
+            .collect();
+        let e = explain(&o);
+        let n3 = e.nodes.iter().find(|n| n.name == "n3").unwrap();
+        assert_eq!(n3.ineligible.as_deref(), Some("no InternalIP address"));
+        assert_eq!(e.vips[0].owner.as_deref(), Some("n2"));
+        assert_eq!(e.ports[0].errors, vec!["192.0.2.10: ListenFailed"]);
+        assert_eq!(e.conditions.len(), 1);
+        assert_eq!(e.events.len(), EVENTS_SHOWN);
+        assert_eq!(e.events.last().unwrap().reason, "R7");
+        assert!(e.problems.iter().any(|p| p.contains("ListenFailed")));
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.contains("ferry.dev/Announced is False"))
+        );
+        let text = super::super::render::render(&e);
+        assert!(text.contains("ineligible: no InternalIP address"), "{text}");
+        assert!(text.contains("refuses 192.0.2.10"), "{text}");
+    }
+}

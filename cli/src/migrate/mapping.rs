@@ -358,3 +358,238 @@ pub fn pools_yaml(pools: &[LoadBalancerPool]) -> Result<String, serde_yaml::Erro
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::source::documents;
+
+    fn run(yaml: &str) -> Migration {
+        migrate(&documents(yaml).unwrap())
+    }
+
+    fn has(report: &[String], needle: &str) -> bool {
+        report.iter().any(|l| l.contains(needle))
+    }
+
+    const POOLS: &str = r#"
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: first-pool
+  namespace: metallb-system
+spec:
+  addresses:
+  - 192.168.10.0/24
+  - 192.168.9.1 - 192.168.9.5
+  - fc00:f853:0ccd:e799::/124
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: cheap
+  namespace: metallb-system
+  labels:
+    tier: cheap
+spec:
+  addresses: ["192.168.20.0/28"]
+  autoAssign: false
+  avoidBuggyIPs: true
+  serviceAllocation:
+    priority: 50
+    namespaces: [team-a, team-b]
+    serviceSelectors:
+    - matchExpressions:
+      - {key: app, operator: In, values: [web]}
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata:
+  name: l2
+  namespace: metallb-system
+spec:
+  ipAddressPools: [first-pool]
+"#;
+
+    #[test]
+    fn pools_keep_addresses_flags_and_selectors() {
+        let m = run(POOLS);
+        assert_eq!(m.pools.len(), 2);
+        let first = &m.pools[0];
+        assert_eq!(first.metadata.name.as_deref(), Some("first-pool"));
+        assert_eq!(
+            first.spec.addresses,
+            [
+                "192.168.10.0/24",
+                "192.168.9.1-192.168.9.5",
+                "fc00:f853:0ccd:e799::/124"
+            ]
+        );
+        assert!(first.spec.auto_assign);
+        assert!(first.metadata.namespace.is_none());
+        let cheap = &m.pools[1];
+        assert!(!cheap.spec.auto_assign);
+        assert!(cheap.spec.avoid_buggy_ips);
+        let ns = cheap.spec.namespace_selector.clone().unwrap();
+        let want = Selector::try_from(ns).unwrap();
+        assert!(want.matches(&BTreeMap::from([(
+            NAMESPACE_NAME_LABEL.to_string(),
+            "team-b".to_string()
+        )])));
+        assert!(!want.matches(&BTreeMap::from([(
+            NAMESPACE_NAME_LABEL.to_string(),
+            "team-c".to_string()
+        )])));
+        assert!(cheap.spec.service_selector.is_some());
+        assert!(has(&m.report, "cheap: serviceAllocation.priority 50"));
+        // Only first-pool is advertised: cheap is allocated but never announced by MetalLB.
+        assert!(has(
+            &m.report,
+            "pool cheap: no L2Advertisement advertises it"
+        ));
+        assert!(!has(&m.report, "pool first-pool:"));
+    }
+
+    #[test]
+    fn the_yaml_is_loadbalancerpools_without_status() {
+        let m = run(POOLS);
+        let yaml = pools_yaml(&m.pools).unwrap();
+        assert!(!yaml.contains("status"), "{yaml}");
+        let back: Vec<LoadBalancerPool> = documents(&yaml)
+            .unwrap()
+            .into_iter()
+            .map(|d| serde_yaml::from_value(d).unwrap())
+            .collect();
+        assert_eq!(back, m.pools);
+        assert!(yaml.contains("apiVersion: ferry.dev/v1alpha1"));
+    }
+
+    #[test]
+    fn selected_pools_and_advertisements_for_all_count_as_advertised() {
+        let by_selector = format!(
+            "{}\n---\napiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: sel}}\nspec:\n  ipAddressPoolSelectors:\n  - matchLabels: {{tier: cheap}}\n  interfaces: [eth0]\n  nodeSelectors:\n  - matchLabels: {{kubernetes.io/hostname: n1}}\n",
+            POOLS
+        );
+        let m = run(&by_selector);
+        assert!(
+            !has(&m.report, "no L2Advertisement advertises"),
+            "{:?}",
+            m.report
+        );
+        assert!(has(&m.report, "L2Advertisement sel: interfaces"));
+        assert!(has(&m.report, "L2Advertisement sel: nodeSelectors"));
+        let all = "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: p}\nspec: {addresses: [10.0.0.0/30]}\n---\nkind: L2Advertisement\nmetadata: {name: all}\n";
+        assert!(!has(&run(all).report, "advertises"));
+    }
+
+    #[test]
+    fn bgp_is_reported_and_not_carried_over() {
+        let yaml = r#"
+kind: IPAddressPool
+metadata: {name: bgp-pool}
+spec: {addresses: [10.0.0.0/29]}
+---
+kind: BGPAdvertisement
+metadata: {name: adv}
+spec: {ipAddressPools: [bgp-pool], communities: [65535:65282]}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {name: peer}
+spec: {myASN: 64500, peerASN: 64501, peerAddress: 10.0.0.1}
+---
+kind: Community
+metadata: {name: c}
+"#;
+        let m = run(yaml);
+        assert_eq!(m.pools.len(), 1);
+        assert!(has(&m.report, "BGPAdvertisement adv is not carried over"));
+        assert!(has(&m.report, "BGPPeer peer is not carried over"));
+        assert!(has(&m.report, "Community c is not carried over"));
+        assert!(has(
+            &m.report,
+            "pool bgp-pool: MetalLB advertises it over BGP only"
+        ));
+    }
+
+    #[test]
+    fn bad_addresses_and_or_of_selectors_are_reported_not_guessed() {
+        let yaml = r#"
+kind: IPAddressPool
+metadata: {name: p}
+spec:
+  addresses: [10.0.0.0/30, not-an-address]
+  serviceAllocation:
+    namespaceSelectors:
+    - matchLabels: {a: b}
+    - matchLabels: {c: d}
+"#;
+        let m = run(yaml);
+        assert_eq!(m.pools[0].spec.addresses, ["10.0.0.0/30"]);
+        assert!(m.pools[0].spec.namespace_selector.is_none());
+        assert!(has(&m.report, "address \"not-an-address\""));
+        assert!(has(&m.report, "namespaces not carried over"));
+    }
+
+    #[test]
+    fn the_legacy_configmap_gives_its_layer2_pools() {
+        let yaml = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {namespace: metallb-system, name: config}
+data:
+  config: |
+    peers:
+    - peer-address: 10.0.0.1
+      peer-asn: 64501
+      my-asn: 64500
+    address-pools:
+    - name: default
+      protocol: layer2
+      addresses:
+      - 192.168.1.240-192.168.1.250
+      auto-assign: false
+    - name: bgp
+      protocol: bgp
+      addresses: [198.51.100.0/24]
+"#;
+        let m = run(yaml);
+        assert_eq!(m.pools.len(), 1);
+        assert_eq!(m.pools[0].spec.addresses, ["192.168.1.240-192.168.1.250"]);
+        assert!(!m.pools[0].spec.auto_assign);
+        assert!(has(&m.report, "legacy pool bgp: protocol bgp"));
+        assert!(has(&m.report, "BGP peers"));
+        assert!(!has(&m.report, "no L2Advertisement"));
+    }
+
+    #[test]
+    fn service_annotations_and_lists_are_read() {
+        let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: web
+    namespace: shop
+    annotations:
+      metallb.universe.tf/loadBalancerIPs: 192.168.10.5
+      metallb.io/allow-shared-ip: key
+      metallb.io/address-pool: first-pool
+      metallb.io/ip-allocated-from-pool: first-pool
+"#;
+        let m = run(yaml);
+        assert!(has(
+            &m.report,
+            "shop/web: annotation metallb.universe.tf/loadBalancerIPs read by ferry"
+        ));
+        assert!(has(&m.report, "metallb.io/allow-shared-ip read by ferry"));
+        assert!(has(&m.report, "metallb.io/address-pool read by ferry"));
+        assert!(has(
+            &m.report,
+            "metallb.io/ip-allocated-from-pool has no ferry equivalent"
+        ));
+        assert!(m.pools.is_empty());
+    }
+}
