@@ -113,7 +113,7 @@ fn migrate(args: &[&str], stdin: Option<&str>) -> Run {
     let mut child = std::process::Command::new(binary("ferry").unwrap())
         .arg("migrate")
         .args(args)
-        .env("KUBECONFIG", &shared_kubeconfig())
+        .env("KUBECONFIG", shared_kubeconfig())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

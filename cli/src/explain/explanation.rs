@@ -232,7 +232,10 @@ fn ownership(svc: &Service, pools: &[LoadBalancerPool]) -> Ownership {
     let serving = match &class {
         Some(c) if ferrys => format!("class {c} (a ferry instance)"),
         Some(c) => format!("not ferry's (class {c})"),
-        None => "no class: the cluster's default implementation (ferry if an instance runs with --default-class=true)".to_string(),
+        None => match &provisioned {
+            Some(p) => format!("no class: the cluster's default implementation, ferry ({p})"),
+            None => "no class: the cluster's default implementation (ferry if an instance runs with --default-class=true)".to_string(),
+        },
     };
     let record = match (&provisioned, finalizer) {
         (Some(p), true) => format!("provisioned by {p}, finalizer held"),
