@@ -79,7 +79,7 @@ impl Ineligible {
     pub fn describe(self) -> &'static str {
         match self {
             Ineligible::Excluded => {
-                "excluded by label node.kubernetes.io/exclude-from-external-load-balancers"
+                "labelled node.kubernetes.io/exclude-from-external-load-balancers"
             }
             Ineligible::BeingDeleted => "being deleted",
             Ineligible::AutoscalerTaint => "tainted ToBeDeletedByClusterAutoscaler",
