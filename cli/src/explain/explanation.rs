@@ -802,6 +802,30 @@ mod tests {
     }
 
     #[test]
+    fn the_json_structure_is_the_documented_one() {
+        let v = serde_json::to_value(explain(&observed(healthy()))).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "allocation",
+                "conditions",
+                "events",
+                "nodes",
+                "ownership",
+                "ports",
+                "problems",
+                "service",
+                "trafficPolicy",
+                "vips"
+            ]
+        );
+        assert_eq!(v["vips"][0]["servedBy"], "ferry forwarder");
+        assert_eq!(v["nodes"][0]["forwarder"]["leaseDurationSeconds"], 15);
+        assert_eq!(v["allocation"]["given"][0]["ipMode"], "Proxy");
+    }
+
+    #[test]
     fn another_class_is_not_ferrys() {
         let svc = service("web")
             .lb()

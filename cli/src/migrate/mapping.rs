@@ -184,6 +184,10 @@ fn legacy_config(doc: &Value, report: &mut Vec<String>) -> Vec<MetallbPool> {
             return Vec::new();
         }
     };
+    if get(&config, &["address-pools"]).is_none() && get(&config, &["peers"]).is_none() {
+        // Some other program's ConfigMap with a `config` key.
+        return Vec::new();
+    }
     report.push(
         "note: legacy ConfigMap configuration (MetalLB before v0.13) read; its layer2 pools are carried over"
             .into(),
@@ -560,6 +564,15 @@ data:
         assert!(has(&m.report, "legacy pool bgp: protocol bgp"));
         assert!(has(&m.report, "BGP peers"));
         assert!(!has(&m.report, "no L2Advertisement"));
+    }
+
+    #[test]
+    fn other_configmaps_are_not_metallbs() {
+        let m = run(
+            "kind: ConfigMap\nmetadata: {name: config}\ndata:\n  config: |\n    log-level: debug\n",
+        );
+        assert!(m.pools.is_empty());
+        assert!(m.report.is_empty(), "{:?}", m.report);
     }
 
     #[test]
