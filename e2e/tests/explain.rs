@@ -49,6 +49,8 @@ async fn explain_json(kubeconfig: &std::path::Path, ns: &str, name: &str) -> Val
     )
     .await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // Every list succeeded (a failed one is a warning on stderr).
+    assert_eq!(out.stderr, "");
     serde_json::from_str(&out.stdout).unwrap()
 }
 
@@ -174,6 +176,11 @@ async fn explain_says_why_a_service_does_or_does_not_work() {
             let ip = wait_for_ingress(&svcs, "web", WAIT).await;
             let e = explained_as(&kubeconfig, &ns, "web", "web explained as healthy", |e| {
                 e["problems"].as_array().unwrap().is_empty()
+                    && e["events"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|ev| ev["reason"] == "EnsuredLoadBalancer")
             })
             .await;
             assert_eq!(e["allocation"]["given"][0]["address"], ip.as_str());
