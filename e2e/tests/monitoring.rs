@@ -4,6 +4,7 @@
 //! name found on a running operator's and forwarder's `/metrics`.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -12,8 +13,11 @@ use ferry_e2e::cluster::{Cluster, NODES};
 use ferry_e2e::control_plane::shared;
 use ferry_e2e::forwarder::NodePorts;
 use ferry_e2e::operator::OperatorProcess;
+use ferry_e2e::process::ProcessUnderTest;
 use ferry_e2e::scenario::*;
 use ferry_e2e::{repo_root, tools};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use serde_yaml::Value;
 
@@ -409,8 +413,7 @@ fn exposed(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// An operator of a cloud provider whose API is a closed port on loopback: it registers its
-/// call counters at start and serves them, whether or not a call ever succeeds.
+/// An operator of a cloud provider, under the test's control plane.
 fn cloud_operator(args: &[&str], env: &[(&str, &str)]) -> OperatorProcess {
     let cp = shared();
     let env: Vec<(String, String)> = env
@@ -420,15 +423,63 @@ fn cloud_operator(args: &[&str], env: &[(&str, &str)]) -> OperatorProcess {
     OperatorProcess::start_with_env(&cp.operator_kubeconfig, &cp.dir, args, &env).unwrap()
 }
 
+/// A port held on every address of each node, so that a userspace forwarder cannot bind a VIP
+/// on it: a Service on that port fails to be forwarded everywhere.
+const SQUATTED_PORT: u16 = 8089;
+const SQUAT: &str = "import socket, time\n\
+s = socket.socket()\n\
+s.bind(('0.0.0.0', 8089))\n\
+s.listen()\n\
+time.sleep(600)\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
     let _serial = serial().await;
-    let c = Cluster::start("monitoring", NodePorts::KubeProxy, &[]).await;
-    // Per-Service series exist once a Service is forwarded and answered.
+    // prometheus-client prints nothing, not even `# TYPE`, for a labelled family without a
+    // sample, so each series the rules read is made to exist: userspace forwarding (its
+    // connection counters), a Service answered, a Service no node can announce, one no node
+    // can forward, and cloud operators that make calls.
+    let c = Cluster::start("monitoring", NodePorts::KubeProxy, &["--mode", "userspace"]).await;
     let ip = c.http_service("web", 30080, json!({})).await;
     c.wait_for_traffic(&ip, 80).await;
+    // Local traffic with no endpoints anywhere: no node can announce it.
+    c.service(
+        "nowhere",
+        json!({ "type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [
+            { "name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP" } ] }),
+        json!({}),
+    )
+    .await;
+    let _squatters: Vec<ProcessUnderTest> = c
+        .topo
+        .nodes
+        .iter()
+        .map(|h| {
+            let ns = h.ns().name.clone();
+            ProcessUnderTest::start(
+                "port squatter",
+                c.cp.dir.join(format!("squatter-{ns}.log")),
+                move || {
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "exec", &ns, "python3", "-c", SQUAT]);
+                    Ok(cmd)
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    // Let the squatters bind before the forwarders try.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.service(
+        "squatted",
+        json!({ "type": "LoadBalancer", "ports": [
+            { "name": "http", "port": SQUATTED_PORT, "nodePort": 30090, "protocol": "TCP" } ] }),
+        json!({}),
+    )
+    .await;
 
-    // A closed port: nothing listens on port 1 of loopback.
+    // Cloud operators whose API is a closed port on loopback (nothing listens on port 1),
+    // each with a Service of its own class: their calls fail, and are counted.
     let aws = cloud_operator(
         &[
             "--provider",
@@ -466,41 +517,78 @@ async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
         ],
         &[],
     );
+    for cloud in ["aws", "gce"] {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": format!("on-{cloud}") },
+            "spec": { "type": "LoadBalancer",
+                      "loadBalancerClass": format!("ferry.dev/monitoring-{cloud}"),
+                      "ports": [ { "name": "http", "port": 80, "protocol": "TCP" } ] },
+        }))
+        .unwrap();
+        c.svcs.create(&PostParams::default(), &svc).await.unwrap();
+    }
 
-    let mut names = BTreeSet::new();
-    for (what, addr) in [
-        ("local operator", c._operator.metrics_addr),
-        ("aws operator", aws.metrics_addr),
-        ("gce operator", gce.metrics_addr),
-    ] {
-        let text = eventually(WAIT, what, || async {
+    let scrape = |what: &'static str, addr: SocketAddr, wanted: &'static [&'static str]| async move {
+        eventually(WAIT, what, || async {
             let text = metrics_text(addr).await;
-            text.contains("# TYPE ferry_leader").then_some(text)
+            let names = exposed(&text);
+            wanted.iter().all(|w| names.contains(*w)).then_some(names)
         })
-        .await;
-        names.extend(exposed(&text));
-    }
+        .await
+    };
+    let mut names = BTreeSet::new();
+    names.extend(
+        scrape(
+            "the local operator's metrics",
+            c._operator.metrics_addr,
+            &[
+                "ferry_leader",
+                "ferry_reconciles_total",
+                "ferry_pool_addresses",
+            ],
+        )
+        .await,
+    );
+    names.extend(
+        scrape(
+            "the AWS operator's calls",
+            aws.metrics_addr,
+            &["ferry_aws_api_calls_total", "ferry_reconcile_errors_total"],
+        )
+        .await,
+    );
+    names.extend(
+        scrape(
+            "the GCE operator's calls",
+            gce.metrics_addr,
+            &["ferry_gce_api_calls_total"],
+        )
+        .await,
+    );
     for node in NODES {
-        let text = c.forwarder(node).metrics().unwrap();
-        names.extend(exposed(&text));
-    }
-    // The scrape itself: what every process shows, and the cloud call counters on the
-    // cloud operators even before a call (their `# TYPE` line).
-    for expected in [
-        "ferry_build_info",
-        "ferry_reconciles_total",
-        "ferry_reconcile_duration_seconds_bucket",
-        "ferry_pool_addresses",
-        "ferry_aws_api_calls_total",
-        "ferry_gce_api_calls_total",
-        "ferry_forwarder_connections_total",
-        "ferry_forwarder_plan_applies_total",
-    ] {
-        assert!(
-            names.contains(expected),
-            "{expected} not scraped: {names:?}"
+        let forwarder = c.forwarder(node);
+        names.extend(
+            eventually(
+                WAIT,
+                "a forwarder's failures and unannounced VIP",
+                || async {
+                    let names = exposed(&forwarder.metrics().unwrap_or_default());
+                    [
+                        "ferry_forwarder_forwarding_failures_total",
+                        "ferry_forwarder_vip_unannounced",
+                    ]
+                    .iter()
+                    .all(|w| names.contains(*w))
+                    .then_some(names)
+                },
+            )
+            .await,
         );
     }
+    assert!(
+        names.contains("ferry_forwarder_connections_total"),
+        "{names:?}"
+    );
 
     let mut named: Vec<(String, String)> = Vec::new();
     for rule in rules(&rendered_rules(&[])) {
@@ -522,8 +610,21 @@ async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
         .collect();
     assert!(
         unknown.is_empty(),
-        "metrics no binary exposes:\n{}",
+        "metrics no binary exposes:\n{}\nexposed: {names:?}",
         unknown.join("\n")
     );
-    delete_and_wait(&c.svcs, "web", WAIT).await;
+    // The cloud Services cannot be released through a cloud that is not there.
+    for name in ["on-aws", "on-gce"] {
+        c.svcs
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+            )
+            .await
+            .unwrap();
+    }
+    for name in ["web", "nowhere", "squatted", "on-aws", "on-gce"] {
+        delete_and_wait(&c.svcs, name, WAIT).await;
+    }
 }
