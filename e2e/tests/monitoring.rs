@@ -404,10 +404,10 @@ fn exposed(text: &str) -> BTreeSet<String> {
                 _ => &[""],
             };
             names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
-        } else if !line.starts_with('#') {
-            if let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty()) {
-                names.insert(name.to_string());
-            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty())
+        {
+            names.insert(name.to_string());
         }
     }
     names
