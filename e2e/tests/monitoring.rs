@@ -186,6 +186,17 @@ fn the_bundle_is_off_by_default_and_valid_when_on() {
     );
 
     // On: a ServiceMonitor per component selecting its Service, the rules, the dashboard.
+    let chart = chart();
+    let mut lint = vec!["lint", chart.to_str().unwrap_or_default()];
+    for s in BUNDLE_ON {
+        lint.extend(["--set", s]);
+    }
+    let out = helm(&lint);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let docs = render(&BUNDLE_ON).unwrap();
     for component in ["operator", "forwarder"] {
         let sm = named(&docs, "ServiceMonitor", &format!("ferry-{component}"))
@@ -200,6 +211,16 @@ fn the_bundle_is_off_by_default_and_valid_when_on() {
             );
         }
         assert_eq!(sm["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
+    }
+    // The forwarder's per-VIP series carry a `node` label of their own: the scrape must not
+    // set one over it.
+    let sm = named(&docs, "ServiceMonitor", "ferry-forwarder").unwrap();
+    for r in sm["spec"]["endpoints"][0]["relabelings"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        assert_ne!(r["targetLabel"].as_str(), Some("node"), "{r:?}");
     }
     let spec = rendered_rules(&[]);
     let alerts = rules(&spec);
