@@ -16,7 +16,8 @@ use ferry_e2e::operator::OperatorProcess;
 use ferry_e2e::process::ProcessUnderTest;
 use ferry_e2e::scenario::*;
 use ferry_e2e::{repo_root, tools};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use serde_yaml::Value;
@@ -648,4 +649,87 @@ async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
     for name in ["web", "nowhere", "squatted", "on-aws", "on-gce"] {
         delete_and_wait(&c.svcs, name, WAIT).await;
     }
+}
+
+/// Uninstalls the release when dropped, so a failed test leaves nothing behind.
+struct Release {
+    name: &'static str,
+    namespace: &'static str,
+    kubeconfig: PathBuf,
+}
+
+impl Release {
+    fn helm(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["-n", self.namespace, "--kubeconfig"]);
+        let kubeconfig = self.kubeconfig.to_str().unwrap_or_default().to_string();
+        all.push(&kubeconfig);
+        helm(&all)
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = self.helm(&["uninstall", self.name, "--wait"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_installs_on_a_real_api_server_without_the_prometheus_operator() {
+    let _serial = serial().await;
+    let cp = shared();
+    let admin = cp.admin_client().await.unwrap();
+    let release = Release {
+        name: "mon",
+        namespace: "mon-system",
+        kubeconfig: cp.admin_kubeconfig.clone(),
+    };
+    let chart = chart();
+    let chart = chart.to_str().unwrap_or_default();
+    let out = release.helm(&[
+        "install",
+        release.name,
+        chart,
+        "--create-namespace",
+        "--set",
+        "monitoring.dashboard.enabled=true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: Api<Service> = Api::namespaced(admin.clone(), release.namespace);
+    let forwarder = services.get("mon-ferry-forwarder-metrics").await.unwrap();
+    assert_eq!(
+        forwarder.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some("None")
+    );
+    services.get("mon-ferry-operator-metrics").await.unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), release.namespace);
+    let dashboard = maps.get("mon-ferry-dashboard").await.unwrap();
+    assert_eq!(
+        dashboard
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("grafana_dashboard")
+            .map(String::as_str),
+        Some("1")
+    );
+
+    // Asking for a ServiceMonitor where its CRD is absent fails the upgrade, saying so,
+    // and leaves the release as it was.
+    let out = release.helm(&[
+        "upgrade",
+        release.name,
+        chart,
+        "--reuse-values",
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ServiceMonitor"), "{err}");
+    services.get("mon-ferry-operator-metrics").await.unwrap();
 }
