@@ -490,8 +490,16 @@ async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
             .unwrap()
         })
         .collect();
-    // Let the squatters bind before the forwarders try.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The squatters hold the port before the forwarders try it.
+    for h in &c.topo.nodes {
+        eventually(WAIT, "the port squatted", || async {
+            h.ns()
+                .exec("ss", &["-Hltn", "sport = :8089"])
+                .ok()
+                .filter(|out| out.contains(":8089"))
+        })
+        .await;
+    }
     c.service(
         "squatted",
         json!({ "type": "LoadBalancer", "ports": [
