@@ -707,6 +707,14 @@ async fn the_bundle_installs_on_a_real_api_server_without_the_prometheus_operato
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The notes say where the metrics are and how to get the rest.
+    let notes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        notes.contains("Service mon-ferry-operator-metrics (port 8080)")
+            && notes.contains("mon-ferry-forwarder-metrics (port 9470)")
+            && notes.contains("monitoring.serviceMonitor.enabled=true"),
+        "{notes}"
+    );
     let services: Api<Service> = Api::namespaced(admin.clone(), release.namespace);
     let forwarder = services.get("mon-ferry-forwarder-metrics").await.unwrap();
     assert_eq!(
