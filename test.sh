@@ -26,6 +26,8 @@ need_cmd ip || missing+=(iproute2)
 need_cmd nft || missing+=(nftables)
 need_cmd arping || missing+=(arping)
 need_cmd curl || missing+=(curl)
+# The monitoring tests check the chart's alerting rules with promtool.
+need_cmd promtool || missing+=(prometheus)
 if ((${#missing[@]})); then
     echo "==> apt-get install ${missing[*]}"
     if [ "$(id -u)" != 0 ]; then
