@@ -1088,6 +1088,33 @@ async fn the_service_says_which_node_announces_it_and_when_none_can() {
         (status == "True" && message.contains(NODES[1])).then_some(())
     })
     .await;
+    // A change right after a write is written at once, not held back to the next resync.
+    c.service(
+        "flip",
+        json!({ "type": "LoadBalancer", "ports": [
+            { "name": "http", "port": 80, "nodePort": 30083, "protocol": "TCP" } ] }),
+        json!({}),
+    )
+    .await;
+    eventually(WAIT, "the new Service announced", || async {
+        announced(&c, "flip").await.filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    c.svcs
+        .patch(
+            "flip",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "externalTrafficPolicy": "Local" } })),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(4),
+        "the condition following the change within seconds",
+        || async { announced(&c, "flip").await.filter(|(s, _, _)| s == "False") },
+    )
+    .await;
+
     // A settled condition is not rewritten: no write loop.
     let before = c.svcs.get("web").await.unwrap().metadata.resource_version;
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -1100,7 +1127,7 @@ async fn the_service_says_which_node_announces_it_and_when_none_can() {
         event_notes(&c, "web", "NodeAssigned").await.last(),
         Some(&expected)
     );
-    for name in ["web", "lonely"] {
+    for name in ["web", "lonely", "flip"] {
         delete_and_wait(&c.svcs, name, WAIT).await;
     }
 }

@@ -199,13 +199,19 @@ fn key_of(svc: &Service) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
 }
 
+/// What was written to a Service (its condition's status and message, or `None` for its
+/// removal), and when.
+type Written = (Option<String>, Instant);
+
 /// Writes the reports this node is the writer of, when they differ from what the API shows.
 pub struct Reporter {
     client: Client,
     recorder: Recorder,
     node: String,
-    /// When each Service was last written, so a failing or slow API is not hammered.
-    written: Arc<Mutex<HashMap<String, Instant>>>,
+    /// What was last written to each Service and when: the same content is not written
+    /// again within `REWRITE_AFTER` (a write in flight, or its watch event still on its way;
+    /// a failing API is not hammered), while a change is written at once.
+    written: Mutex<HashMap<String, Written>>,
 }
 
 impl Reporter {
@@ -214,7 +220,7 @@ impl Reporter {
             client,
             recorder,
             node: node.to_string(),
-            written: Arc::default(),
+            written: Mutex::default(),
         }
     }
 
@@ -230,7 +236,7 @@ impl Reporter {
             services.iter().map(|s| (key_of(s), s)).collect();
         let now = Instant::now();
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.retain(|_, at| now.duration_since(*at) < REWRITE_AFTER);
+        written.retain(|_, (_, at)| now.duration_since(*at) < REWRITE_AFTER);
         for report in reports.iter().filter(|r| r.writer == self.node) {
             let Some(svc) = by_key.get(&report.service) else {
                 continue;
@@ -240,10 +246,15 @@ impl Reporter {
             let same = old.is_some_and(|c| {
                 c.status == status && c.reason == report.reason() && c.message == report.message()
             });
-            if same || written.contains_key(&report.service) {
+            let content = Some(format!("{status} {}", report.message()));
+            if same
+                || written
+                    .get(&report.service)
+                    .is_some_and(|(c, _)| *c == content)
+            {
                 continue;
             }
-            written.insert(report.service.clone(), now);
+            written.insert(report.service.clone(), (content, now));
             let condition = Condition {
                 type_: ANNOUNCED_CONDITION.to_string(),
                 status: status.to_string(),
@@ -265,11 +276,13 @@ impl Reporter {
         let served: BTreeSet<&str> = reports.iter().map(|r| r.service.as_str()).collect();
         for svc in services {
             let key = key_of(svc);
-            if current(svc).is_none() || served.contains(key.as_str()) || written.contains_key(&key)
+            if current(svc).is_none()
+                || served.contains(key.as_str())
+                || written.get(&key).is_some_and(|(c, _)| c.is_none())
             {
                 continue;
             }
-            written.insert(key, now);
+            written.insert(key, (None, now));
             self.spawn_write(svc, None, Vec::new());
         }
     }
