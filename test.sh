@@ -26,6 +26,8 @@ need_cmd ip || missing+=(iproute2)
 need_cmd nft || missing+=(nftables)
 need_cmd arping || missing+=(arping)
 need_cmd curl || missing+=(curl)
+# The monitoring tests check the chart's alerting rules with promtool.
+need_cmd promtool || missing+=(prometheus)
 if ((${#missing[@]})); then
     echo "==> apt-get install ${missing[*]}"
     if [ "$(id -u)" != 0 ]; then
@@ -67,15 +69,17 @@ echo "    test tools ready in $(( $(date +%s) - tools_start ))s"
 echo "==> cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
 
-# The data plane carries no cloud: nothing in the forwarder's build is a cloud SDK (it
-# depends on ferry-model, never on ferry-providers).
-echo "==> cargo tree -p ferry-forwarder: no cloud SDK"
-if cloud=$(cargo tree --locked -p ferry-forwarder --all-features -e normal,build --prefix none --format '{p}' \
-    | grep -E '^(ferry-providers|aws-|google-cloud-|gcp-)' | sort -u) && [ -n "$cloud" ]; then
-    echo "error: the forwarder depends on cloud crates:" >&2
-    echo "$cloud" >&2
-    exit 1
-fi
+# The data plane and the CLI carry no cloud: nothing in their builds is a cloud SDK (they
+# depend on ferry-model, never on ferry-providers).
+for crate in ferry-forwarder ferry-cli; do
+    echo "==> cargo tree -p $crate: no cloud SDK"
+    if cloud=$(cargo tree --locked -p "$crate" --all-features -e normal,build --prefix none --format '{p}' \
+        | grep -E '^(ferry-providers|aws-|google-cloud-|gcp-)' | sort -u) && [ -n "$cloud" ]; then
+        echo "error: $crate depends on cloud crates:" >&2
+        echo "$cloud" >&2
+        exit 1
+    fi
+done
 
 echo "==> cargo test --workspace --locked"
 cargo test --workspace --locked

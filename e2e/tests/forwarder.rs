@@ -1058,7 +1058,7 @@ async fn the_service_says_which_node_announces_it_and_when_none_can() {
     assert_eq!(reason, "NoNodeAnnounces");
     assert!(
         message.contains(&format!("no node can announce {lonely}"))
-            && message.contains("ready endpoints"),
+            && message.contains("3 nodes without a ready endpoint"),
         "{message}"
     );
     eventually(WAIT, "a NoNodeAnnounces Warning", || async {

@@ -387,8 +387,12 @@ fn every_variable_the_chart_sets_is_one_the_binaries_read() {
         let help = String::from_utf8_lossy(&help.stdout);
         for name in env(find(docs, workload).unwrap()).keys() {
             // POD_NAMESPACE is read directly, not through a flag; Google's auth library
-            // reads GOOGLE_APPLICATION_CREDENTIALS.
-            if name == "POD_NAMESPACE" || name == "GOOGLE_APPLICATION_CREDENTIALS" {
+            // reads GOOGLE_APPLICATION_CREDENTIALS; HOST_IP is only expanded by the kubelet
+            // into the forwarder's listen addresses.
+            if name == "POD_NAMESPACE"
+                || name == "GOOGLE_APPLICATION_CREDENTIALS"
+                || name == "HOST_IP"
+            {
                 continue;
             }
             assert!(

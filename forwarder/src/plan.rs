@@ -200,6 +200,38 @@ fn node_ip_for(node: &NodeTarget, vip: &IpAddr) -> Option<IpAddr> {
         .copied()
 }
 
+/// Why no node can announce `vip`, from every eligible node's standing.
+fn no_owner(vip: &IpAddr, standings: &[announce::NodeStanding]) -> String {
+    if standings.is_empty() {
+        return format!("no node can announce {vip}: no eligible node");
+    }
+    let mut by_reason: BTreeMap<announce::Standing, usize> = BTreeMap::new();
+    for s in standings {
+        *by_reason.entry(s.standing).or_default() += 1;
+    }
+    let reasons: Vec<String> = by_reason
+        .into_iter()
+        .map(|(standing, n)| {
+            let nodes = if n == 1 { "node" } else { "nodes" };
+            match standing {
+                announce::Standing::NoLiveForwarder => {
+                    format!("{n} {nodes} without a live forwarder")
+                }
+                announce::Standing::Refused => {
+                    format!(
+                        "{n} {nodes} whose forwarder cannot serve it (see ForwardingFailed Events)"
+                    )
+                }
+                announce::Standing::NoLocalEndpoints => {
+                    format!("{n} {nodes} without a ready endpoint (externalTrafficPolicy: Local)")
+                }
+                announce::Standing::Candidate => format!("{n} {nodes} that could"),
+            }
+        })
+        .collect();
+    format!("no node can announce {vip}: {}", reasons.join(", "))
+}
+
 /// This node's plan.
 pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
     let targets = eligible_targets(view.nodes.iter().map(Arc::as_ref), |t| {
@@ -290,14 +322,7 @@ pub fn plan(view: &ClusterView<'_>) -> (NodePlan, Vec<Notice>) {
             },
         );
         let Some(owner) = announce::owner_of(&standings) else {
-            let why = format!(
-                "no node can announce {vip} (no live forwarder{} that can serve it)",
-                if local_endpoints.is_some() {
-                    " on a node with ready endpoints"
-                } else {
-                    ""
-                }
-            );
+            let why = no_owner(&vip, &standings);
             for claim in &claims {
                 notices.push(Notice {
                     service: claim.service.clone(),
@@ -560,8 +585,19 @@ mod tests {
         }
         assert!(w.holders(VIP).is_empty());
         let (_, notices) = w.plan_for("n1");
+        let why = format!(
+            "no node can announce {VIP}: 3 nodes whose forwarder cannot serve it (see ForwardingFailed Events)"
+        );
+        assert!(notices.iter().any(|n| n.message == why), "{notices:?}");
+        let (p, _) = w.plan_for("n2");
+        assert_eq!(p.unowned.get(&VIP.parse::<IpAddr>().unwrap()), Some(&why));
+        // One node without a live forwarder besides: both reasons are counted.
+        w.live.remove("n3");
+        let (_, notices) = w.plan_for("n1");
         assert!(
-            notices.iter().any(|n| n.message.contains("can serve it")),
+            notices.iter().any(|n| n.message.ends_with(
+                "1 node without a live forwarder, 2 nodes whose forwarder cannot serve it (see ForwardingFailed Events)"
+            )),
             "{notices:?}"
         );
     }
@@ -587,7 +623,9 @@ mod tests {
         assert!(w.holders(VIP).is_empty());
         let (_, notices) = w.plan_for("n1");
         assert!(
-            notices[0].message.contains("ready endpoints"),
+            notices[0]
+                .message
+                .contains("3 nodes without a ready endpoint (externalTrafficPolicy: Local)"),
             "{notices:?}"
         );
         w.slices = vec![Arc::new(endpoint_slice(

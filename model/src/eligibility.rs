@@ -61,6 +61,52 @@ pub fn eligible_targets<'a>(
     targets
 }
 
+/// Why a node is not a VIP target, for users; the same predicates as `target_of` plus the
+/// forwarder's own (an InternalIP to forward from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ineligible {
+    /// Labelled `node.kubernetes.io/exclude-from-external-load-balancers`.
+    Excluded,
+    /// It has a deletionTimestamp.
+    BeingDeleted,
+    /// The cluster autoscaler is about to remove it.
+    AutoscalerTaint,
+    /// It reports no InternalIP address.
+    NoInternalIp,
+}
+
+impl Ineligible {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Ineligible::Excluded => {
+                "labelled node.kubernetes.io/exclude-from-external-load-balancers"
+            }
+            Ineligible::BeingDeleted => "being deleted",
+            Ineligible::AutoscalerTaint => "tainted ToBeDeletedByClusterAutoscaler",
+            Ineligible::NoInternalIp => "no InternalIP address",
+        }
+    }
+}
+
+/// Why `node` is no target of a VIP, or `None` when it is one: the predicates in the order
+/// `target_of` applies them, then the InternalIP the forwarder needs.
+pub fn ineligibility(node: &Node) -> Option<Ineligible> {
+    if node.labels().contains_key(EXCLUDE_LABEL) {
+        return Some(Ineligible::Excluded);
+    }
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some(Ineligible::BeingDeleted);
+    }
+    let target = match target_of(node) {
+        Some(t) => t,
+        None => return Some(Ineligible::AutoscalerTaint),
+    };
+    if target.internal_ips.is_empty() {
+        return Some(Ineligible::NoInternalIp);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +157,42 @@ mod tests {
             .map(|t| t.name)
             .collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn ineligibility_names_the_first_reason_and_agrees_with_target_of() {
+        let cases = [
+            (node("a").ip("10.0.0.1").build(), None),
+            (
+                node("a")
+                    .ip("10.0.0.1")
+                    .label(EXCLUDE_LABEL, "")
+                    .deleting()
+                    .build(),
+                Some(Ineligible::Excluded),
+            ),
+            (
+                node("a").ip("10.0.0.1").deleting().build(),
+                Some(Ineligible::BeingDeleted),
+            ),
+            (
+                node("a").ip("10.0.0.1").taint(TO_BE_DELETED_TAINT).build(),
+                Some(Ineligible::AutoscalerTaint),
+            ),
+            (node("a").build(), Some(Ineligible::NoInternalIp)),
+            (
+                node("a")
+                    .ip("10.0.0.1")
+                    .not_ready()
+                    .taint("node.kubernetes.io/not-ready")
+                    .build(),
+                None,
+            ),
+        ];
+        for (n, want) in cases {
+            assert_eq!(ineligibility(&n), want, "{n:?}");
+            let eligible = eligible_targets([&n], |t| !t.internal_ips.is_empty());
+            assert_eq!(eligible.is_empty(), want.is_some());
+        }
     }
 }
