@@ -3,7 +3,9 @@
 //! kube-proxy. For every Service NodePort the responder listens on the node's address; a
 //! connection is forwarded to the Service's EndpointSlice endpoints if it has any (the upstream
 //! "Services without selectors" pattern), else answered with an identifying echo of node and
-//! Service, so a test or a person can see which node served them.
+//! Service, so a test or a person can see which node served them. A user's own program is
+//! reached through an endpoint in 192.0.2.0/24 (which the API accepts, unlike 127.0.0.0/8, and
+//! which stands for 127.0.2.x) or through the Service annotation `ferry.dev/sandbox-backend`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,6 +26,10 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
+
+/// The Service annotation naming a local `address:port` its traffic goes to, in place of
+/// endpoints: a user's program behind a Service with a selector, with no pods in the sandbox.
+pub const BACKEND_ANNOTATION: &str = "ferry.dev/sandbox-backend";
 
 /// How long a proxied or echoed connection may sit idle.
 const IDLE: Duration = Duration::from_secs(30);
@@ -134,6 +140,42 @@ struct Target {
     service: String,
     port_name: Option<String>,
     port: u16,
+    /// From [`BACKEND_ANNOTATION`]: where this Service's traffic goes, endpoints or not.
+    backend: Option<SocketAddr>,
+}
+
+/// Where a connection for `target` goes: the annotated backend, else a ready endpoint, with
+/// a documentation address (192.0.2.N) standing for the local 127.0.2.N.
+fn destination(slices: &Store<EndpointSlice>, target: &Target, proto: Proto) -> Option<SocketAddr> {
+    target
+        .backend
+        .or_else(|| endpoint_for(slices, target, proto))
+        .map(local_of)
+}
+
+/// 192.0.2.N:port (TEST-NET-1, valid in an EndpointSlice) is 127.0.2.N:port on this host;
+/// any other address is used as it is.
+fn local_of(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) => match ip.octets() {
+            [192, 0, 2, n] => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 2, n)), addr.port()),
+            _ => addr,
+        },
+        IpAddr::V6(_) => addr,
+    }
+}
+
+/// The Service's [`BACKEND_ANNOTATION`], if it names an `address:port` (else one warning
+/// line, and the Service is served as if it had none).
+fn backend_of(svc: &Service) -> Option<SocketAddr> {
+    let raw = svc.annotations().get(BACKEND_ANNOTATION)?;
+    match raw.trim().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(err) => {
+            warn!(service = %svc.name_any(), value = %raw, error = %err, "{BACKEND_ANNOTATION} is not an address:port; ignored");
+            None
+        }
+    }
 }
 
 /// Where a connection for `target` goes: a ready endpoint from the Service's EndpointSlices.
@@ -194,7 +236,7 @@ async fn serve_tcp(
         let target = target.borrow().clone();
         let (node, slices) = (node.clone(), slices.clone());
         tokio::spawn(async move {
-            if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Tcp) {
+            if let Some(endpoint) = destination(&slices, &target, Proto::Tcp) {
                 match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(endpoint))
                     .await
                 {
@@ -257,12 +299,16 @@ async fn serve_udp(
             continue;
         };
         let target = target.borrow().clone();
-        if let Some(endpoint) = endpoint_for(&slices, &target, Proto::Udp) {
+        if let Some(endpoint) = destination(&slices, &target, Proto::Udp) {
             // One request, one reply: enough for DNS-like tests.
             let payload = buf[..n].to_vec();
             let socket = socket.clone();
             tokio::spawn(async move {
-                let Ok(upstream) = UdpSocket::bind("127.0.0.1:0").await else {
+                let any = match endpoint {
+                    SocketAddr::V4(_) => "127.0.0.1:0",
+                    SocketAddr::V6(_) => "[::1]:0",
+                };
+                let Ok(upstream) = UdpSocket::bind(any).await else {
                     return;
                 };
                 if upstream.send_to(&payload, endpoint).await.is_err() {
@@ -289,6 +335,7 @@ fn bindings_of(svc: &Service, nodes: &[SimulatedNode]) -> Vec<(Binding, Target)>
         return Vec::new();
     };
     let mut out = Vec::new();
+    let backend = backend_of(svc);
     for port in spec.ports.iter().flatten() {
         let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) else {
             continue;
@@ -303,6 +350,7 @@ fn bindings_of(svc: &Service, nodes: &[SimulatedNode]) -> Vec<(Binding, Target)>
             service: svc.name_any(),
             port_name: port.name.clone(),
             port: u16::try_from(port.port).unwrap_or_default(),
+            backend,
         };
         for node in 0..nodes.len() {
             out.push((

@@ -370,3 +370,118 @@ fn the_simulated_nodes_follow_every_service_change_and_sigterm_stops_the_sandbox
     assert!(status.success(), "{status}");
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// A user's program: answers every HTTP request on `listener` with `name`, until the test ends.
+fn serve_program(listener: std::net::TcpListener, name: &'static str) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                name.len()
+            );
+        }
+    });
+}
+
+/// The EXTERNAL-IP of `svc`, once it has one.
+fn external_ip(kc: &Path, svc: &str) -> String {
+    kubectl(
+        kc,
+        &[
+            "wait",
+            "--for=jsonpath={.status.loadBalancer.ingress[0].ip}",
+            &format!("svc/{svc}"),
+            "--timeout=20s",
+        ],
+    );
+    kubectl(
+        kc,
+        &[
+            "get",
+            "svc",
+            svc,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ],
+    )
+}
+
+/// A user puts their own program behind a sandbox Service, both ways the README shows: a
+/// Service without a selector and a hand-written EndpointSlice whose address is in 192.0.2.0/24
+/// (the API refuses 127.0.0.0/8; the simulated nodes reach 192.0.2.N at 127.0.2.N), and a
+/// Deployment exposed with kubectl whose Service names the program in one annotation. Both
+/// answer through the EXTERNAL-IP.
+#[test]
+fn a_users_program_answers_through_the_external_ip() {
+    let sandbox = start_sandbox_with(&["--nodes", "2", "--pool", "127.243.0.0/28"]);
+    let kc = sandbox.kubeconfig.clone();
+    let dir = kc.parent().unwrap().to_path_buf();
+
+    // Without a selector: the EndpointSlice is the user's.
+    let sliced = std::net::TcpListener::bind("127.0.2.7:0").unwrap();
+    let sliced_port = sliced.local_addr().unwrap().port();
+    serve_program(sliced, "program behind an EndpointSlice");
+    let manifest = dir.join("sliced.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: sliced\n  namespace: default\nspec:\n  type: LoadBalancer\n  ports:\n    - port: 80\n      targetPort: {sliced_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: sliced-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: sliced\naddressType: IPv4\nports:\n  - port: {sliced_port}\n    protocol: TCP\nendpoints:\n  - addresses: [\"192.0.2.7\"]\n"
+        ),
+    )
+    .unwrap();
+    kubectl(&kc, &["apply", "-f", manifest.to_str().unwrap()]);
+
+    // A Deployment (no pods run in the sandbox) exposed as usual, plus one annotation.
+    let annotated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let annotated_port = annotated.local_addr().unwrap().port();
+    serve_program(annotated, "program named by the annotation");
+    kubectl(
+        &kc,
+        &["create", "deployment", "web", "--image=example.invalid/web"],
+    );
+    kubectl(
+        &kc,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--type=LoadBalancer",
+            "--port=80",
+            &format!("--target-port={annotated_port}"),
+        ],
+    );
+    kubectl(
+        &kc,
+        &[
+            "annotate",
+            "service",
+            "web",
+            &format!("ferry.dev/sandbox-backend=127.0.0.1:{annotated_port}"),
+        ],
+    );
+
+    for (svc, answer) in [
+        ("sliced", "program behind an EndpointSlice"),
+        ("web", "program named by the annotation"),
+    ] {
+        let vip = external_ip(&kc, svc);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = http_get(&format!("{vip}:80"));
+            if reply.contains(answer) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{svc} at {vip}:80 does not reach the program: {reply:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
