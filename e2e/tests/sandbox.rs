@@ -22,6 +22,13 @@ impl Drop for Sandbox {
     }
 }
 
+/// Sandboxes with forwarders take turns: their simulated nodes share the addresses
+/// 127.0.1.x, and so the forwarders' peer heartbeat ports.
+fn forwarders_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn start_sandbox() -> Sandbox {
     start_sandbox_with(&["--nodes", "2", "--pool", "127.241.0.0/28"])
 }
@@ -143,6 +150,7 @@ fn the_gce_sandbox_gives_a_service_a_balancer_in_the_compute_engine_fake() {
 
 #[test]
 fn kubectl_sees_an_external_ip_within_seconds() {
+    let _turn = forwarders_turn();
     let mut sandbox = start_sandbox();
     let kc = sandbox.kubeconfig.clone();
     let web = repo_root().join("examples").join("web.yaml");
@@ -419,6 +427,7 @@ fn external_ip(kc: &Path, svc: &str) -> String {
 /// answer through the EXTERNAL-IP.
 #[test]
 fn a_users_program_answers_through_the_external_ip() {
+    let _turn = forwarders_turn();
     let sandbox = start_sandbox_with(&["--nodes", "2", "--pool", "127.243.0.0/28"]);
     let kc = sandbox.kubeconfig.clone();
     let dir = kc.parent().unwrap().to_path_buf();

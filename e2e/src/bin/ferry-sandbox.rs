@@ -103,6 +103,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
+    // Listening for Ctrl-C and SIGTERM from the start: one that comes while the control
+    // plane starts is kept, and the sandbox stops (and cleans up) as soon as it is up,
+    // instead of dying with its folder and processes left behind.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        ferry_runtime::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     // The control plane's processes die with the thread that started them: this one.
     eprintln!(
         "ferry-sandbox: starting kube-apiserver and etcd (the first run builds them from their Go modules: a few minutes)"
@@ -114,14 +129,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: {err}");
-            std::process::exit(1);
-        }
-    };
-    let result = runtime.block_on(run(&args, &cp));
+    if *stop.borrow() {
+        eprintln!("ferry-sandbox: stopped while starting");
+        drop(runtime);
+        drop(cp);
+        return;
+    }
+    let result = runtime.block_on(run(&args, &cp, stop));
     drop(runtime);
     drop(cp);
     if let Some(path) = &args.kubeconfig {
@@ -143,7 +157,11 @@ fn write_forwarder_kubeconfig(cp: &ControlPlane) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
+async fn run(
+    args: &Args,
+    cp: &ControlPlane,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let log_path = cp.dir.join("operator.log");
     let log_file = std::fs::File::create(&log_path)?;
     tracing_subscriber::fmt()
@@ -156,7 +174,7 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     let nodes = register_nodes(&admin, "sandbox-node", usize::from(args.nodes)).await?;
     let _responders = start_responders(admin.clone(), nodes.clone());
     if args.provider != "local" {
-        return run_cloud(args, cp, &admin, &nodes, &log_path).await;
+        return run_cloud(args, cp, &admin, &nodes, &log_path, stop).await;
     }
     let pools: Api<LoadBalancerPool> = Api::all(admin.clone());
     let mut default_pool = pool("default", &[args.pool.as_str()]);
@@ -263,7 +281,8 @@ async fn run(args: &Args, cp: &ControlPlane) -> anyhow::Result<()> {
     );
     say!("Ctrl-C (or SIGTERM) stops the sandbox and removes everything it created.");
 
-    ferry_runtime::shutdown_signal().await;
+    let mut stop = stop;
+    let _ = stop.wait_for(|s| *s).await;
     eprintln!("ferry-sandbox: stopping");
     let _ = stop_tx.send(true);
     for f in forwarders {
@@ -285,6 +304,7 @@ async fn run_cloud(
     admin: &kube::Client,
     nodes: &[ferry_e2e::nodes::SimulatedNode],
     log_path: &std::path::Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let cloud = Cloud::start(&args.provider, &cp.dir, admin, nodes).await?;
     let mut operator = None;
@@ -352,7 +372,7 @@ async fn run_cloud(
         say!("{line}");
     }
     say!("Ctrl-C (or SIGTERM) stops the sandbox and removes everything it created.");
-    ferry_runtime::shutdown_signal().await;
+    let _ = stop.wait_for(|s| *s).await;
     eprintln!("ferry-sandbox: stopping");
     drop(operator);
     drop(cloud);
