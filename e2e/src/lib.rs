@@ -8,6 +8,7 @@
 pub mod aws;
 pub mod bench;
 pub mod chaos;
+pub mod chart;
 pub mod cluster;
 pub mod control_plane;
 pub mod fault_proxy;

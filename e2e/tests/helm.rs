@@ -84,22 +84,8 @@ fn find<'a>(docs: &'a [Value], k: &str) -> Option<&'a Value> {
 
 /// The container's env as name → value (values from the downward API as `fieldRef:<path>`).
 fn env(workload: &Value) -> BTreeMap<String, String> {
-    let container = &workload["spec"]["template"]["spec"]["containers"][0];
-    container["env"]
-        .as_sequence()
+    ferry_e2e::chart::container_env(workload)
         .into_iter()
-        .flatten()
-        .map(|e| {
-            let value = e["value"].as_str().map(str::to_string).unwrap_or_else(|| {
-                format!(
-                    "fieldRef:{}",
-                    e["valueFrom"]["fieldRef"]["fieldPath"]
-                        .as_str()
-                        .unwrap_or_default()
-                )
-            });
-            (e["name"].as_str().unwrap_or_default().to_string(), value)
-        })
         .collect()
 }
 

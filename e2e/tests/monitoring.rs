@@ -318,22 +318,7 @@ fn misspelt_monitoring_values_are_refused() {
 fn the_forwarder_listens_on_its_nodes_address() {
     let env_of = |docs: &[Value]| -> Vec<(String, String)> {
         let ds = docs.iter().find(|d| kind(d) == "DaemonSet").unwrap();
-        ds["spec"]["template"]["spec"]["containers"][0]["env"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let value = e["value"].as_str().map(str::to_string).unwrap_or_else(|| {
-                    format!(
-                        "fieldRef:{}",
-                        e["valueFrom"]["fieldRef"]["fieldPath"]
-                            .as_str()
-                            .unwrap_or_default()
-                    )
-                });
-                (e["name"].as_str().unwrap_or_default().to_string(), value)
-            })
-            .collect()
+        ferry_e2e::chart::container_env(ds)
     };
     let value = |env: &[(String, String)], name: &str| {
         env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())

@@ -25,6 +25,21 @@ pub enum NothingToExplain {
     NotLoadBalancer(String, String, String),
 }
 
+/// Every object of a cluster-wide kind; empty (and why on stderr) when it cannot be listed.
+async fn list_all<K>(client: &Client, what: &str) -> Vec<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    or_empty(
+        what,
+        Api::<K>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items),
+    )
+}
+
 /// A list that may be absent (the CRD not installed, no rights): empty, and why on stderr.
 fn or_empty<T>(what: &str, r: Result<Vec<T>, kube::Error>) -> Vec<T> {
     r.unwrap_or_else(|e| {
@@ -53,35 +68,10 @@ pub async fn observe(
     if type_ != "LoadBalancer" {
         return Err(NothingToExplain::NotLoadBalancer(namespace.into(), name.into(), type_).into());
     }
-    let lp = ListParams::default();
-    let all_services = or_empty(
-        "services",
-        Api::<Service>::all(client.clone())
-            .list(&lp)
-            .await
-            .map(|l| l.items),
-    );
-    let pools = or_empty(
-        "LoadBalancerPools",
-        Api::<LoadBalancerPool>::all(client.clone())
-            .list(&lp)
-            .await
-            .map(|l| l.items),
-    );
-    let nodes = or_empty(
-        "nodes",
-        Api::<Node>::all(client.clone())
-            .list(&lp)
-            .await
-            .map(|l| l.items),
-    );
-    let slices = or_empty(
-        "endpointslices",
-        Api::<EndpointSlice>::all(client.clone())
-            .list(&lp)
-            .await
-            .map(|l| l.items),
-    );
+    let all_services = list_all::<Service>(client, "services").await;
+    let pools = list_all::<LoadBalancerPool>(client, "LoadBalancerPools").await;
+    let nodes = list_all::<Node>(client, "nodes").await;
+    let slices = list_all::<EndpointSlice>(client, "endpointslices").await;
     // Only the Services on this one's VIPs matter, but sharing can cross namespaces.
     let slices = slices
         .into_iter()
@@ -91,7 +81,7 @@ pub async fn observe(
     let leases = or_empty(
         &format!("leases in {forwarder_namespace}"),
         Api::<Lease>::namespaced(client.clone(), forwarder_namespace)
-            .list(&lp)
+            .list(&ListParams::default())
             .await
             .map(|l| l.items),
     )
