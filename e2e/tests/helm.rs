@@ -4,79 +4,20 @@
 //! installs, upgrades and uninstalls on the real kube-apiserver.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_crds::LoadBalancerPool;
+use ferry_e2e::chart::{chart, documents, helm, kind, render};
 use ferry_e2e::control_plane::shared;
 use ferry_e2e::operator::binary;
+use ferry_e2e::repo_root;
 use ferry_e2e::scenario::*;
-use ferry_e2e::{repo_root, tools};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::Api;
 use serde_yaml::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn chart() -> PathBuf {
-    repo_root().join("helm").join("ferry")
-}
-
-fn helm(args: &[&str], kubeconfig: Option<&PathBuf>) -> Output {
-    let bin = tools::ensure_built().expect("test tools").join("helm");
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        // Nothing from the machine's own helm setup.
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("ferry-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("ferry-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("ferry-helm-data"),
-        );
-    match kubeconfig {
-        Some(k) => cmd.env("KUBECONFIG", k),
-        None => cmd.env_remove("KUBECONFIG"),
-    };
-    cmd.output().expect("helm runs")
-}
-
-/// `helm template` with `set` values; the rendered documents, or helm's error text.
-fn render(set: &[&str]) -> Result<Vec<Value>, String> {
-    let chart = chart();
-    let mut args = vec![
-        "template",
-        "ferry",
-        chart.to_str().unwrap_or_default(),
-        "--namespace",
-        "ferry-system",
-    ];
-    for s in set {
-        args.extend(["--set", s]);
-    }
-    let out = helm(&args, None);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(documents(&String::from_utf8_lossy(&out.stdout)))
-}
-
-fn documents(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
-}
-
-fn kind(v: &Value) -> &str {
-    v["kind"].as_str().unwrap_or_default()
-}
 
 fn find<'a>(docs: &'a [Value], k: &str) -> Option<&'a Value> {
     docs.iter().find(|d| kind(d) == k)
@@ -394,7 +335,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     let _serial = serial().await;
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
-    let kubeconfig = Some(&cp.admin_kubeconfig);
+    let kubeconfig = Some(cp.admin_kubeconfig.as_path());
     let chart = chart();
     let chart = chart.to_str().unwrap_or_default();
     let ns = "edge-system";
@@ -562,7 +503,7 @@ async fn a_forwarder_can_write_only_its_own_heartbeat_lease_and_announced_condit
     let _serial = serial().await;
     let cp = shared();
     let admin = cp.admin_client().await.unwrap();
-    let kubeconfig = Some(&cp.admin_kubeconfig);
+    let kubeconfig = Some(cp.admin_kubeconfig.as_path());
     let chart = chart();
     let ns = "guard-system";
     let out = helm(

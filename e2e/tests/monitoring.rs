@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use ferry_e2e::chart::{chart, helm, kind, render};
 use ferry_e2e::cluster::{Cluster, NODES};
 use ferry_e2e::control_plane::shared;
 use ferry_e2e::forwarder::NodePorts;
 use ferry_e2e::operator::OperatorProcess;
 use ferry_e2e::process::ProcessUnderTest;
+use ferry_e2e::repo_root;
 use ferry_e2e::scenario::*;
-use ferry_e2e::{repo_root, tools};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -24,65 +25,11 @@ use serde_yaml::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn chart() -> PathBuf {
-    repo_root().join("helm").join("ferry")
-}
-
-fn helm(args: &[&str]) -> Output {
-    let bin = tools::ensure_built().expect("test tools").join("helm");
-    Command::new(bin)
-        .args(args)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("ferry-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("ferry-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("ferry-helm-data"),
-        )
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("helm runs")
-}
-
-/// `helm template` with `set` values: the rendered documents, or helm's error text.
-fn render(set: &[&str]) -> Result<Vec<Value>, String> {
-    let chart = chart();
-    let mut args = vec![
-        "template",
-        "ferry",
-        chart.to_str().unwrap_or_default(),
-        "--namespace",
-        "ferry-system",
-    ];
-    for s in set {
-        args.extend(["--set", s]);
-    }
-    let out = helm(&args);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(
-        serde_yaml::Deserializer::from_str(&String::from_utf8_lossy(&out.stdout))
-            .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-            .filter(|v: &Value| !v.is_null())
-            .collect(),
-    )
-}
-
 const BUNDLE_ON: [&str; 3] = [
     "monitoring.serviceMonitor.enabled=true",
     "monitoring.prometheusRule.enabled=true",
     "monitoring.dashboard.enabled=true",
 ];
-
-fn kind(v: &Value) -> &str {
-    v["kind"].as_str().unwrap_or_default()
-}
 
 fn named<'a>(docs: &'a [Value], k: &str, name: &str) -> Option<&'a Value> {
     docs.iter()
@@ -192,7 +139,7 @@ fn the_bundle_is_off_by_default_and_valid_when_on() {
     for s in BUNDLE_ON {
         lint.extend(["--set", s]);
     }
-    let out = helm(&lint);
+    let out = helm(&lint, None);
     assert!(
         out.status.success(),
         "{}",
@@ -657,7 +604,7 @@ impl Release {
         all.extend(["-n", self.namespace, "--kubeconfig"]);
         let kubeconfig = self.kubeconfig.to_str().unwrap_or_default().to_string();
         all.push(&kubeconfig);
-        helm(&all)
+        helm(&all, None)
     }
 }
 
