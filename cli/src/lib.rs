@@ -77,6 +77,18 @@ pub struct MigrateArgs {
     pub metallb_namespace: String,
 }
 
+/// How long a command waits for the API server before it gives up with one line.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `read`, a conversation with the API server, bounded by `API_TIMEOUT`.
+pub(crate) async fn from_api<T>(
+    read: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(API_TIMEOUT, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("the API server did not answer within {API_TIMEOUT:?}"))?
+}
+
 /// The service name of `svc/NAME`, `service/NAME`, `services/NAME` or `NAME`.
 pub fn service_name(arg: &str) -> Result<&str, String> {
     let name = match arg.split_once('/') {

@@ -10,9 +10,11 @@ use crate::{ExplainArgs, Output};
 
 pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let name = crate::service_name(&args.service).map_err(anyhow::Error::msg)?;
-    let client = ferry_runtime::kube_client().await?;
-    let observed =
-        observe::observe(&client, &args.namespace, name, &args.forwarder_namespace).await?;
+    let observed = crate::from_api(async {
+        let client = ferry_runtime::kube_client().await?;
+        observe::observe(&client, &args.namespace, name, &args.forwarder_namespace).await
+    })
+    .await?;
     let explanation = explanation::explain(&observed);
     let text = match args.output {
         Output::Json => {

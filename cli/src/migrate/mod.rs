@@ -10,7 +10,7 @@ use crate::MigrateArgs;
 
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let docs = if args.from_cluster {
-        source::from_cluster(&args.metallb_namespace).await?
+        crate::from_api(source::from_cluster(&args.metallb_namespace)).await?
     } else {
         source::from_files(&args.files)?
     };
