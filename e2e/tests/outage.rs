@@ -1,7 +1,9 @@
 //! The data plane outlives its control plane, on the namespace cluster (`cluster`): VIPs keep
 //! serving while the API server is stopped (SIGSTOP: it accepts connections and answers
 //! nothing, its watches fall silent), a node lost meanwhile has its VIPs taken over by the
-//! peers that still hear each other, and a forwarder killed outright takes its VIPs with it.
+//! peers that still hear each other, a node whose peers cannot hear it (its peer port blocked)
+//! keeps its VIPs while the API shows it alive, and a forwarder killed outright takes its VIPs
+//! with it.
 //!
 //! Needs root. Everything created is removed at the end, also when a test fails.
 
@@ -106,6 +108,46 @@ async fn a_node_lost_while_the_api_is_down_is_taken_over_within_three_seconds() 
         median < Duration::from_secs(3),
         "median failover {median:?} ({samples:?})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_peer_port_is_blocked_keeps_its_vips_while_the_api_shows_it_alive() {
+    let _serial = serial().await;
+    let c = Cluster::start("peer-blocked", NodePorts::Listening, &[]).await;
+    let web = c.http_service("web", 30080, json!({})).await;
+    let owner = c.wait_for_single_owner(&web).await;
+    c.wait_for_traffic(&web, 80).await;
+    let client = SteadyClient::start(&c, vec![format!("{web}:80").parse().unwrap()]);
+    // A firewall on the owner drops the direct heartbeats both ways; its Lease renewals go on.
+    // (The rule lives in the node's namespace, which the cluster removes.)
+    let node = &c.topo.nodes[c.node_index(&owner)];
+    node.ns()
+        .exec(
+            "nft",
+            &["add table inet peer_block; \
+               add chain inet peer_block in { type filter hook input priority -300; } ; \
+               add chain inet peer_block out { type filter hook output priority -300; } ; \
+               add rule inet peer_block in udp dport 9472 drop ; \
+               add rule inet peer_block out udp dport 9472 drop"],
+        )
+        .unwrap();
+    // Silent for four seconds, twice its Lease and far past the peer timeout: its peers see
+    // it renewing, so nobody takes its VIP, and it keeps it.
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            c.holders(&web),
+            std::slice::from_ref(&owner),
+            "the VIP stays on its owner only"
+        );
+    }
+    let (sent, failed) = client.stop();
+    assert!(sent > 20, "{sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    node.ns()
+        .exec("nft", &["delete table inet peer_block"])
+        .unwrap();
+    assert_eq!(c.wait_for_single_owner(&web).await, owner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

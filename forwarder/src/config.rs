@@ -82,8 +82,9 @@ pub struct Config {
     #[arg(long, env = "FERRY_PEER_INTERVAL", default_value = "200ms", value_parser = duration)]
     pub peer_interval: Duration,
 
-    /// A peer not heard for this long counts as gone when the API cannot say otherwise.
-    #[arg(long, env = "FERRY_PEER_TIMEOUT", default_value = "1s", value_parser = duration)]
+    /// A peer not heard for this long is silent: gone once its Lease renewals are overdue too
+    /// (one and a half renewal intervals), or, while the API is down, once a majority agrees.
+    #[arg(long, env = "FERRY_PEER_TIMEOUT", default_value = "600ms", value_parser = duration)]
     pub peer_timeout: Duration,
 
     /// How often each backend NodePort is health-checked.

@@ -99,6 +99,20 @@ impl Liveness {
             })
     }
 
+    /// Whether `node`'s Lease was seen renewed within `window` before `now` (by when this
+    /// process saw the renew time change, not by the time it names).
+    pub fn renewed_within(&self, node: &str, window: Duration, now: Instant) -> bool {
+        self.renewed_at(node)
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+    }
+
+    /// When `node`'s Lease was last seen renewed.
+    pub fn renewed_at(&self, node: &str) -> Option<Instant> {
+        self.seen
+            .get(node)
+            .and_then(|(renew, changed, _)| renew.map(|_| *changed))
+    }
+
     /// Notes `lease`'s renew time; returns its node.
     fn record<'l>(
         &mut self,

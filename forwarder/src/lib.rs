@@ -288,6 +288,10 @@ pub async fn run_with_client(
             leases: liveness.clone(),
             membership,
             peer_timeout: config.peer_timeout,
+            renewal_window: crate::liveness::renewal_window(
+                config.lease_renew_interval,
+                config.lease_duration,
+            ),
             changed,
             recorder: Some(recorder.clone()),
             reporter: Some(crate::report::Reporter::new(

@@ -5,9 +5,15 @@
 //! - **A peer it hears is alive**, whatever the API says: a forwarder cut off from the API
 //!   keeps serving (fail static), and its peers keep it.
 //! - **While the API view is fresh** (this node sees its own Lease renewals come back through
-//!   the watch), a peer whose Lease is fresh is alive too, even unheard: the API still reaches
-//!   it, so it is the traffic between nodes (a firewall on the peer port), not the node, that
-//!   is down. Every node then counts the same nodes alive, so each VIP keeps one owner.
+//!   the watch), a peer that has gone silent is alive only while the API keeps showing its
+//!   Lease *being renewed*: a renewal seen within the renewal window (one and a half renewal
+//!   intervals, timed by this process's clock when the watch delivered it). Renewals that go
+//!   on mean the API still reaches the node, so it is the traffic between nodes (a firewall on
+//!   the peer port), not the node, that is down; every node then counts the same nodes alive,
+//!   so each VIP keeps one owner. A node that is gone stops both at once, and is dead as soon
+//!   as it is silent *and* its renewals are overdue — well before its Lease expires, which is
+//!   what bounds failover below a second. A peer never heard at all (peer traffic blocked from
+//!   the start, or direct heartbeats off) is judged by its Lease alone, as before.
 //! - **While it is stale** (the API server is down, slow, or its watches silent), what the API
 //!   showed last is not evidence of anything: the peers it hears are alive, and one it stops
 //!   hearing is dead, but only if it still hears a strict majority of the nodes alive when it
@@ -31,33 +37,63 @@ pub struct Verdict {
     pub frozen: bool,
 }
 
-/// The nodes heard within `timeout` before `now`, and `me`.
-pub fn heard_within(
-    me: &str,
-    heard: &HashMap<String, Instant>,
-    timeout: Duration,
-    now: Instant,
-) -> BTreeSet<String> {
-    heard
-        .iter()
-        .filter(|(_, at)| now.saturating_duration_since(**at) < timeout)
-        .map(|(n, _)| n.clone())
-        .chain(std::iter::once(me.to_string()))
-        .collect()
+/// What the direct heartbeats say about the peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    /// Heard within the timeout, and this node.
+    pub heard: BTreeSet<String>,
+    /// Heard once, but not within the timeout.
+    pub silent: BTreeSet<String>,
+}
+
+impl Peers {
+    /// Sorts the peers in `heard` (when each was last heard) by whether that was within
+    /// `timeout` before `now`; `me` counts as heard.
+    pub fn at(
+        me: &str,
+        heard: &HashMap<String, Instant>,
+        timeout: Duration,
+        now: Instant,
+    ) -> Peers {
+        let mut peers = Peers::default();
+        for (node, at) in heard {
+            if now.saturating_duration_since(*at) < timeout {
+                peers.heard.insert(node.clone());
+            } else {
+                peers.silent.insert(node.clone());
+            }
+        }
+        peers.silent.remove(me);
+        peers.heard.insert(me.to_string());
+        peers
+    }
+}
+
+/// How long after its last renewal was seen a silent peer's Lease still speaks for it: one
+/// and a half renewal intervals, so one renewal late by half an interval is not a failure,
+/// and never longer than the Lease itself.
+pub fn renewal_window(renew_interval: Duration, lease_duration: Duration) -> Duration {
+    (renew_interval * 3 / 2).min(lease_duration)
 }
 
 /// Decides who is alive. `trusted` is the live set of the last verdict that was not frozen
-/// (empty before the first).
+/// (empty before the first); `window` is the `renewal_window`.
 pub fn decide(
     me: &str,
     now: Instant,
     api: &heartbeat::Liveness,
-    heard: &BTreeSet<String>,
+    peers: &Peers,
+    window: Duration,
     trusted: &BTreeSet<String>,
 ) -> Verdict {
+    let heard = &peers.heard;
     let api_fresh = api.is_live(me, now);
     if api_fresh {
-        let mut live = api.live(now);
+        let mut live: BTreeSet<String> = api
+            .live(now)
+            .into_iter()
+            .filter(|n| !peers.silent.contains(n) || api.renewed_within(n, window, now))
+            .collect();
         live.extend(heard.iter().cloned());
         return Verdict {
             live,
@@ -93,6 +129,16 @@ mod tests {
         nodes.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Direct heartbeats: `heard` within the timeout, `silent` once but no longer.
+    fn peers(heard: &[&str], silent: &[&str]) -> Peers {
+        Peers {
+            heard: set(heard),
+            silent: set(silent),
+        }
+    }
+
+    const WINDOW: Duration = Duration::from_millis(750);
+
     fn lease(node: &str, renew: jiff::Timestamp) -> Arc<Lease> {
         Arc::new(Lease {
             metadata: Default::default(),
@@ -118,10 +164,98 @@ mod tests {
     #[test]
     fn with_a_fresh_api_view_heard_or_renewing_is_alive() {
         let (l, t0) = api(&["a", "b", "c"]);
-        // c is unheard (peer traffic blocked) but renews: alive, on every node alike.
-        let v = decide("a", t0, &l, &set(&["a", "b"]), &BTreeSet::new());
+        // c was never heard (peer traffic blocked from the start) but renews: alive.
+        let v = decide(
+            "a",
+            t0,
+            &l,
+            &peers(&["a", "b"], &[]),
+            WINDOW,
+            &BTreeSet::new(),
+        );
         assert!(v.api_fresh && !v.frozen);
         assert_eq!(v.live, set(&["a", "b", "c"]));
+    }
+
+    /// `nodes` renewing at `t0` and every 500 ms until `until` (not after), as the watch
+    /// delivers them.
+    fn renewing(
+        nodes: &[&str],
+        stopped: &[&str],
+        t0: Instant,
+        until: Duration,
+    ) -> heartbeat::Liveness {
+        let wall = jiff::Timestamp::now();
+        let mut l = heartbeat::Liveness::default();
+        let mut at = Duration::ZERO;
+        while at <= until {
+            let w = wall + jiff::SignedDuration::try_from(at).unwrap();
+            let leases: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    let renewed = if stopped.contains(n) { wall } else { w };
+                    lease(n, renewed)
+                })
+                .collect();
+            l.observe(&leases, t0 + at, w);
+            at += Duration::from_millis(500);
+        }
+        l
+    }
+
+    #[test]
+    fn a_silent_peer_that_keeps_renewing_stays_alive() {
+        // c's peer port was blocked a while ago; the API shows its renewals going on.
+        let t0 = Instant::now();
+        let l = renewing(&["a", "b", "c"], &[], t0, Duration::from_secs(10));
+        let now = t0 + Duration::from_millis(10_300);
+        let v = decide(
+            "a",
+            now,
+            &l,
+            &peers(&["a", "b"], &["c"]),
+            WINDOW,
+            &BTreeSet::new(),
+        );
+        assert!(v.api_fresh);
+        assert_eq!(v.live, set(&["a", "b", "c"]), "no VIP moves for a firewall");
+    }
+
+    #[test]
+    fn a_silent_peer_whose_renewals_stopped_is_dead_before_its_lease_expires() {
+        // c is gone at t0: silent, and its last renewal is the one seen at t0.
+        let t0 = Instant::now();
+        let l = renewing(&["a", "b", "c"], &["c"], t0, Duration::from_secs(1));
+        // Its 2-s Lease is still fresh 800 ms on, but its renewals are overdue.
+        let now = t0 + Duration::from_millis(800);
+        assert!(l.is_live("c", now), "the Lease alone would keep c");
+        let v = decide(
+            "a",
+            now,
+            &l,
+            &peers(&["a", "b"], &["c"]),
+            WINDOW,
+            &BTreeSet::new(),
+        );
+        assert_eq!(v.live, set(&["a", "b"]), "c's VIPs move");
+        // Within the window its last renewal still speaks for it.
+        let now = t0 + Duration::from_millis(700);
+        let v = decide(
+            "a",
+            now,
+            &l,
+            &peers(&["a", "b"], &["c"]),
+            WINDOW,
+            &BTreeSet::new(),
+        );
+        assert_eq!(v.live, set(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn the_renewal_window_is_one_and_a_half_intervals_within_the_lease() {
+        let ms = Duration::from_millis;
+        assert_eq!(renewal_window(ms(500), Duration::from_secs(2)), ms(750));
+        assert_eq!(renewal_window(ms(1900), Duration::from_secs(2)), ms(2000));
     }
 
     #[test]
@@ -132,7 +266,8 @@ mod tests {
             "a",
             later,
             &l,
-            &set(&["a", "b", "c"]),
+            &peers(&["a", "b", "c"], &[]),
+            WINDOW,
             &set(&["a", "b", "c"]),
         );
         assert!(!v.api_fresh && !v.frozen);
@@ -143,7 +278,14 @@ mod tests {
     fn a_node_lost_during_an_outage_is_dead_to_a_majority() {
         let (l, t0) = api(&["a", "b", "c"]);
         let later = t0 + Duration::from_secs(60);
-        let v = decide("a", later, &l, &set(&["a", "b"]), &set(&["a", "b", "c"]));
+        let v = decide(
+            "a",
+            later,
+            &l,
+            &peers(&["a", "b"], &[]),
+            WINDOW,
+            &set(&["a", "b", "c"]),
+        );
         assert_eq!(v.live, set(&["a", "b"]), "c's VIPs move");
     }
 
@@ -151,7 +293,14 @@ mod tests {
     fn a_node_cut_off_from_api_and_peers_changes_nothing() {
         let (l, t0) = api(&["a", "b", "c"]);
         let later = t0 + Duration::from_secs(60);
-        let v = decide("a", later, &l, &set(&["a"]), &set(&["a", "b", "c"]));
+        let v = decide(
+            "a",
+            later,
+            &l,
+            &peers(&["a"], &[]),
+            WINDOW,
+            &set(&["a", "b", "c"]),
+        );
         assert!(v.frozen);
         assert_eq!(v.live, set(&["a", "b", "c"]), "no VIP grabbed or given up");
         // Two nodes, one gone while the API is down: no majority, no failover.
@@ -160,7 +309,8 @@ mod tests {
             "a",
             t0 + Duration::from_secs(60),
             &l,
-            &set(&["a"]),
+            &peers(&["a"], &[]),
+            WINDOW,
             &set(&["a", "b"]),
         );
         assert!(v.frozen);
@@ -176,13 +326,20 @@ mod tests {
         let t1 = t0 + Duration::from_secs(5);
         let w1 = wall + jiff::SignedDuration::from_secs(5);
         l.observe(&[lease("a", w1), lease("b", wall)], t1, w1);
-        let v = decide("a", t1, &l, &set(&["a", "b"]), &set(&["a", "b"]));
+        let v = decide(
+            "a",
+            t1,
+            &l,
+            &peers(&["a", "b"], &[]),
+            WINDOW,
+            &set(&["a", "b"]),
+        );
         assert!(v.api_fresh);
         assert_eq!(v.live, set(&["a", "b"]));
     }
 
     #[test]
-    fn only_recent_heartbeats_count() {
+    fn only_recent_heartbeats_count_and_older_ones_make_a_peer_silent() {
         let t0 = Instant::now();
         let heard: HashMap<String, Instant> = [
             ("b".to_string(), t0),
@@ -191,8 +348,8 @@ mod tests {
         .into();
         let now = t0 + Duration::from_millis(1200);
         assert_eq!(
-            heard_within("a", &heard, Duration::from_secs(1), now),
-            set(&["a", "c"])
+            Peers::at("a", &heard, Duration::from_secs(1), now),
+            peers(&["a", "c"], &["b"])
         );
     }
 }

@@ -107,6 +107,8 @@ pub struct Inputs {
     /// Direct heartbeats, when enabled.
     pub membership: Option<Membership>,
     pub peer_timeout: Duration,
+    /// How long a silent peer's last Lease renewal speaks for it (`liveness::renewal_window`).
+    pub renewal_window: Duration,
     pub changed: Arc<Notify>,
     /// Events about Services this node cannot serve.
     pub recorder: Option<kube::runtime::events::Recorder>,
@@ -187,10 +189,11 @@ impl Planner {
     /// Who is alive now.
     fn verdict(&mut self, now: Instant) -> Verdict {
         let me = self.inputs.node_name.clone();
-        let heard = liveness::heard_within(&me, &self.heard(), self.inputs.peer_timeout, now);
+        let peers = liveness::Peers::at(&me, &self.heard(), self.inputs.peer_timeout, now);
         let verdict = {
             let leases = self.leases();
-            liveness::decide(&me, now, &leases, &heard, &self.trusted)
+            let window = self.inputs.renewal_window;
+            liveness::decide(&me, now, &leases, &peers, window, &self.trusted)
         };
         if !verdict.frozen {
             self.trusted = verdict.live.clone();
@@ -237,12 +240,26 @@ impl Planner {
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
         let mut expiries: Vec<Instant> = self.leases().next_expiry(now).into_iter().collect();
+        let heard = self.heard();
         expiries.extend(
-            self.heard()
+            heard
                 .values()
                 .map(|at| *at + self.inputs.peer_timeout)
                 .filter(|at| *at > now),
         );
+        // A silent peer is dead once its renewals are overdue too: wake then (only for silent
+        // peers, so renewals of peers that are heard wake nothing).
+        let timeout = self.inputs.peer_timeout;
+        let leases = self.leases();
+        expiries.extend(
+            heard
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(**at) >= timeout)
+                .filter_map(|(node, _)| leases.renewed_at(node))
+                .map(|at| at + self.inputs.renewal_window)
+                .filter(|at| *at > now),
+        );
+        drop(leases);
         expiries.extend(self.refusals.next_retry());
         next_wake(
             expiries,
