@@ -402,9 +402,16 @@ pub fn body_client(body: &str) -> String {
 /// One HTTP request from the calling thread (inside the client's namespace): whether an
 /// answer came within two seconds.
 pub fn answered(target: SocketAddr) -> bool {
+    answered_within(target, Duration::from_secs(2))
+}
+
+/// One HTTP request as `answered`, connecting and answered each within `timeout`. A timeout
+/// under a second probes without waiting for TCP's first SYN retransmission (one second), so
+/// a series of them sees an address answer again to within the pause between them.
+pub fn answered_within(target: SocketAddr, timeout: Duration) -> bool {
     let attempt = || -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut s = TcpStream::connect_timeout(&target, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
         s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
         // The answer's head is enough; the backend keeps the connection open.
         let mut got = Vec::new();

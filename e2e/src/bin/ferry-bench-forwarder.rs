@@ -45,6 +45,11 @@ struct Args {
     /// come from a full run), e.g. `haproxy,ferry-userspace`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Also count each proxy's system calls per new connection (`perf stat` on its process
+    /// during the new-connection run; printed to stderr, not part of the table: tracing them
+    /// costs CPU, so the CPU figures of such a run are not for the record).
+    #[arg(long)]
+    syscalls: bool,
 }
 
 const IPERF_PORT: u16 = 30201;
@@ -129,6 +134,69 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
+}
+
+/// `perf stat` counting one process's system calls, by call.
+struct SyscallCount {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl SyscallCount {
+    fn start(pid: u32) -> anyhow::Result<SyscallCount> {
+        let out = std::env::temp_dir().join(format!("ferry-bench-syscalls-{pid}.csv"));
+        let child = std::process::Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "syscalls:sys_enter_*",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("running perf stat")?;
+        // perf attaches to every thread before it counts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(SyscallCount { child, out })
+    }
+
+    /// Stops counting and prints the calls per connection (`connections` in the run).
+    fn report(mut self, path: &str, connections: f64) -> anyhow::Result<()> {
+        // SAFETY: kill(2) with a pid we spawned; SIGINT makes perf write its counts.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait()?;
+        let text = std::fs::read_to_string(&self.out)?;
+        let _ = std::fs::remove_file(&self.out);
+        let mut calls: Vec<(f64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(',');
+                let n: f64 = f.next()?.trim().parse().ok()?;
+                let name = f
+                    .nth(1)?
+                    .trim_start_matches("syscalls:sys_enter_")
+                    .to_string();
+                (n > 0.0).then(|| (n / connections.max(1.0), name))
+            })
+            .collect();
+        calls.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let total: f64 = calls.iter().map(|c| c.0).sum();
+        let each: Vec<String> = calls
+            .iter()
+            .filter(|c| c.0 >= 0.01)
+            .map(|(n, name)| format!("{name} {n:.2}"))
+            .collect();
+        eprintln!(
+            "syscalls per new connection via {path}: {total:.2} in all: {}",
+            each.join(", ")
+        );
+        Ok(())
+    }
 }
 
 /// What wrk reported: requests per second and requests in all.
@@ -247,8 +315,15 @@ impl Bench<'_> {
         let before = cpu();
         let keep_alive = self.wrk(ip, http_port, false)?;
         let between = cpu();
+        let counting = match proxy {
+            Some(pid) if self.args.syscalls => Some(SyscallCount::start(pid)?),
+            _ => None,
+        };
         let close = self.wrk(ip, http_port, true)?;
         let after = cpu();
+        if let Some(counting) = counting {
+            counting.report(ip, close.requests)?;
+        }
         Ok(Figures {
             gbits,
             rps: keep_alive.rate,
