@@ -1363,6 +1363,125 @@ mod tests {
         assert_eq!(changes(&in_place, &in_place.clone()), Some(String::new()));
     }
 
+    /// Echoes lines on 30080, then for three seconds opens connections through the VIP
+    /// 192.0.2.10:80 one after another and talks on one opened before; prints what worked.
+    const TRAFFIC: &str = r#"
+import socket, socketserver, threading, time
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+server = Server(("0.0.0.0", 30080), Echo)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+def talk(s):
+    s.sendall(b"x\n")
+    return s.recv(2) == b"x\n"
+held = socket.create_connection(("192.0.2.10", 80), timeout=1)
+print("ready", flush=True)
+ok = failed = held_ok = held_failed = 0
+end = time.time() + 3
+while time.time() < end:
+    try:
+        with socket.create_connection(("192.0.2.10", 80), timeout=1) as s:
+            if talk(s): ok += 1
+            else: failed += 1
+    except OSError:
+        failed += 1
+    try:
+        if talk(held): held_ok += 1
+        else: held_failed += 1
+    except OSError:
+        held_failed += 1
+print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", flush=True)
+"#;
+
+    /// Traffic to a Service that does not change keeps flowing, new connections and an
+    /// established one alike, while another Service on the node changes again and again.
+    #[tokio::test]
+    async fn traffic_to_unchanged_services_flows_across_changes() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let Some(ns) = Netns::new("traffic") else {
+            return;
+        };
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["address", "add", "192.0.2.10/32", "dev", "lo"],
+            &["address", "add", "192.0.2.11/32", "dev", "lo"],
+            &["address", "add", "10.250.0.1/32", "dev", "lo"],
+            &["address", "add", "10.250.0.2/32", "dev", "lo"],
+        ] {
+            let done = std::process::Command::new("ip")
+                .args(["-n", &ns.0])
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(done.success(), "ip {args:?}");
+        }
+        let web = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.250.0.1:30080", "10.250.0.2:30080"],
+        );
+        let other = frontend("192.0.2.11", 80, Protocol::Tcp, &["10.250.0.1:30081"]);
+        let first = vec![web.clone(), other.clone()];
+        ns.apply(&ruleset(&first, &AffinityClients::new())).await;
+
+        let Ok(mut client) = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", TRAFFIC])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+        else {
+            eprintln!("skipped: no python3");
+            return;
+        };
+        let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+
+        let mut other_port = frontend("192.0.2.11", 81, Protocol::Tcp, &["10.250.0.1:30082"]);
+        let mut moved = other.clone();
+        moved.backends = vec!["10.250.0.2:30083".parse().unwrap()];
+        let plans = [
+            vec![web.clone(), other.clone(), other_port.clone()],
+            vec![web.clone(), moved.clone(), other_port.clone()],
+            vec![web.clone(), moved.clone()],
+            vec![web.clone()],
+            first.clone(),
+        ];
+        let mut in_place = by_identity(&first);
+        let started = std::time::Instant::now();
+        let mut applied = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            for plan in &plans {
+                let wanted = by_identity(plan);
+                ns.apply(&changes(&in_place, &wanted).unwrap()).await;
+                in_place = wanted;
+                applied += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other_port.port += 1;
+        }
+        let report = lines.next_line().await.unwrap().unwrap_or_default();
+        let figure = |name: &str| -> u64 {
+            report
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {report:?}"))
+        };
+        assert!(applied >= 20, "{applied} changes");
+        assert_eq!(
+            (figure("failed"), figure("held_failed")),
+            (0, 0),
+            "{report}"
+        );
+        assert!(figure("ok") > 100 && figure("held_ok") > 100, "{report}");
+    }
+
     #[test]
     fn a_change_touches_only_the_frontend_that_changed() {
         let many: Vec<Frontend> = (1..=50)
