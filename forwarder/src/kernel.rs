@@ -18,7 +18,9 @@
 //! listens on.)
 //!
 //! A frontend is one chain, `fe_<identity>` (VIP, protocol, port), where its backends share a
-//! NodePort; backends on differing ports, and ClientIP affinity, add a chain per backend.
+//! NodePort (the round robin's turns are elements of one map for all frontends, `picks4`,
+//! `picks6`, not an anonymous map per chain, which nft would read before every change);
+//! backends on differing ports, and ClientIP affinity, add a chain per backend.
 //! Affinity keeps a set of recent clients per backend whose elements expire after the
 //! Service's timeout (refreshed by each new connection), so a returning client goes back to
 //! its backend and a client quiet for longer is spread anew; changes leave the sets that stay
@@ -259,6 +261,8 @@ struct Objects {
     chains: Vec<(String, String)>,
     /// `(name, declaration)`.
     sets: Vec<(String, String)>,
+    /// `(key, backend address)` in the `picks` map: the backend of each round-robin turn.
+    picks: Vec<(String, String)>,
 }
 
 /// The key of a connection's NAT binding: its original VIP, protocol and the port steering
@@ -294,6 +298,7 @@ fn objects(f: &Frontend) -> Objects {
     );
     let mut chains = Vec::new();
     let mut sets = Vec::new();
+    let mut picks = Vec::new();
     let affinity = f
         .affinity
         .filter(|_| f.backends.len() > 1)
@@ -307,18 +312,23 @@ fn objects(f: &Frontend) -> Objects {
         // The normal case: every node's NodePort is the same port, so one statement picks
         // the node and no chain per backend is needed.
         (None, Some(port)) => {
+            // The turns live in one map shared by all frontends rather than in an anonymous
+            // map per rule: nft reads every set of the table (anonymous ones with their
+            // elements) before each transaction, so 4,000 of them would make every change
+            // slow; a named map's elements it does not read.
             let to = match f.backends.as_slice() {
                 [one] => one.ip().to_string(),
                 all => {
-                    let picks: Vec<String> = all
-                        .iter()
-                        .enumerate()
-                        .map(|(j, b)| format!("{j} : {}", b.ip()))
-                        .collect();
+                    let n = if v6 { 6 } else { 4 };
+                    picks.extend(all.iter().enumerate().map(|(j, b)| {
+                        (
+                            format!("{} . {p} . {} . {j}", f.vip, f.port),
+                            b.ip().to_string(),
+                        )
+                    }));
                     format!(
-                        "numgen inc mod {} map {{ {} }}",
-                        all.len(),
-                        picks.join(", ")
+                        "{fam} daddr . meta l4proto . th dport . numgen inc mod {} map @picks{n}",
+                        all.len()
                     )
                 }
             };
@@ -376,6 +386,7 @@ fn objects(f: &Frontend) -> Objects {
         v6,
         chains,
         sets,
+        picks,
     }
 }
 
@@ -437,6 +448,11 @@ fn skeleton() -> String {
         let _ = writeln!(
             s,
             "\tmap dispatch{n} {{\n\t\ttype {addr} . inet_proto . inet_service : verdict\n\t}}"
+        );
+        let fam = if n == 4 { "ip" } else { "ip6" };
+        let _ = writeln!(
+            s,
+            "\tmap picks{n} {{\n\t\ttypeof {fam} daddr . meta l4proto . th dport . numgen inc mod 2 : {fam} daddr\n\t}}"
         );
         for set in ["bound", "masquerade"] {
             let _ = writeln!(
@@ -508,6 +524,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     let mut counters = String::new();
     let mut tail = String::new();
     let mut dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for f in frontends.values() {
         let o = objects(f);
         let _ = writeln!(counters, "\tcounter {} {{\n\t}}", counter(&o.ident));
@@ -515,6 +532,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
         let chains: Vec<&(String, String)> = o.chains.iter().collect();
         body.push_str(&declare(&sets, &chains));
         dispatch[usize::from(o.v6)].push(format!("{} : goto fe_{}", o.dispatch, o.ident));
+        picks[usize::from(o.v6)].extend(o.picks.iter().map(|(k, v)| format!("{k} : {v}")));
         for (name, _) in &o.sets {
             let timeout = f.affinity.unwrap_or_default().max(Duration::from_secs(1));
             let clients: Vec<String> = kept
@@ -539,6 +557,9 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     );
     for (n, items) in [4, 6].iter().zip(&dispatch) {
         s.push_str(&add_elements(&format!("dispatch{n}"), items));
+    }
+    for (n, items) in [4, 6].iter().zip(&picks) {
+        s.push_str(&add_elements(&format!("picks{n}"), items));
     }
     for (set, of) in [("bound", &bound), ("masquerade", &masqueraded)] {
         for v6 in [false, true] {
@@ -589,6 +610,8 @@ pub fn changes(
     let mut flush = String::new();
     let mut drop_dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut add_dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut drop_picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut add_picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut drop_chains = String::new();
     let mut drop_sets = String::new();
     let mut declared = String::new();
@@ -602,6 +625,21 @@ pub fn changes(
         touched = true;
         let before = before.map(objects);
         let after = after.map(objects);
+        let no_picks = Vec::new();
+        let picked_before = before.as_ref().map_or(&no_picks, |o| &o.picks);
+        let picked_after = after.as_ref().map_or(&no_picks, |o| &o.picks);
+        for (k, v) in picked_before {
+            if !picked_after.contains(&(k.clone(), v.clone())) {
+                let v6 = before.as_ref().is_some_and(|o| o.v6);
+                drop_picks[usize::from(v6)].push(k.clone());
+            }
+        }
+        for (k, v) in picked_after {
+            if !picked_before.contains(&(k.clone(), v.clone())) {
+                let v6 = after.as_ref().is_some_and(|o| o.v6);
+                add_picks[usize::from(v6)].push(format!("{k} : {v}"));
+            }
+        }
         let had = |name: &str| -> Option<&(String, String)> {
             before.as_ref()?.chains.iter().find(|(n, _)| n == name)
         };
@@ -675,6 +713,9 @@ pub fn changes(
     for (n, items) in [4, 6].iter().zip(&drop_dispatch) {
         s.push_str(&delete_elements(&format!("dispatch{n}"), items));
     }
+    for (n, items) in [4, 6].iter().zip(&drop_picks) {
+        s.push_str(&delete_elements(&format!("picks{n}"), items));
+    }
     let mut added_bindings = String::new();
     for (set, before, after) in [
         ("bound", &bound_before, &bound_after),
@@ -701,6 +742,9 @@ pub fn changes(
     s.push_str(&drop_sets);
     if !declared.is_empty() {
         let _ = write!(s, "table inet {TABLE} {{\n{declared}}}\n");
+    }
+    for (n, items) in [4, 6].iter().zip(&add_picks) {
+        s.push_str(&add_elements(&format!("picks{n}"), items));
     }
     for (n, items) in [4, 6].iter().zip(&add_dispatch) {
         s.push_str(&add_elements(&format!("dispatch{n}"), items));
@@ -946,11 +990,16 @@ mod tests {
             "{r}"
         );
         // One chain for the frontend: only while the VIP is local, counted, and the
-        // backend picked by one statement since both nodes share the NodePort.
+        // backend picked by one statement since both nodes share the NodePort (its turns
+        // in the shared map `picks4`).
         let fe = chain(&r, "fe_192_0_2_10_tcp_80");
         assert_eq!(
             fe,
-            "chain fe_192_0_2_10_tcp_80 {\n\t\tfib daddr type != local return\n\t\tcounter name \"c_192_0_2_10_tcp_80\" comment \"default/web 80/TCP\"\n\t\tip daddr set numgen inc mod 2 map { 0 : 10.0.0.1, 1 : 10.0.0.2 } tcp dport set 30080\n"
+            "chain fe_192_0_2_10_tcp_80 {\n\t\tfib daddr type != local return\n\t\tcounter name \"c_192_0_2_10_tcp_80\" comment \"default/web 80/TCP\"\n\t\tip daddr set ip daddr . meta l4proto . th dport . numgen inc mod 2 map @picks4 tcp dport set 30080\n"
+        );
+        assert!(
+            r.contains("add element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 0 : 10.0.0.1, 192.0.2.10 . tcp . 80 . 1 : 10.0.0.2 }"),
+            "{r}"
         );
         assert!(!r.contains("chain be_"), "{r}");
         assert!(r.contains("\tcounter c_192_0_2_10_tcp_80 {"), "{r}");
@@ -1263,6 +1312,11 @@ mod tests {
         sticky_grown
             .backends
             .push("[2001:db8::3]:30443".parse().unwrap());
+        let mut web_swapped = web.clone();
+        web_swapped.backends = vec![
+            "10.0.0.2:30080".parse().unwrap(),
+            "10.0.0.3:30080".parse().unwrap(),
+        ];
         let mut dns_cluster = dns.clone();
         dns_cluster.local = false;
         let plans: Vec<Vec<Frontend>> = vec![
@@ -1285,9 +1339,11 @@ mod tests {
             // A Service removed.
             vec![web_moved.clone(), dns_cluster.clone(), sticky_grown.clone()],
             // Removed and added back; the sticky one back to two nodes.
-            vec![web.clone(), web_port, dns_cluster, sticky],
+            vec![web.clone(), web_port, dns_cluster, sticky.clone()],
             vec![],
             start.clone(),
+            // The same number of nodes, others: only the turns of the round robin change.
+            vec![web_swapped, dns, sticky],
         ];
 
         ns.apply(&ruleset(&start, &AffinityClients::new())).await;
@@ -1500,6 +1556,7 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
         assert_eq!(
             script,
             "flush chain inet ferry fe_192_0_2_8_tcp_80\n\
+             delete element inet ferry picks4 { 192.0.2.8 . tcp . 80 . 0, 192.0.2.8 . tcp . 80 . 1 }\n\
              delete element inet ferry bound4 { 192.0.2.8 . tcp . 30080 }\n\
              delete element inet ferry masquerade4 { 192.0.2.8 . tcp . 30080 }\n\
              table inet ferry {\n\tchain fe_192_0_2_8_tcp_80 {\n\t\tfib daddr type != local return\n\t\tcounter name \"c_192_0_2_8_tcp_80\" comment \"default/web 80/TCP\"\n\t\tip daddr set 10.0.0.1 tcp dport set 30090\n\t}\n}\n\
