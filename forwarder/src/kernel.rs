@@ -86,6 +86,29 @@ fn proto(p: Protocol) -> &'static str {
     }
 }
 
+/// `f` as the kernel can serve it: backends of the VIP's family only (NAT does not cross
+/// families), and at least one of them; `None` when it cannot.
+fn servable_one(f: &Frontend) -> Option<Frontend> {
+    if f.protocol == Protocol::Sctp {
+        return None;
+    }
+    let backends: Vec<SocketAddr> = f
+        .backends
+        .iter()
+        .copied()
+        .filter(|b| b.is_ipv6() == f.vip.is_ipv6())
+        .collect();
+    if backends.is_empty() {
+        return None;
+    }
+    Some(Frontend {
+        backends,
+        service: f.service.clone(),
+        source_ranges: f.source_ranges.clone(),
+        ..*f
+    })
+}
+
 /// The frontends the kernel can serve: backends of the VIP's family only (NAT does not cross
 /// families), and at least one of them.
 pub fn servable(frontends: &[Frontend]) -> Vec<Frontend> {
@@ -197,12 +220,19 @@ pub type AffinityClients = BTreeMap<String, Vec<(IpAddr, Duration)>>;
 /// from its place in the plan: its chains, counter and affinity sets keep their names for as
 /// long as the frontend exists, so a change to another frontend leaves them alone.
 pub fn identity(f: &Frontend) -> String {
-    format!(
-        "{}_{}_{}",
-        word(&f.vip.to_string()),
-        proto(f.protocol),
-        f.port
-    )
+    name(&key(f))
+}
+
+/// What identifies a frontend in the table: its VIP, protocol and port.
+pub type Identity = (IpAddr, Protocol, u16);
+
+fn key(f: &Frontend) -> Identity {
+    (f.vip, f.protocol, f.port)
+}
+
+/// The name of the frontend `(vip, protocol, port)` in the table's object names.
+fn name((vip, protocol, port): &Identity) -> String {
+    format!("{}_{}_{port}", word(&vip.to_string()), proto(*protocol))
 }
 
 /// An address as a part of an nftables name (letters, digits and `_`).
@@ -413,10 +443,12 @@ fn admission(f: &Frontend) -> Option<String> {
 
 /// The NAT bindings of `frontends`: every connection steered from a VIP port to one of its
 /// backend ports, and those of them to masquerade (all but `externalTrafficPolicy: Local`).
-fn bindings(frontends: &BTreeMap<String, Frontend>) -> (BTreeSet<Binding>, BTreeSet<Binding>) {
+fn bindings<'a>(
+    frontends: impl IntoIterator<Item = &'a Frontend>,
+) -> (BTreeSet<Binding>, BTreeSet<Binding>) {
     let mut bound = BTreeSet::new();
     let mut masqueraded = BTreeSet::new();
-    for f in frontends.values() {
+    for f in frontends {
         for b in &f.backends {
             let key = (f.vip, proto(f.protocol), b.port());
             bound.insert(key);
@@ -433,10 +465,14 @@ fn binding_element((vip, p, port): &Binding) -> String {
 }
 
 /// The servable frontends of a plan by identity (the first of any two with one identity).
-pub fn by_identity(frontends: &[Frontend]) -> BTreeMap<String, Frontend> {
+pub fn by_identity(frontends: &[Frontend]) -> BTreeMap<Identity, Frontend> {
     let mut out = BTreeMap::new();
-    for f in servable(frontends) {
-        out.entry(identity(&f)).or_insert(f);
+    for f in frontends {
+        if let std::collections::btree_map::Entry::Vacant(at) = out.entry(key(f))
+            && let Some(f) = servable_one(f)
+        {
+            at.insert(f);
+        }
     }
     out
 }
@@ -551,7 +587,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
             }
         }
     }
-    let (bound, masqueraded) = bindings(&frontends);
+    let (bound, masqueraded) = bindings(frontends.values());
     let mut s = format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{counters}{body}}}\n"
     );
@@ -602,8 +638,8 @@ fn delete_elements(set: &str, items: &[String]) -> String {
 /// their clients. `None` when only a full replacement can do it (an affinity set whose
 /// timeout changed: a set cannot be redeclared in place). Empty when nothing changed.
 pub fn changes(
-    old: &BTreeMap<String, Frontend>,
-    new: &BTreeMap<String, Frontend>,
+    old: &BTreeMap<Identity, Frontend>,
+    new: &BTreeMap<Identity, Frontend>,
 ) -> Option<String> {
     let mut add_counters = String::new();
     let mut add_sets = String::new();
@@ -615,14 +651,16 @@ pub fn changes(
     let mut drop_chains = String::new();
     let mut drop_sets = String::new();
     let mut declared = String::new();
-    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    let mut touched = false;
-    for key in keys {
-        let (before, after) = (old.get(key), new.get(key));
-        if before == after {
-            continue;
-        }
-        touched = true;
+    // Only the frontends that differ are looked at further: what a change costs does not
+    // grow with the number of frontends beyond this comparison.
+    let differ: Vec<&Identity> = old
+        .iter()
+        .filter(|(k, f)| new.get(*k) != Some(*f))
+        .map(|(k, _)| k)
+        .chain(new.keys().filter(|k| !old.contains_key(*k)))
+        .collect();
+    for key in &differ {
+        let (before, after) = (old.get(*key), new.get(*key));
         let before = before.map(objects);
         let after = after.map(objects);
         let no_picks = Vec::new();
@@ -699,11 +737,27 @@ pub fn changes(
             }
         }
     }
-    if !touched {
+    if differ.is_empty() {
         return Some(String::new());
     }
-    let (bound_before, masq_before) = bindings(old);
-    let (bound_after, masq_after) = bindings(new);
+    let (bound_before, masq_before) = bindings(differ.iter().filter_map(|k| old.get(*k)));
+    let (bound_after, masq_after) = bindings(differ.iter().filter_map(|k| new.get(*k)));
+    // A binding another frontend still has stays (two frontends share one only where a
+    // Service maps two of its ports to one NodePort, which Kubernetes refuses, but the
+    // table must not depend on that).
+    let unchanged = || {
+        new.iter()
+            .filter(|(k, _)| !differ.contains(k))
+            .map(|(_, f)| f)
+    };
+    let still = |b: &Binding, masquerade: bool| {
+        unchanged().any(|f| {
+            f.vip == b.0
+                && proto(f.protocol) == b.1
+                && (!masquerade || !f.local)
+                && f.backends.iter().any(|be| be.port() == b.2)
+        })
+    };
     let mut s = String::new();
     s.push_str(&add_counters);
     if !add_sets.is_empty() {
@@ -724,9 +778,11 @@ pub fn changes(
         for v6 in [false, true] {
             let n = if v6 { 6 } else { 4 };
             let of_family = |b: &&Binding| b.0.is_ipv6() == v6;
+            let masquerade = set == "masquerade";
             let gone: Vec<String> = before
                 .difference(after)
                 .filter(of_family)
+                .filter(|b| !still(b, masquerade))
                 .map(binding_element)
                 .collect();
             let new: Vec<String> = after
@@ -818,11 +874,12 @@ async fn list(args: &[&str]) -> Option<String> {
 pub struct Kernel {
     /// The frontends of the table in place, by identity; `None` until a whole table is in
     /// place (and after one could not be), when the next change replaces the table.
-    in_place: Option<BTreeMap<String, Frontend>>,
+    in_place: Option<BTreeMap<Identity, Frontend>>,
     counted: crate::counters::Deltas,
-    /// Services of counters whose frontends are gone, by counter name: read one last time
-    /// and deleted at the next count, so removing a frontend does not wait for a listing.
-    retired: BTreeMap<String, String>,
+    /// Services of frontends that are gone and whose counters are still in the table: read
+    /// one last time and deleted at the next count, so removing a frontend does not wait for
+    /// a listing.
+    retired: BTreeMap<Identity, String>,
     /// Counts taken from a table before it was replaced, not yet reported.
     pending: Vec<(String, u64)>,
 }
@@ -852,14 +909,12 @@ impl Kernel {
             warn!(error = %err, "nftables refused a change to the table; replacing it whole");
             return self.replace(wanted).await;
         }
-        for (ident, f) in in_place {
-            if !wanted.contains_key(ident) {
-                self.retired.insert(counter(ident), f.service.clone());
+        for (k, f) in in_place {
+            if !wanted.contains_key(k) {
+                self.retired.insert(*k, f.service.clone());
             }
         }
-        for ident in wanted.keys() {
-            self.retired.remove(&counter(ident));
-        }
+        self.retired.retain(|k, _| !wanted.contains_key(k));
         self.in_place = Some(wanted);
         Ok(())
     }
@@ -868,7 +923,7 @@ impl Kernel {
     /// new table keeps are read from the old one and put back, so sticky clients do not
     /// start afresh (clients that arrive between the read and the replacement are not
     /// carried over); what the old table counted is read before it goes.
-    async fn replace(&mut self, wanted: BTreeMap<String, Frontend>) -> Result<(), KernelError> {
+    async fn replace(&mut self, wanted: BTreeMap<Identity, Frontend>) -> Result<(), KernelError> {
         let frontends: Vec<Frontend> = wanted.values().cloned().collect();
         let script = ruleset(&frontends, &AffinityClients::new());
         let wants_clients = wanted.values().any(|f| f.affinity.is_some());
@@ -913,10 +968,11 @@ impl Kernel {
         }
         let retired = std::mem::take(&mut self.retired);
         if !retired.is_empty() {
-            if let Err(err) = nft(&delete_counters(retired.keys())).await {
+            let names: Vec<String> = retired.keys().map(|k| counter(&name(k))).collect();
+            if let Err(err) = nft(&delete_counters(&names)).await {
                 warn!(error = %err, "removing the counters of removed frontends");
             }
-            self.counted.forget(retired.keys());
+            self.counted.forget(&names);
         }
         out
     }
@@ -924,18 +980,19 @@ impl Kernel {
     /// What the table listed in `listed` counted since the last read, per Service.
     fn counts_in(&mut self, listed: &str) -> Vec<(String, u64)> {
         let deltas = self.counted.take(crate::counters::named_counts(listed));
+        if deltas.is_empty() {
+            return Vec::new();
+        }
+        let services: BTreeMap<String, &String> = self
+            .in_place
+            .iter()
+            .flat_map(|p| p.iter().map(|(k, f)| (k, &f.service)))
+            .chain(self.retired.iter())
+            .map(|(k, service)| (counter(&name(k)), service))
+            .collect();
         deltas
             .into_iter()
-            .filter_map(|(name, n)| {
-                let service = match self.retired.get(&name) {
-                    Some(service) => service.clone(),
-                    None => {
-                        let ident = name.strip_prefix("c_")?;
-                        self.in_place.as_ref()?.get(ident)?.service.clone()
-                    }
-                };
-                Some((service, n))
-            })
+            .filter_map(|(name, n)| Some((services.get(&name)?.to_string(), n)))
             .collect()
     }
 
@@ -1366,9 +1423,9 @@ mod tests {
                 in_place
                     .keys()
                     .filter(|k| !wanted.contains_key(*k))
-                    .map(|k| counter(k)),
+                    .map(|k| counter(&name(k))),
             );
-            retired.retain(|c| !wanted.keys().any(|k| counter(k) == *c));
+            retired.retain(|c| !wanted.keys().any(|k| counter(&name(k)) == *c));
             let mut incremental = normalised(&ns.listing().await, false);
             for c in &retired {
                 let before = incremental.len();

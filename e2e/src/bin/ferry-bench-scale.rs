@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
-use ferry_forwarder::kernel::Kernel;
+use ferry_forwarder::kernel::{self, Kernel};
 use ferry_forwarder::metrics::DataplaneMetrics;
 use ferry_forwarder::plan::{Frontend, HealthCheck};
 use ferry_forwarder::userspace::{Limits, Userspace, relay};
@@ -358,7 +358,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "port added back",
     ];
     let mut timings: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut computing = Vec::new();
     for c in 0..args.changes {
+        let before = all.clone();
         let i = (c / kinds.len()) * 7 % measured(args.vips);
         let at = |all: &[Frontend], port: u16| {
             all.iter()
@@ -379,6 +381,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 all.remove(at);
             }
             _ => all.push(frontend(i, 9000, &BACKENDS[..2], args.vips)),
+        }
+        if let Plane::Kernel(_) = plane {
+            // The pure part alone: the plans by identity and the transaction between them.
+            let started = Instant::now();
+            let _ = kernel::changes(&kernel::by_identity(&before), &kernel::by_identity(&all));
+            computing.push(started.elapsed().as_secs_f64() * 1e3);
         }
         let started = Instant::now();
         plane.apply(&all).await?;
@@ -415,6 +423,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 quantile(t, 0.5),
                 quantile(t, 0.9)
             ),
+        );
+    }
+    if !computing.is_empty() {
+        row(
+            "— of which computing the transaction (diff of the plans)",
+            format!("median {:.1} ms", quantile(&computing, 0.5)),
         );
     }
     if let Some(counting) = counting {
