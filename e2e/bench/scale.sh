@@ -31,11 +31,28 @@ for mode in kernel userspace; do
     rows+="$out"$'\n'
 done
 
+# A/B against an earlier build of the same bench (FERRY_SCALE_BEFORE=path, e.g. built from the
+# previous commit): kernel mode with the same arguments, and with 250 VIPs.
+if [[ -n "${FERRY_SCALE_BEFORE:-}" ]]; then
+    for vips in default 250; do
+        extra=() label="kernel, before"
+        [[ $vips == default ]] || { extra=(--vips "$vips"); label="kernel, before, $vips VIPs"; }
+        if out="$(nice -n -5 "$FERRY_SCALE_BEFORE" --mode kernel "$@" "${extra[@]}" 2>/tmp/ferry-scale-before.err)"; then
+            out="$(grep -v 'computing the transaction' <<<"$out" | sed "s/^| kernel |/| $label |/")"
+        else
+            out="| $label | failed | $(sed -n '/^Error/,/^Stack backtrace/p' /tmp/ferry-scale-before.err | grep -v '^Stack' | tr -s '\n ' ' ' | sed 's/|/\\|/g') |"
+        fi
+        echo "$out"
+        rows+="$out"$'\n'
+    done
+    rm -f /tmp/ferry-scale-before.err
+fi
+
 section="$(cat <<MD
 <!-- scale-bench:start -->
 ## Forwarder: 1,000 VIPs × 4 ports on one node
 
-Command: \`e2e/bench/scale.sh $*\` — $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r),
+Command: \`${FERRY_SCALE_BEFORE:+FERRY_SCALE_BEFORE=<the previous build> }e2e/bench/scale.sh $*\` — $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r),
 $(nft --version). \`ferry-bench-scale\` drives the forwarder library's data plane (\`Kernel\`
 or \`Userspace\`, as the forwarder's \`dataplane\` does) in a network namespace of its own,
 with the VIPs on its loopback interface and two backends per frontend sharing a NodePort;
@@ -44,8 +61,11 @@ namespace (so the steering runs in the output hook). Changes are to VIPs other t
 measured one, in rounds of: a port added, a Service's backends changed, a port removed, the
 port added back; each timed from the call to its return (for kernel mode: the diff, the
 \`nft\` process, its cache fetch and the kernel's commit; a removal includes the kernel's
-RCU grace period). Traffic figures are medians of the runs; new connections are opened and
-reset one at a time by one client.
+RCU grace period). Traffic figures are medians of the runs; new connections are
+opened and closed one at a time by one client, through the last VIP (where a dispatch that
+scans the VIPs in order finds it last). Rows "before" come from the previous kernel mode (one
+rule per frontend in the steering and NAT chains, the table replaced whole on every change),
+built from the commit before these changes and run in the same invocation.
 
 | mode | figure | value |
 | --- | --- | --- |
