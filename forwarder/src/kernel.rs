@@ -1629,6 +1629,29 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
     }
 
     #[test]
+    fn a_binding_another_frontend_still_has_stays() {
+        let a = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let b = frontend("192.0.2.10", 81, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let script = changes(
+            &by_identity(&[a.clone(), b.clone()]),
+            &by_identity(std::slice::from_ref(&a)),
+        )
+        .unwrap();
+        assert!(
+            script.contains("delete chain inet ferry fe_192_0_2_10_tcp_81"),
+            "{script}"
+        );
+        assert!(!script.contains("bound4"), "{script}");
+        assert!(!script.contains("masquerade4"), "{script}");
+        // Once no frontend has it, it goes.
+        let script = changes(&by_identity(&[a]), &BTreeMap::new()).unwrap();
+        assert!(
+            script.contains("delete element inet ferry bound4 { 192.0.2.10 . tcp . 30080 }"),
+            "{script}"
+        );
+    }
+
+    #[test]
     fn source_ranges_drop_new_connections_from_everyone_else() {
         let mut f = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
         f.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
