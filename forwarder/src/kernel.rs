@@ -702,12 +702,20 @@ pub fn changes(
                     None => new_sets.push(set),
                 }
             }
-            for (name, _) in &a.chains {
-                if had(name).is_some() {
-                    let _ = writeln!(flush, "flush chain inet {TABLE} {name}");
+            // A chain whose rules stay as they are is left alone (a change of backends that
+            // keeps their number and port touches only the `picks` elements); the others
+            // are emptied and filled anew.
+            let mut chains: Vec<&(String, String)> = Vec::new();
+            for chain in &a.chains {
+                match had(&chain.0) {
+                    Some(kept) if kept == chain => continue,
+                    Some(_) => {
+                        let _ = writeln!(flush, "flush chain inet {TABLE} {}", chain.0);
+                    }
+                    None => {}
                 }
+                chains.push(chain);
             }
-            let chains: Vec<&(String, String)> = a.chains.iter().collect();
             let mut decl = declare(&new_sets, &chains);
             // Sets first: the chains' rules name them.
             let split = decl.find("\tchain ").unwrap_or(decl.len());
@@ -1626,6 +1634,27 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
         let mut shorter = sticky.clone();
         shorter[0].affinity = Some(Duration::from_secs(5));
         assert_eq!(changes(&by_identity(&sticky), &by_identity(&shorter)), None);
+    }
+
+    #[test]
+    fn other_nodes_on_the_same_port_change_only_the_round_robin_turns() {
+        let web = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080"],
+        );
+        let mut moved = web.clone();
+        moved.backends = vec![
+            "10.0.0.1:30080".parse().unwrap(),
+            "10.0.0.3:30080".parse().unwrap(),
+        ];
+        let script = changes(&by_identity(&[web]), &by_identity(&[moved])).unwrap();
+        assert_eq!(
+            script,
+            "delete element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 1 }\n\
+             add element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 1 : 10.0.0.3 }\n"
+        );
     }
 
     #[test]
