@@ -1,34 +1,44 @@
-//! The kernel data plane: one nftables table, `inet ferry`, replaced atomically (a single
-//! `nft -f` transaction) whenever the frontends change.
+//! The kernel data plane: one nftables table, `inet ferry`, built whole at start (a single
+//! `nft -f` transaction) and then changed in place, one transaction per change touching only
+//! the frontends that differ (`changes`); a change nftables refuses replaces the table whole.
 //!
 //! A connection's first packet to a VIP port is *steered*: a filter chain after conntrack
-//! (-150) picks a backend NodePort (`numgen` round robin, or ClientIP affinity) and rewrites
-//! the packet's destination to it. NAT chains run next, and the kernel binds one NAT per
-//! connection and hook: where the NodePort is the node's own and kube-proxy implements
-//! NodePorts with DNAT (-100), kube-proxy's rule sees an ordinary NodePort connection and
-//! takes it to a pod; where nothing did (another node's NodePort, or a process listening on
-//! it), ferry's own NAT chain (-95) binds the connection to where it was steered. Either way
-//! conntrack's original tuple is the VIP's, so replies leave from the VIP, and later packets
-//! follow the binding without being looked at again. (DNAT to the node's own NodePort before
-//! kube-proxy would take the only binding and reach a port nothing listens on.)
+//! (-150) looks the packet's `daddr . l4proto . dport` up in one verdict map (`dispatch4`,
+//! `dispatch6`) and goes to that frontend's chain, which picks a backend NodePort (`numgen`
+//! round robin, or ClientIP affinity) and rewrites the packet's destination to it. NAT chains
+//! run next, and the kernel binds one NAT per connection and hook: where the NodePort is the
+//! node's own and kube-proxy implements NodePorts with DNAT (-100), kube-proxy's rule sees an
+//! ordinary NodePort connection and takes it to a pod; where nothing did (another node's
+//! NodePort, or a process listening on it), ferry's own NAT chain (-95) binds the connection
+//! to where it was steered (one rule per family, matching the set `bound4`/`bound6` of
+//! `original VIP . l4proto . backend port`; `masquerade4`/`masquerade6` mark those to
+//! masquerade). Either way conntrack's original tuple is the VIP's, so replies leave from the
+//! VIP, and later packets follow the binding without being looked at again. (DNAT to the
+//! node's own NodePort before kube-proxy would take the only binding and reach a port nothing
+//! listens on.)
 //!
-//! ClientIP affinity keeps a set of recent clients per backend whose elements expire after the
-//! Service's timeout (refreshed by each new connection), so a returning client goes back to its
-//! backend and a client quiet for longer is spread anew. A set is named after its frontend and
-//! backend, and when the table is replaced the recent clients of the sets that stay are read
-//! from the old table and written into the new one. Connections sent to another node are
-//! masqueraded so replies come back through this one; with `externalTrafficPolicy: Local` the
-//! backend is this node and the client's address is kept. Source ranges are enforced before
-//! steering.
+//! A frontend is one chain, `fe_<identity>` (VIP, protocol, port), where its backends share a
+//! NodePort (the round robin's turns are elements of one map for all frontends, `picks4`,
+//! `picks6`, not an anonymous map per chain, which nft would read before every change);
+//! backends on differing ports, and ClientIP affinity, add a chain per backend.
+//! Affinity keeps a set of recent clients per backend whose elements expire after the
+//! Service's timeout (refreshed by each new connection), so a returning client goes back to
+//! its backend and a client quiet for longer is spread anew; changes leave the sets that stay
+//! in place, and a whole replacement carries their clients over. Connections sent to another
+//! node are masqueraded so replies come back through this one; with `externalTrafficPolicy:
+//! Local` the backend is this node and the client's address is kept. Source ranges are
+//! checked in the frontend's chain, for new connections only, as kube-proxy's nftables mode
+//! does (`firewall-check`). Each frontend counts its new connections in a named counter
+//! (`counters`) that outlives changes to its chain.
 //!
 //! A VIP is steered only while it is a local address of this node (`fib daddr type local`):
 //! VIPs live on the interface for a bounded time that only a live forwarder renews
 //! (`announce`), so the table of a forwarder that was killed stops acting with them.
 //!
 //! The ruleset is text for the `nft` tool, the interface kube-proxy's nftables mode uses too;
-//! `ruleset` is pure and carries the tests.
+//! `ruleset` and `changes` are pure and carry the tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
@@ -37,6 +47,7 @@ use std::time::Duration;
 use ferry_model::Protocol;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use tracing::warn;
 
 use crate::plan::Frontend;
 
@@ -73,6 +84,29 @@ fn proto(p: Protocol) -> &'static str {
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
     }
+}
+
+/// `f` as the kernel can serve it: backends of the VIP's family only (NAT does not cross
+/// families), and at least one of them; `None` when it cannot.
+fn servable_one(f: &Frontend) -> Option<Frontend> {
+    if f.protocol == Protocol::Sctp {
+        return None;
+    }
+    let backends: Vec<SocketAddr> = f
+        .backends
+        .iter()
+        .copied()
+        .filter(|b| b.is_ipv6() == f.vip.is_ipv6())
+        .collect();
+    if backends.is_empty() {
+        return None;
+    }
+    Some(Frontend {
+        backends,
+        service: f.service.clone(),
+        source_ranges: f.source_ranges.clone(),
+        ..*f
+    })
 }
 
 /// The frontends the kernel can serve: backends of the VIP's family only (NAT does not cross
@@ -182,16 +216,37 @@ pub fn source_range_rule(f: &Frontend) -> Option<String> {
 /// left in the set.
 pub type AffinityClients = BTreeMap<String, Vec<(IpAddr, Duration)>>;
 
+/// A frontend's name in the table, from what identifies it (VIP, protocol, port) and never
+/// from its place in the plan: its chains, counter and affinity sets keep their names for as
+/// long as the frontend exists, so a change to another frontend leaves them alone.
+pub fn identity(f: &Frontend) -> String {
+    name(&key(f))
+}
+
+/// What identifies a frontend in the table: its VIP, protocol and port.
+pub type Identity = (IpAddr, Protocol, u16);
+
+fn key(f: &Frontend) -> Identity {
+    (f.vip, f.protocol, f.port)
+}
+
+/// The name of the frontend `(vip, protocol, port)` in the table's object names.
+fn name((vip, protocol, port): &Identity) -> String {
+    format!("{}_{}_{port}", word(&vip.to_string()), proto(*protocol))
+}
+
+/// An address as a part of an nftables name (letters, digits and `_`).
+fn word(s: &str) -> String {
+    s.replace('.', "_").replace(':', "x")
+}
+
 /// The name of the set of recent clients of `backend` behind `f`: the same for as long as the
-/// frontend and the backend exist, so its clients can be carried into a new table.
+/// frontend and the backend exist, so its clients stay when the frontend changes otherwise.
 fn affinity_set(f: &Frontend, backend: &SocketAddr) -> String {
-    let word = |s: String| s.replace('.', "_").replace(':', "x");
     format!(
-        "aff_{}_{}_{}_{}_{}",
-        word(f.vip.to_string()),
-        proto(f.protocol),
-        f.port,
-        word(backend.ip().to_string()),
+        "aff_{}_{}_{}",
+        identity(f),
+        word(&backend.ip().to_string()),
         backend.port()
     )
 }
@@ -223,138 +278,250 @@ pub fn affinity_clients(json: &str) -> AffinityClients {
     clients
 }
 
-/// The whole `inet ferry` table for `frontends`, as one transaction that replaces the old
-/// table (creating it first, so deleting never fails); `kept` are recent clients to put back
-/// into affinity sets the new table has too.
-pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
-    let frontends = servable(frontends);
-    let mut admit = String::new();
-    let mut dispatch = String::new();
-    let mut complete = String::new();
-    let mut sets = String::new();
-    let mut chains = String::new();
-    for (i, f) in frontends.iter().enumerate() {
-        let (fam, _) = family_words(&f.vip);
-        let p = proto(f.protocol);
-        // Only while the VIP is this node's address: a forwarder killed before it could
-        // remove this table stops forwarding when its VIPs' lifetimes run out.
-        let _ = writeln!(
-            dispatch,
-            "\t\t{fam} daddr {} {p} dport {} fib daddr type local goto fe_{i}",
-            f.vip, f.port
-        );
-        let _ = writeln!(
-            complete,
-            "\t\tmeta l4proto {p} ct original {fam} daddr {} ct original proto-dst {} goto nat_{i}",
-            f.vip, f.port
-        );
-        if let Some(rule) = source_range_rule(f) {
-            let _ = writeln!(admit, "\t\t{rule}");
-        }
+/// What the table holds for one frontend: its counter, its chains (the steering chain
+/// `fe_<identity>` first, then one per backend where a backend needs its own), its affinity
+/// sets, and its elements in the table-wide maps and sets.
+#[derive(Debug, PartialEq)]
+struct Objects {
+    ident: String,
+    v6: bool,
+    /// `daddr . l4proto . dport` of the VIP port, the key in the `dispatch` map.
+    dispatch: String,
+    /// `(name, rules)`, one rule a line.
+    chains: Vec<(String, String)>,
+    /// `(name, declaration)`.
+    sets: Vec<(String, String)>,
+    /// `(key, backend address)` in the `picks` map: the backend of each round-robin turn.
+    picks: Vec<(String, String)>,
+}
 
-        // fe_i picks a backend for a new connection and be_i_j steers the packet there;
-        // nat_i binds the connection to where it was steered, unless the node's own NodePort
-        // implementation (kube-proxy) already took it.
-        // Only first packets enter fe_i: its counter counts new connections (`counters`).
-        let _ = writeln!(
-            chains,
-            "\tchain fe_{i} {{\n\t\tcomment \"{} {}/{}\"\n\t\tcounter",
-            f.service,
-            f.port,
-            p.to_uppercase()
-        );
-        let mut steer = String::new();
-        let mut nat = format!("\tchain nat_{i} {{\n");
-        if !f.local {
-            let _ = writeln!(nat, "\t\tmeta mark set {MASQUERADE_MARK}");
-        }
-        let affinity = f
-            .affinity
-            .filter(|_| f.backends.len() > 1)
-            .map(|t| t.as_secs().max(1));
-        let addr_type = if f.vip.is_ipv6() {
-            "ipv6_addr"
-        } else {
-            "ipv4_addr"
-        };
-        for (j, b) in f.backends.iter().enumerate() {
-            let _ = writeln!(steer, "\tchain be_{i}_{j} {{");
-            if let Some(secs) = affinity {
-                // As kube-proxy's nftables mode: a set of recent clients per backend, each
-                // element living `timeout` past the client's last new connection. A known
-                // client goes back to its backend; a new one is spread and remembered.
-                let set = affinity_set(f, b);
-                let _ = write!(
-                    sets,
-                    "\tset {set} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {secs}s\n\t\tsize {AFFINITY_CLIENTS}\n"
-                );
-                let timeout = Duration::from_secs(secs);
-                let elements: Vec<String> = kept
-                    .get(&set)
-                    .into_iter()
-                    .flatten()
-                    .filter(|(ip, _)| ip.is_ipv6() == f.vip.is_ipv6())
-                    .map(|(ip, left)| format!("{ip} expires {}s", left.min(&timeout).as_secs()))
-                    .collect();
-                if !elements.is_empty() {
-                    let _ = writeln!(sets, "\t\telements = {{ {} }}", elements.join(", "));
-                }
-                sets.push_str("\t}\n");
-                let _ = writeln!(chains, "\t\t{fam} saddr @{set} goto be_{i}_{j}");
-                let _ = writeln!(steer, "\t\tupdate @{set} {{ {fam} saddr }}");
-            }
-            let _ = writeln!(
-                steer,
-                "\t\t{fam} daddr set {} {p} dport set {}\n\t}}",
-                b.ip(),
-                b.port()
-            );
-            let to = match b {
-                SocketAddr::V4(b) => b.to_string(),
-                SocketAddr::V6(b) => format!("[{}]:{}", b.ip(), b.port()),
-            };
-            let _ = writeln!(
-                nat,
-                "\t\t{fam} daddr {} {p} dport {} dnat {fam} to {to}",
-                b.ip(),
-                b.port()
-            );
-        }
-        match f.backends.len() {
-            1 => {
-                let _ = writeln!(chains, "\t\tgoto be_{i}_0");
-            }
-            n => {
-                let vmap: Vec<String> = (0..n).map(|j| format!("{j} : goto be_{i}_{j}")).collect();
-                let _ = writeln!(
-                    chains,
-                    "\t\tnumgen inc mod {n} vmap {{ {} }}",
-                    vmap.join(", ")
-                );
-            }
-        }
-        let _ = writeln!(chains, "\t}}");
-        chains.push_str(&steer);
-        nat.push_str("\t}\n");
-        chains.push_str(&nat);
+/// The key of a connection's NAT binding: its original VIP, protocol and the port steering
+/// sent it to (what the NAT chains can match; `ct original proto-dst` cannot be part of a
+/// concatenation in nft 1.0).
+type Binding = (IpAddr, &'static str, u16);
+
+fn counter(ident: &str) -> String {
+    format!("c_{ident}")
+}
+
+fn objects(f: &Frontend) -> Objects {
+    let ident = identity(f);
+    let (fam, v6) = family_words(&f.vip);
+    let p = proto(f.protocol);
+    let fe = format!("fe_{ident}");
+    // Only while the VIP is this node's address: a forwarder killed before it could remove
+    // this table stops forwarding when its VIPs' lifetimes run out.
+    let mut steer = String::from("fib daddr type != local return\n");
+    // As kube-proxy's nftables mode (`firewall-check`, entered for new connections only):
+    // source ranges decide whether a connection starts, not what an admitted one carries.
+    if let Some(rule) = admission(f) {
+        let _ = writeln!(steer, "{rule}");
     }
+    // Only first packets enter here: the counter counts new connections (`counters`).
+    let _ = writeln!(
+        steer,
+        "counter name \"{}\" comment \"{} {}/{}\"",
+        counter(&ident),
+        f.service,
+        f.port,
+        p.to_uppercase()
+    );
+    let mut chains = Vec::new();
+    let mut sets = Vec::new();
+    let mut picks = Vec::new();
+    let affinity = f
+        .affinity
+        .filter(|_| f.backends.len() > 1)
+        .map(|t| t.as_secs().max(1));
+    let shared_port = f
+        .backends
+        .first()
+        .map(SocketAddr::port)
+        .filter(|port| f.backends.iter().all(|b| b.port() == *port));
+    match (affinity, shared_port) {
+        // The normal case: every node's NodePort is the same port, so one statement picks
+        // the node and no chain per backend is needed.
+        (None, Some(port)) => {
+            // The turns live in one map shared by all frontends rather than in an anonymous
+            // map per rule: nft reads every set of the table (anonymous ones with their
+            // elements) before each transaction, so 4,000 of them would make every change
+            // slow; a named map's elements it does not read.
+            let to = match f.backends.as_slice() {
+                [one] => one.ip().to_string(),
+                all => {
+                    let n = if v6 { 6 } else { 4 };
+                    picks.extend(all.iter().enumerate().map(|(j, b)| {
+                        (
+                            format!("{} . {p} . {} . {j}", f.vip, f.port),
+                            b.ip().to_string(),
+                        )
+                    }));
+                    format!(
+                        "{fam} daddr . meta l4proto . th dport . numgen inc mod {} map @picks{n}",
+                        all.len()
+                    )
+                }
+            };
+            let _ = writeln!(steer, "{fam} daddr set {to} {p} dport set {port}");
+        }
+        _ => {
+            let addr_type = if v6 { "ipv6_addr" } else { "ipv4_addr" };
+            let mut picks = Vec::new();
+            for (j, b) in f.backends.iter().enumerate() {
+                let be = format!("be_{ident}_{j}");
+                let mut rules = String::new();
+                if let Some(secs) = affinity {
+                    // As kube-proxy's nftables mode: a set of recent clients per backend,
+                    // each element living `timeout` past the client's last new connection.
+                    // A known client goes back to its backend; a new one is spread and
+                    // remembered.
+                    let set = affinity_set(f, b);
+                    sets.push((
+                        set.clone(),
+                        format!(
+                            "type {addr_type}; flags dynamic,timeout; timeout {secs}s; size {AFFINITY_CLIENTS};"
+                        ),
+                    ));
+                    let _ = writeln!(steer, "{fam} saddr @{set} goto {be}");
+                    let _ = writeln!(rules, "update @{set} {{ {fam} saddr }}");
+                }
+                let _ = writeln!(
+                    rules,
+                    "{fam} daddr set {} {p} dport set {}",
+                    b.ip(),
+                    b.port()
+                );
+                picks.push(format!("{j} : goto {be}"));
+                chains.push((be, rules));
+            }
+            match picks.as_slice() {
+                [_] => {
+                    let _ = writeln!(steer, "goto be_{ident}_0");
+                }
+                _ => {
+                    let _ = writeln!(
+                        steer,
+                        "numgen inc mod {} vmap {{ {} }}",
+                        picks.len(),
+                        picks.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    chains.insert(0, (fe, steer));
+    Objects {
+        dispatch: format!("{} . {p} . {}", f.vip, f.port),
+        ident,
+        v6,
+        chains,
+        sets,
+        picks,
+    }
+}
 
-    let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+/// The rule in a steering chain that drops new connections `f`'s `loadBalancerSourceRanges`
+/// do not admit (all of them, when none is of the VIP's family), or `None` when it admits
+/// everyone.
+fn admission(f: &Frontend) -> Option<String> {
+    if f.source_ranges.is_empty() {
+        return None;
+    }
+    let (fam, _) = family_words(&f.vip);
+    let ranges: Vec<String> = f
+        .source_ranges
+        .iter()
+        .filter(|r| r.addr().is_ipv6() == f.vip.is_ipv6())
+        .map(ToString::to_string)
+        .collect();
+    Some(if ranges.is_empty() {
+        "drop".to_string()
+    } else {
+        format!("{fam} saddr != {{ {} }} drop", ranges.join(", "))
+    })
+}
+
+/// The NAT bindings of `frontends`: every connection steered from a VIP port to one of its
+/// backend ports, and those of them to masquerade (all but `externalTrafficPolicy: Local`).
+fn bindings<'a>(
+    frontends: impl IntoIterator<Item = &'a Frontend>,
+) -> (BTreeSet<Binding>, BTreeSet<Binding>) {
+    let mut bound = BTreeSet::new();
+    let mut masqueraded = BTreeSet::new();
+    for f in frontends {
+        for b in &f.backends {
+            let key = (f.vip, proto(f.protocol), b.port());
+            bound.insert(key);
+            if !f.local {
+                masqueraded.insert(key);
+            }
+        }
+    }
+    (bound, masqueraded)
+}
+
+fn binding_element((vip, p, port): &Binding) -> String {
+    format!("{vip} . {p} . {port}")
+}
+
+/// The servable frontends of a plan by identity (the first of any two with one identity).
+pub fn by_identity(frontends: &[Frontend]) -> BTreeMap<Identity, Frontend> {
+    let mut out = BTreeMap::new();
+    for f in frontends {
+        if let std::collections::btree_map::Entry::Vacant(at) = out.entry(key(f))
+            && let Some(f) = servable_one(f)
+        {
+            at.insert(f);
+        }
+    }
+    out
+}
+
+/// The table's fixed part: the dispatch maps, the binding sets and the base chains.
+fn skeleton() -> String {
+    let mut s = String::new();
+    for (n, addr) in [(4, "ipv4_addr"), (6, "ipv6_addr")] {
+        let _ = writeln!(
+            s,
+            "\tmap dispatch{n} {{\n\t\ttype {addr} . inet_proto . inet_service : verdict\n\t}}"
+        );
+        let fam = if n == 4 { "ip" } else { "ip6" };
+        let _ = writeln!(
+            s,
+            "\tmap picks{n} {{\n\t\ttypeof {fam} daddr . meta l4proto . th dport . numgen inc mod 2 : {fam} daddr\n\t}}"
+        );
+        for set in ["bound", "masquerade"] {
+            let _ = writeln!(
+                s,
+                "\tset {set}{n} {{\n\t\ttype {addr} . inet_proto . inet_service\n\t}}"
+            );
+        }
+    }
     // Steering rewrites only a connection's first packet (later ones follow the conntrack
     // entry's NAT); it runs after conntrack (-200) and before NAT (-100), so the NodePort it
-    // aims at is seen by whatever implements NodePorts here. Source ranges come first, while
-    // the destination is still the VIP.
+    // aims at is seen by whatever implements NodePorts here. One lookup per family finds the
+    // frontend's chain.
+    let dispatch = "\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n\t\tip6 daddr . meta l4proto . th dport vmap @dispatch6\n";
     let _ = writeln!(
         s,
-        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority -150; policy accept;\n{admit}\t\tct state != new accept\n{dispatch}\t}}"
+        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority -150; policy accept;\n{dispatch}\t}}"
     );
     // Locally sent packets are rerouted after their destination changes (a route chain).
     let _ = writeln!(
         s,
-        "\tchain output {{\n\t\ttype route hook output priority -150; policy accept;\n\t\tct state != new accept\n{dispatch}\t}}"
+        "\tchain output {{\n\t\ttype route hook output priority -150; policy accept;\n{dispatch}\t}}"
     );
     // After kube-proxy's DNAT (-100): only one NAT binding per connection and hook, so a
-    // connection kube-proxy took to a pod never reaches these.
+    // connection kube-proxy took to a pod never reaches these. The others are bound to
+    // where steering sent them (the packet's destination now).
+    let mut complete = String::new();
+    for (n, fam) in [(4, "ip"), (6, "ip6")] {
+        let key = format!("ct original {fam} daddr . meta l4proto . th dport");
+        let _ = writeln!(
+            complete,
+            "\t\tmeta l4proto {{ tcp, udp }} {key} @masquerade{n} meta mark set {MASQUERADE_MARK}\n\t\tmeta l4proto {{ tcp, udp }} {key} @bound{n} dnat {fam} to {fam} daddr : th dport"
+        );
+    }
     for hook in ["prerouting", "output"] {
         let _ = writeln!(
             s,
@@ -365,10 +532,289 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
         s,
         "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 105; policy accept;\n\t\tmeta mark {MASQUERADE_MARK} masquerade\n\t}}"
     );
-    s.push_str(&sets);
-    s.push_str(&chains);
-    s.push_str("}\n");
     s
+}
+
+fn indent(rules: &str) -> String {
+    rules.lines().map(|l| format!("\t\t{l}\n")).collect()
+}
+
+/// Declarations of sets and of chains with their rules, inside a table block.
+fn declare(sets: &[&(String, String)], chains: &[&(String, String)]) -> String {
+    let mut s = String::new();
+    for (name, decl) in sets {
+        let _ = writeln!(s, "\tset {name} {{ {decl} }}");
+    }
+    for (name, rules) in chains {
+        let _ = write!(s, "\tchain {name} {{\n{}\t}}\n", indent(rules));
+    }
+    s
+}
+
+/// The whole `inet ferry` table for `frontends`, as one transaction that replaces the old
+/// table (creating it first, so deleting never fails); `kept` are recent clients to put back
+/// into affinity sets the new table has too.
+pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
+    let frontends = by_identity(frontends);
+    let mut body = skeleton();
+    let mut counters = String::new();
+    let mut tail = String::new();
+    let mut dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for f in frontends.values() {
+        let o = objects(f);
+        let _ = writeln!(counters, "\tcounter {} {{\n\t}}", counter(&o.ident));
+        let sets: Vec<&(String, String)> = o.sets.iter().collect();
+        let chains: Vec<&(String, String)> = o.chains.iter().collect();
+        body.push_str(&declare(&sets, &chains));
+        dispatch[usize::from(o.v6)].push(format!("{} : goto fe_{}", o.dispatch, o.ident));
+        picks[usize::from(o.v6)].extend(o.picks.iter().map(|(k, v)| format!("{k} : {v}")));
+        for (name, _) in &o.sets {
+            let timeout = f.affinity.unwrap_or_default().max(Duration::from_secs(1));
+            let clients: Vec<String> = kept
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter(|(ip, _)| ip.is_ipv6() == f.vip.is_ipv6())
+                .map(|(ip, left)| format!("{ip} expires {}s", left.min(&timeout).as_secs()))
+                .collect();
+            if !clients.is_empty() {
+                let _ = writeln!(
+                    tail,
+                    "add element inet {TABLE} {name} {{ {} }}",
+                    clients.join(", ")
+                );
+            }
+        }
+    }
+    let (bound, masqueraded) = bindings(frontends.values());
+    let mut s = format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{counters}{body}}}\n"
+    );
+    for (n, items) in [4, 6].iter().zip(&dispatch) {
+        s.push_str(&add_elements(&format!("dispatch{n}"), items));
+    }
+    for (n, items) in [4, 6].iter().zip(&picks) {
+        s.push_str(&add_elements(&format!("picks{n}"), items));
+    }
+    for (set, of) in [("bound", &bound), ("masquerade", &masqueraded)] {
+        for v6 in [false, true] {
+            let items: Vec<String> = of
+                .iter()
+                .filter(|(ip, _, _)| ip.is_ipv6() == v6)
+                .map(binding_element)
+                .collect();
+            let n = if v6 { 6 } else { 4 };
+            s.push_str(&add_elements(&format!("{set}{n}"), &items));
+        }
+    }
+    s.push_str(&tail);
+    s
+}
+
+fn add_elements(set: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    format!(
+        "add element inet {TABLE} {set} {{ {} }}\n",
+        items.join(", ")
+    )
+}
+
+fn delete_elements(set: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    format!(
+        "delete element inet {TABLE} {set} {{ {} }}\n",
+        items.join(", ")
+    )
+}
+
+/// One transaction that turns the table of `old` into the table of `new` (both by
+/// identity, as `by_identity` gives), touching only the frontends that differ: their
+/// elements, chains, counters and sets, nothing of the others. Affinity sets that stay keep
+/// their clients. `None` when only a full replacement can do it (an affinity set whose
+/// timeout changed: a set cannot be redeclared in place). Empty when nothing changed.
+pub fn changes(
+    old: &BTreeMap<Identity, Frontend>,
+    new: &BTreeMap<Identity, Frontend>,
+) -> Option<String> {
+    let mut add_counters = String::new();
+    let mut add_sets = String::new();
+    let mut flush = String::new();
+    let mut drop_dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut add_dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut drop_picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut add_picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut drop_chains = String::new();
+    let mut drop_sets = String::new();
+    let mut declared = String::new();
+    // Only the frontends that differ are looked at further: what a change costs does not
+    // grow with the number of frontends beyond this comparison.
+    let differ: Vec<&Identity> = old
+        .iter()
+        .filter(|(k, f)| new.get(*k) != Some(*f))
+        .map(|(k, _)| k)
+        .chain(new.keys().filter(|k| !old.contains_key(*k)))
+        .collect();
+    for key in &differ {
+        let (before, after) = (old.get(*key), new.get(*key));
+        let before = before.map(objects);
+        let after = after.map(objects);
+        let no_picks = Vec::new();
+        let picked_before = before.as_ref().map_or(&no_picks, |o| &o.picks);
+        let picked_after = after.as_ref().map_or(&no_picks, |o| &o.picks);
+        for (k, v) in picked_before {
+            if !picked_after.contains(&(k.clone(), v.clone())) {
+                let v6 = before.as_ref().is_some_and(|o| o.v6);
+                drop_picks[usize::from(v6)].push(k.clone());
+            }
+        }
+        for (k, v) in picked_after {
+            if !picked_before.contains(&(k.clone(), v.clone())) {
+                let v6 = after.as_ref().is_some_and(|o| o.v6);
+                add_picks[usize::from(v6)].push(format!("{k} : {v}"));
+            }
+        }
+        let had = |name: &str| -> Option<&(String, String)> {
+            before.as_ref()?.chains.iter().find(|(n, _)| n == name)
+        };
+        let had_set = |name: &str| -> Option<&(String, String)> {
+            before.as_ref()?.sets.iter().find(|(n, _)| n == name)
+        };
+        if let Some(a) = &after {
+            if before.is_none() {
+                let _ = writeln!(
+                    add_counters,
+                    "add counter inet {TABLE} {}",
+                    counter(&a.ident)
+                );
+                add_dispatch[usize::from(a.v6)]
+                    .push(format!("{} : goto fe_{}", a.dispatch, a.ident));
+            }
+            let mut new_sets = Vec::new();
+            for set in &a.sets {
+                match had_set(&set.0) {
+                    Some(kept) if kept == set => {}
+                    Some(_) => return None,
+                    None => new_sets.push(set),
+                }
+            }
+            // A chain whose rules stay as they are is left alone (a change of backends that
+            // keeps their number and port touches only the `picks` elements); the others
+            // are emptied and filled anew.
+            let mut chains: Vec<&(String, String)> = Vec::new();
+            for chain in &a.chains {
+                match had(&chain.0) {
+                    Some(kept) if kept == chain => continue,
+                    Some(_) => {
+                        let _ = writeln!(flush, "flush chain inet {TABLE} {}", chain.0);
+                    }
+                    None => {}
+                }
+                chains.push(chain);
+            }
+            let mut decl = declare(&new_sets, &chains);
+            // Sets first: the chains' rules name them.
+            let split = decl.find("\tchain ").unwrap_or(decl.len());
+            add_sets.push_str(&decl[..split]);
+            declared.push_str(&decl.split_off(split));
+        }
+        if let Some(b) = &before {
+            let keeps = |name: &str| {
+                after
+                    .as_ref()
+                    .is_some_and(|a| a.chains.iter().any(|(n, _)| n == name))
+            };
+            if after.is_none() {
+                drop_dispatch[usize::from(b.v6)].push(b.dispatch.clone());
+            }
+            // The steering chain first: it is what jumps to the backends' chains.
+            for (name, _) in b.chains.iter().filter(|(n, _)| !keeps(n)) {
+                let _ = writeln!(drop_chains, "delete chain inet {TABLE} {name}");
+            }
+            let stays = |name: &str| {
+                after
+                    .as_ref()
+                    .is_some_and(|a| a.sets.iter().any(|(n, _)| n == name))
+            };
+            for (name, _) in b.sets.iter().filter(|(n, _)| !stays(n)) {
+                let _ = writeln!(drop_sets, "delete set inet {TABLE} {name}");
+            }
+        }
+    }
+    if differ.is_empty() {
+        return Some(String::new());
+    }
+    let (bound_before, masq_before) = bindings(differ.iter().filter_map(|k| old.get(*k)));
+    let (bound_after, masq_after) = bindings(differ.iter().filter_map(|k| new.get(*k)));
+    // A binding another frontend still has stays (two frontends share one only where a
+    // Service maps two of its ports to one NodePort, which Kubernetes refuses, but the
+    // table must not depend on that).
+    let unchanged = || {
+        new.iter()
+            .filter(|(k, _)| !differ.contains(k))
+            .map(|(_, f)| f)
+    };
+    let still = |b: &Binding, masquerade: bool| {
+        unchanged().any(|f| {
+            f.vip == b.0
+                && proto(f.protocol) == b.1
+                && (!masquerade || !f.local)
+                && f.backends.iter().any(|be| be.port() == b.2)
+        })
+    };
+    let mut s = String::new();
+    s.push_str(&add_counters);
+    if !add_sets.is_empty() {
+        let _ = write!(s, "table inet {TABLE} {{\n{add_sets}}}\n");
+    }
+    s.push_str(&flush);
+    for (n, items) in [4, 6].iter().zip(&drop_dispatch) {
+        s.push_str(&delete_elements(&format!("dispatch{n}"), items));
+    }
+    for (n, items) in [4, 6].iter().zip(&drop_picks) {
+        s.push_str(&delete_elements(&format!("picks{n}"), items));
+    }
+    let mut added_bindings = String::new();
+    for (set, before, after) in [
+        ("bound", &bound_before, &bound_after),
+        ("masquerade", &masq_before, &masq_after),
+    ] {
+        for v6 in [false, true] {
+            let n = if v6 { 6 } else { 4 };
+            let of_family = |b: &&Binding| b.0.is_ipv6() == v6;
+            let masquerade = set == "masquerade";
+            let gone: Vec<String> = before
+                .difference(after)
+                .filter(of_family)
+                .filter(|b| !still(b, masquerade))
+                .map(binding_element)
+                .collect();
+            let new: Vec<String> = after
+                .difference(before)
+                .filter(of_family)
+                .map(binding_element)
+                .collect();
+            s.push_str(&delete_elements(&format!("{set}{n}"), &gone));
+            added_bindings.push_str(&add_elements(&format!("{set}{n}"), &new));
+        }
+    }
+    s.push_str(&drop_chains);
+    s.push_str(&drop_sets);
+    if !declared.is_empty() {
+        let _ = write!(s, "table inet {TABLE} {{\n{declared}}}\n");
+    }
+    for (n, items) in [4, 6].iter().zip(&add_picks) {
+        s.push_str(&add_elements(&format!("picks{n}"), items));
+    }
+    for (n, items) in [4, 6].iter().zip(&add_dispatch) {
+        s.push_str(&add_elements(&format!("dispatch{n}"), items));
+    }
+    s.push_str(&added_bindings);
+    Some(s)
 }
 
 pub(crate) async fn nft(script: &str) -> Result<(), KernelError> {
@@ -398,10 +844,27 @@ pub(crate) async fn nft(script: &str) -> Result<(), KernelError> {
     }
 }
 
+/// Deletes the counters named: those of removed frontends, once read for the last time.
+fn delete_counters<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
+    names
+        .into_iter()
+        .map(|name| format!("delete counter inet {TABLE} {name}\n"))
+        .collect()
+}
+
 /// `nft -j list table` of ferry's table (`None` when it cannot be read, e.g. before it exists).
 async fn list_table() -> Option<String> {
+    list(&["-j", "list", "table", "inet", TABLE]).await
+}
+
+/// `nft -j list counters` of ferry's table: its counters alone, without its chains.
+async fn list_counters() -> Option<String> {
+    list(&["-j", "list", "counters", "table", "inet", TABLE]).await
+}
+
+async fn list(args: &[&str]) -> Option<String> {
     let listed = Command::new("nft")
-        .args(["-j", "list", "table", "inet", TABLE])
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -417,10 +880,14 @@ async fn list_table() -> Option<String> {
 /// Programs the node's nftables.
 #[derive(Debug, Default)]
 pub struct Kernel {
-    applied: Option<String>,
-    /// The frontends of the table in place, in their chains' order (`fe_<i>` is the i-th).
-    in_place: Vec<Frontend>,
+    /// The frontends of the table in place, by identity; `None` until a whole table is in
+    /// place (and after one could not be), when the next change replaces the table.
+    in_place: Option<BTreeMap<Identity, Frontend>>,
     counted: crate::counters::Deltas,
+    /// Services of frontends that are gone and whose counters are still in the table: read
+    /// one last time and deleted at the next count, so removing a frontend does not wait for
+    /// a listing.
+    retired: BTreeMap<Identity, String>,
     /// Counts taken from a table before it was replaced, not yet reported.
     pending: Vec<(String, u64)>,
 }
@@ -432,19 +899,45 @@ impl Kernel {
         nft(&format!("delete table inet {TABLE}\n")).await
     }
 
-    /// Replaces the table with one for `frontends` (nothing to do when unchanged). The recent
-    /// clients of affinity sets the new table keeps are read from the old one and put back,
-    /// so a change to any Service on this node does not make sticky clients start afresh
-    /// (clients that arrive between the read and the replacement are not carried over).
+    /// Makes the table serve `frontends`. Once a whole table is in place, a change touches
+    /// only the frontends that differ, in one transaction (`changes`); where that fails, or
+    /// cannot express the change, the table is replaced whole (`replace`).
     pub async fn apply(&mut self, frontends: &[Frontend]) -> Result<(), KernelError> {
-        let script = ruleset(frontends, &AffinityClients::new());
-        if self.applied.as_deref() == Some(script.as_str()) {
+        let wanted = by_identity(frontends);
+        let Some(in_place) = &self.in_place else {
+            return self.replace(wanted).await;
+        };
+        let Some(script) = changes(in_place, &wanted) else {
+            return self.replace(wanted).await;
+        };
+        if script.is_empty() {
             return Ok(());
         }
-        // One read of the old table: its recent affinity clients, and what it counted
-        // before it goes.
-        let wants_clients = script.contains("\tset aff_");
-        let listed = if wants_clients || !self.in_place.is_empty() {
+        if let Err(err) = nft(&script).await {
+            warn!(error = %err, "nftables refused a change to the table; replacing it whole");
+            return self.replace(wanted).await;
+        }
+        for (k, f) in in_place {
+            if !wanted.contains_key(k) {
+                self.retired.insert(*k, f.service.clone());
+            }
+        }
+        self.retired.retain(|k, _| !wanted.contains_key(k));
+        self.in_place = Some(wanted);
+        Ok(())
+    }
+
+    /// Replaces the table with one for `wanted`. The recent clients of affinity sets the
+    /// new table keeps are read from the old one and put back, so sticky clients do not
+    /// start afresh (clients that arrive between the read and the replacement are not
+    /// carried over); what the old table counted is read before it goes.
+    async fn replace(&mut self, wanted: BTreeMap<Identity, Frontend>) -> Result<(), KernelError> {
+        let frontends: Vec<Frontend> = wanted.values().cloned().collect();
+        let script = ruleset(&frontends, &AffinityClients::new());
+        let wants_clients = wanted.values().any(|f| f.affinity.is_some());
+        let counting =
+            self.in_place.as_ref().is_some_and(|p| !p.is_empty()) || !self.retired.is_empty();
+        let listed = if wants_clients || counting {
             list_table().await
         } else {
             None
@@ -457,44 +950,64 @@ impl Kernel {
             Some(listed) => self.counts_in(listed),
             None => Vec::new(),
         };
+        self.in_place = None;
         if kept.is_empty() {
             nft(&script).await?;
         } else {
-            nft(&ruleset(frontends, &kept)).await?;
+            nft(&ruleset(&frontends, &kept)).await?;
         }
-        self.applied = Some(script);
-        self.in_place = servable(frontends);
+        self.in_place = Some(wanted);
+        self.retired.clear();
         self.counted.reset();
         self.pending.extend(counted);
         Ok(())
     }
 
     /// New connections per Service (`namespace/name`) since the last call, as the table's
-    /// steering counters have them (nothing when the table cannot be read).
+    /// steering counters have them (nothing when the table cannot be read). Counters of
+    /// frontends removed since the last call are read this once, then deleted.
     pub async fn new_connections(&mut self) -> Vec<(String, u64)> {
         let mut out = std::mem::take(&mut self.pending);
-        if self.in_place.is_empty() {
+        if self.in_place.as_ref().is_none_or(BTreeMap::is_empty) && self.retired.is_empty() {
             return out;
         }
-        if let Some(listed) = list_table().await {
+        if let Some(listed) = list_counters().await {
             out.extend(self.counts_in(&listed));
+        }
+        let retired = std::mem::take(&mut self.retired);
+        if !retired.is_empty() {
+            let names: Vec<String> = retired.keys().map(|k| counter(&name(k))).collect();
+            if let Err(err) = nft(&delete_counters(&names)).await {
+                warn!(error = %err, "removing the counters of removed frontends");
+            }
+            self.counted.forget(&names);
         }
         out
     }
 
     /// What the table listed in `listed` counted since the last read, per Service.
     fn counts_in(&mut self, listed: &str) -> Vec<(String, u64)> {
-        let deltas = self.counted.take(crate::counters::chain_counts(listed));
+        let deltas = self.counted.take(crate::counters::named_counts(listed));
+        if deltas.is_empty() {
+            return Vec::new();
+        }
+        let services: BTreeMap<String, &String> = self
+            .in_place
+            .iter()
+            .flat_map(|p| p.iter().map(|(k, f)| (k, &f.service)))
+            .chain(self.retired.iter())
+            .map(|(k, service)| (counter(&name(k)), service))
+            .collect();
         deltas
             .into_iter()
-            .filter_map(|(i, n)| Some((self.in_place.get(i)?.service.clone(), n)))
+            .filter_map(|(name, n)| Some((services.get(&name)?.to_string(), n)))
             .collect()
     }
 
     /// Removes the table.
     pub async fn clear(&mut self) -> Result<(), KernelError> {
-        self.applied = None;
-        self.in_place.clear();
+        self.in_place = None;
+        self.retired.clear();
         nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).await
     }
 }
@@ -508,8 +1021,17 @@ mod tests {
         Frontend::for_test(vip, port, protocol, backends)
     }
 
+    /// The text of chain `name` in `r`, up to the next declaration.
+    fn chain<'a>(r: &'a str, name: &str) -> &'a str {
+        let at = r
+            .find(&format!("chain {name} {{"))
+            .unwrap_or_else(|| panic!("no chain {name} in\n{r}"));
+        let rest = &r[at..];
+        &rest[..rest.find("\t}").unwrap_or(rest.len())]
+    }
+
     #[test]
-    fn new_connections_are_steered_round_robin_then_bound_with_masquerade() {
+    fn new_connections_are_dispatched_by_one_lookup_then_bound_with_masquerade() {
         let r = ruleset(
             &[frontend(
                 "192.0.2.10",
@@ -519,28 +1041,42 @@ mod tests {
             )],
             &AffinityClients::new(),
         );
-        // Steering: after conntrack, before NAT, first packets only.
+        // Steering: after conntrack, before NAT, first packets only, one map lookup.
         assert!(
-            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 fib daddr type local goto fe_0"),
+            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n"),
             "{r}"
         );
         assert!(
-            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr 192.0.2.10 tcp dport 80 fib daddr type local goto fe_0"),
+            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n"),
             "{r}"
         );
-        assert!(r.contains("numgen inc mod 2 vmap { 0 : goto be_0_0, 1 : goto be_0_1 }"));
-        assert!(r.contains("chain be_0_1 {\n\t\tip daddr set 10.0.0.2 tcp dport set 30080\n\t}"));
+        assert!(
+            r.contains("add element inet ferry dispatch4 { 192.0.2.10 . tcp . 80 : goto fe_192_0_2_10_tcp_80 }"),
+            "{r}"
+        );
+        // One chain for the frontend: only while the VIP is local, counted, and the
+        // backend picked by one statement since both nodes share the NodePort (its turns
+        // in the shared map `picks4`).
+        let fe = chain(&r, "fe_192_0_2_10_tcp_80");
+        assert_eq!(
+            fe,
+            "chain fe_192_0_2_10_tcp_80 {\n\t\tfib daddr type != local return\n\t\tcounter name \"c_192_0_2_10_tcp_80\" comment \"default/web 80/TCP\"\n\t\tip daddr set ip daddr . meta l4proto . th dport . numgen inc mod 2 map @picks4 tcp dport set 30080\n"
+        );
+        assert!(
+            r.contains("add element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 0 : 10.0.0.1, 192.0.2.10 . tcp . 80 . 1 : 10.0.0.2 }"),
+            "{r}"
+        );
+        assert!(!r.contains("chain be_"), "{r}");
+        assert!(r.contains("\tcounter c_192_0_2_10_tcp_80 {"), "{r}");
         // Binding, after kube-proxy's NAT, for connections steered from this VIP port.
         for hook in ["prerouting", "output"] {
             assert!(
-                r.contains(&format!("chain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n\t\tmeta l4proto tcp ct original ip daddr 192.0.2.10 ct original proto-dst 80 goto nat_0\n")),
+                r.contains(&format!("chain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n\t\tmeta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . th dport @masquerade4 meta mark set 0x66657279\n\t\tmeta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . th dport @bound4 dnat ip to ip daddr : th dport\n")),
                 "{r}"
             );
         }
-        assert!(
-            r.contains("chain nat_0 {\n\t\tmeta mark set 0x66657279\n\t\tip daddr 10.0.0.1 tcp dport 30080 dnat ip to 10.0.0.1:30080\n\t\tip daddr 10.0.0.2 tcp dport 30080 dnat ip to 10.0.0.2:30080\n\t}"),
-            "{r}"
-        );
+        assert!(r.contains("add element inet ferry bound4 { 192.0.2.10 . tcp . 30080 }"));
+        assert!(r.contains("add element inet ferry masquerade4 { 192.0.2.10 . tcp . 30080 }"));
         assert!(r.contains("meta mark 0x66657279 masquerade"));
     }
 
@@ -560,43 +1096,69 @@ mod tests {
         );
         sticky.affinity = Some(Duration::from_secs(60));
         let r = ruleset(&[local, sticky], &AffinityClients::new());
-        let fe0 = &r[r.find("chain fe_0").unwrap()..r.find("chain fe_1").unwrap()];
-        assert!(!fe0.contains("meta mark set"), "{fe0}");
-        assert!(fe0.contains("goto be_0_0"), "{fe0}");
-        assert!(fe0.contains("chain be_0_0 {\n\t\tip daddr set 10.0.0.2 udp dport set 30053\n"));
-        assert!(fe0.contains(
-            "chain nat_0 {\n\t\tip daddr 10.0.0.2 udp dport 30053 dnat ip to 10.0.0.2:30053\n"
-        ));
-        // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
-        // its set of recent clients expiring after the Service's timeout.
-        let fe1 = &r[r.find("chain fe_1").unwrap()..];
-        // Set names follow the frontend and backend, not their places in the plan.
-        let set_0 = "aff_2001xdb8xx10_tcp_443_2001xdb8xx1_30443";
-        let set_1 = "aff_2001xdb8xx10_tcp_443_2001xdb8xx2_30443";
+        let fe0 = chain(&r, "fe_192_0_2_10_udp_53");
         assert!(
-            fe1.contains(&format!("ip6 saddr @{set_0} goto be_1_0")),
+            fe0.contains("ip daddr set 10.0.0.2 udp dport set 30053\n"),
+            "{fe0}"
+        );
+        assert!(r.contains("add element inet ferry bound4 { 192.0.2.10 . udp . 30053 }"));
+        assert!(!r.contains("add element inet ferry masquerade4"), "{r}");
+        // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
+        // its chain and its set of recent clients expiring after the Service's timeout.
+        let ident = "2001xdb8xx10_tcp_443";
+        let fe1 = chain(&r, &format!("fe_{ident}"));
+        // Set names follow the frontend and backend, not their places in the plan.
+        let set_0 = format!("aff_{ident}_2001xdb8xx1_30443");
+        let set_1 = format!("aff_{ident}_2001xdb8xx2_30443");
+        assert!(
+            fe1.contains(&format!("ip6 saddr @{set_0} goto be_{ident}_0")),
             "{r}"
         );
         assert!(
-            fe1.contains(&format!("ip6 saddr @{set_1} goto be_1_1")),
+            fe1.contains(&format!("ip6 saddr @{set_1} goto be_{ident}_1")),
             "{r}"
         );
         assert!(!fe1.contains("10_0_0_3"), "{r}");
         assert!(
-            fe1.contains("numgen inc mod 2 vmap { 0 : goto be_1_0, 1 : goto be_1_1 }"),
+            fe1.contains(&format!(
+                "numgen inc mod 2 vmap {{ 0 : goto be_{ident}_0, 1 : goto be_{ident}_1 }}"
+            )),
             "{r}"
         );
         assert!(
             r.contains(&format!(
-                "set {set_1} {{\n\t\ttype ipv6_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 60s\n"
+                "set {set_1} {{ type ipv6_addr; flags dynamic,timeout; timeout 60s; size 65536; }}"
             )),
             "{r}"
         );
-        assert!(r.contains(&format!(
-            "chain be_1_1 {{\n\t\tupdate @{set_1} {{ ip6 saddr }}\n\t\tip6 daddr set 2001:db8::2 tcp dport set 30443\n"
-        )), "{r}");
+        assert_eq!(
+            chain(&r, &format!("be_{ident}_1")),
+            format!(
+                "chain be_{ident}_1 {{\n\t\tupdate @{set_1} {{ ip6 saddr }}\n\t\tip6 daddr set 2001:db8::2 tcp dport set 30443\n"
+            )
+        );
         assert!(
-            r.contains("ip6 daddr 2001:db8::2 tcp dport 30443 dnat ip6 to [2001:db8::2]:30443\n"),
+            r.contains("add element inet ferry masquerade6 { 2001:db8::10 . tcp . 30443 }"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn backends_on_differing_ports_get_a_chain_each() {
+        let f = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30081"],
+        );
+        let r = ruleset(&[f], &AffinityClients::new());
+        assert!(
+            chain(&r, "be_192_0_2_10_tcp_80_1")
+                .contains("ip daddr set 10.0.0.2 tcp dport set 30081"),
+            "{r}"
+        );
+        assert!(
+            r.contains("add element inet ferry bound4 { 192.0.2.10 . tcp . 30080, 192.0.2.10 . tcp . 30081 }"),
             "{r}"
         );
     }
@@ -630,41 +1192,118 @@ mod tests {
         let r = ruleset(&[sticky], &kept);
         // Put back, never past the Service's (perhaps shortened) timeout.
         assert!(
-            r.contains("set aff_192_0_2_10_tcp_80_10_0_0_1_30080 {\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 20s\n\t\tsize 65536\n\t\telements = { 198.51.100.7 expires 20s }\n\t}"),
+            r.contains("add element inet ferry aff_192_0_2_10_tcp_80_10_0_0_1_30080 { 198.51.100.7 expires 20s }"),
             "{r}"
         );
-        assert_eq!(r.matches("elements").count(), 1, "{r}");
+        assert_eq!(r.matches("add element inet ferry aff_").count(), 1, "{r}");
     }
 
-    /// Runs `script` with `nft -f` in a network namespace of its own, then lists the table
-    /// there as JSON; `None` where that cannot run (not root, or no nft).
-    async fn in_private_netns(script: &str) -> Option<String> {
-        let mut child = Command::new("unshare")
-            .args([
-                "--net",
-                "sh",
-                "-c",
-                "nft -f - && nft -j list table inet ferry",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .ok()?;
-        child
-            .stdin
-            .take()?
-            .write_all(script.as_bytes())
-            .await
-            .ok()?;
-        let out = child.wait_with_output().await.ok()?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.starts_with("unshare:") || stderr.contains("not found") {
-            eprintln!("skipped: {stderr}");
-            return None;
+    /// A network namespace of the test's own, removed when dropped; `None` where that
+    /// cannot be made (not root, or no `ip`).
+    struct Netns(String);
+
+    impl Netns {
+        fn new(tag: &str) -> Option<Netns> {
+            let name = format!("ferry-kt-{tag}-{}", std::process::id());
+            let made = std::process::Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .ok()?;
+            if !made.success() {
+                eprintln!("skipped: cannot create a network namespace");
+                return None;
+            }
+            Some(Netns(name))
         }
-        assert!(out.status.success(), "{stderr}\n{script}");
-        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+
+        async fn nft(&self, args: &[&str], script: &str) -> Result<String, String> {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &self.0, "nft"])
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin
+                    .write_all(script.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        }
+
+        async fn apply(&self, script: &str) {
+            if let Err(err) = self.nft(&["-f", "-"], script).await {
+                panic!("{err}\n{script}");
+            }
+        }
+
+        async fn listing(&self) -> String {
+            self.nft(&["-j", "list", "table", "inet", TABLE], "")
+                .await
+                .unwrap()
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+
+    /// A table listing with what depends on the order objects were made in taken out:
+    /// handles, and the order of objects and of set elements (rules keep their order in
+    /// their chain).
+    /// Without `clients`, the recent clients of affinity sets are taken out too.
+    fn normalised(json: &str, clients: bool) -> Vec<String> {
+        fn scrub(v: &mut serde_json::Value, clients: bool) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    map.remove("handle");
+                    let affinity = map
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| n.starts_with("aff_"));
+                    if affinity && !clients {
+                        map.remove("elem");
+                    }
+                    map.values_mut().for_each(|v| scrub(v, clients));
+                    if let Some(serde_json::Value::Array(elems)) = map.get_mut("elem") {
+                        elems.sort_by_key(|e| e.to_string());
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(|v| scrub(v, clients)),
+                _ => {}
+            }
+        }
+        let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
+        scrub(&mut value, clients);
+        let mut out = Vec::new();
+        let mut rules_in: BTreeMap<String, usize> = BTreeMap::new();
+        for item in value["nftables"].as_array().unwrap() {
+            if item.get("metainfo").is_some() {
+                continue;
+            }
+            if let Some(rule) = item.get("rule") {
+                let chain = rule["chain"].as_str().unwrap().to_string();
+                let n = rules_in.entry(chain.clone()).or_default();
+                out.push(format!("rule {chain} #{n}: {}", rule["expr"]));
+                *n += 1;
+            } else {
+                out.push(item.to_string());
+            }
+        }
+        out.sort();
+        out
     }
 
     /// The whole ruleset, committed by the kernel in a network namespace of its own (`nft
@@ -672,6 +1311,9 @@ mod tests {
     /// read back.
     #[tokio::test]
     async fn the_kernel_accepts_the_ruleset() {
+        let Some(ns) = Netns::new("accept") else {
+            return;
+        };
         let mut sticky = frontend(
             "2001:db8::10",
             443,
@@ -686,16 +1328,13 @@ mod tests {
             "192.0.2.11",
             80,
             Protocol::Tcp,
-            &["10.0.0.1:30080", "10.0.0.2:30080", "10.0.0.3:30080"],
+            &["10.0.0.1:30080", "10.0.0.2:30080", "10.0.0.3:30081"],
         );
         let set = affinity_set(&sticky, &sticky.backends[1]);
         let client: IpAddr = "2001:db8:1::7".parse().unwrap();
         let kept = AffinityClients::from([(set.clone(), vec![(client, Duration::from_secs(8))])]);
-        let script = ruleset(&[sticky, local, web], &kept);
-        let Some(listing) = in_private_netns(&script).await else {
-            return;
-        };
-        let read = affinity_clients(&listing);
+        ns.apply(&ruleset(&[sticky, local, web], &kept)).await;
+        let read = affinity_clients(&ns.listing().await);
         let back = read.get(&set).map(Vec::as_slice).unwrap_or_default();
         assert!(
             matches!(back, [(ip, left)] if *ip == client && left.as_secs() >= 6),
@@ -703,13 +1342,359 @@ mod tests {
         );
     }
 
+    /// A sequence of changes applied one transaction each leaves exactly the table a whole
+    /// build of the last plan makes, and an affinity set that stays keeps its clients.
+    #[tokio::test]
+    async fn changes_applied_one_by_one_leave_the_table_a_whole_build_makes() {
+        let Some(ns) = Netns::new("steps") else {
+            return;
+        };
+        let web = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080"],
+        );
+        let mut dns = frontend("192.0.2.11", 53, Protocol::Udp, &["10.0.0.1:30053"]);
+        dns.local = true;
+        let mut sticky = frontend(
+            "2001:db8::10",
+            443,
+            Protocol::Tcp,
+            &["[2001:db8::1]:30443", "[2001:db8::2]:30443"],
+        );
+        sticky.affinity = Some(Duration::from_secs(60));
+        let start = vec![web.clone(), dns.clone(), sticky.clone()];
+
+        let mut web_moved = web.clone();
+        web_moved.backends = vec![
+            "10.0.0.2:30080".parse().unwrap(),
+            "10.0.0.3:30081".parse().unwrap(),
+        ];
+        let mut web_port = frontend("192.0.2.10", 8080, Protocol::Tcp, &["10.0.0.1:30088"]);
+        web_port.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+        let mut sticky_grown = sticky.clone();
+        sticky_grown
+            .backends
+            .push("[2001:db8::3]:30443".parse().unwrap());
+        let mut web_swapped = web.clone();
+        web_swapped.backends = vec![
+            "10.0.0.2:30080".parse().unwrap(),
+            "10.0.0.3:30080".parse().unwrap(),
+        ];
+        let mut dns_cluster = dns.clone();
+        dns_cluster.local = false;
+        let plans: Vec<Vec<Frontend>> = vec![
+            // A port added to a Service.
+            vec![web.clone(), web_port.clone(), dns.clone(), sticky.clone()],
+            // Backends changed (ports differ now), and a sticky Service gains a node.
+            vec![
+                web_moved.clone(),
+                web_port.clone(),
+                dns.clone(),
+                sticky_grown.clone(),
+            ],
+            // Policy changed from Local to Cluster.
+            vec![
+                web_moved.clone(),
+                web_port.clone(),
+                dns_cluster.clone(),
+                sticky_grown.clone(),
+            ],
+            // A Service removed.
+            vec![web_moved.clone(), dns_cluster.clone(), sticky_grown.clone()],
+            // Removed and added back; the sticky one back to two nodes.
+            vec![web.clone(), web_port, dns_cluster, sticky.clone()],
+            vec![],
+            start.clone(),
+            // The same number of nodes, others: only the turns of the round robin change.
+            vec![web_swapped, dns, sticky],
+        ];
+
+        ns.apply(&ruleset(&start, &AffinityClients::new())).await;
+        let client = "2001:db8:1::7";
+        let set = affinity_set(&sticky_grown, &sticky_grown.backends[0]);
+        ns.apply(&format!(
+            "add element inet ferry {set} {{ {client} expires 50s }}\n"
+        ))
+        .await;
+        let mut in_place = by_identity(&start);
+        // Counters of removed frontends stay until the next count reads and deletes them,
+        // here after every other step (so some are still there when their frontend returns:
+        // steps 3 to 4 and 5 to 6).
+        let mut retired: BTreeSet<String> = BTreeSet::new();
+        for (step, plan) in plans.iter().enumerate() {
+            let wanted = by_identity(plan);
+            let script = changes(&in_place, &wanted).expect("expressible as a change");
+            ns.apply(&script).await;
+            retired.extend(
+                in_place
+                    .keys()
+                    .filter(|k| !wanted.contains_key(*k))
+                    .map(|k| counter(&name(k))),
+            );
+            retired.retain(|c| !wanted.keys().any(|k| counter(&name(k)) == *c));
+            let mut incremental = normalised(&ns.listing().await, false);
+            for c in &retired {
+                let before = incremental.len();
+                incremental.retain(|l| {
+                    !l.starts_with(&format!(
+                        "{{\"counter\":{{\"bytes\":0,\"family\":\"inet\",\"name\":\"{c}\""
+                    ))
+                });
+                assert_eq!(
+                    incremental.len() + 1,
+                    before,
+                    "step {step}: counter {c} kept until read"
+                );
+            }
+            if step % 2 == 0 && !retired.is_empty() {
+                ns.apply(&delete_counters(&retired)).await;
+                retired.clear();
+            }
+
+            let Some(whole) = Netns::new("whole") else {
+                return;
+            };
+            whole.apply(&ruleset(plan, &AffinityClients::new())).await;
+            // The recent clients of the affinity set are the only difference allowed.
+            let expected = normalised(&whole.listing().await, false);
+            let missing: Vec<&String> = expected
+                .iter()
+                .filter(|l| !incremental.contains(l))
+                .collect();
+            let extra: Vec<&String> = incremental
+                .iter()
+                .filter(|l| !expected.contains(l))
+                .collect();
+            assert!(
+                incremental == expected,
+                "step {step}: missing {missing:#?}\nextra {extra:#?}\n{script}"
+            );
+            if step < 4 {
+                let kept = affinity_clients(&ns.listing().await);
+                assert!(
+                    kept.get(&set).is_some_and(|c| c.len() == 1),
+                    "step {step}: {kept:?}\n{script}"
+                );
+            }
+            in_place = wanted;
+        }
+        // Nothing changed, nothing to do.
+        assert_eq!(changes(&in_place, &in_place.clone()), Some(String::new()));
+    }
+
+    /// Echoes lines on 30080, then for three seconds opens connections through the VIP
+    /// 192.0.2.10:80 one after another and talks on one opened before; prints what worked.
+    const TRAFFIC: &str = r#"
+import socket, socketserver, threading, time
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+server = Server(("0.0.0.0", 30080), Echo)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+def talk(s):
+    s.sendall(b"x\n")
+    return s.recv(2) == b"x\n"
+held = socket.create_connection(("192.0.2.10", 80), timeout=1)
+print("ready", flush=True)
+ok = failed = held_ok = held_failed = 0
+end = time.time() + 3
+while time.time() < end:
+    try:
+        with socket.create_connection(("192.0.2.10", 80), timeout=1) as s:
+            if talk(s): ok += 1
+            else: failed += 1
+    except OSError:
+        failed += 1
+    try:
+        if talk(held): held_ok += 1
+        else: held_failed += 1
+    except OSError:
+        held_failed += 1
+print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", flush=True)
+"#;
+
+    /// Traffic to a Service that does not change keeps flowing, new connections and an
+    /// established one alike, while another Service on the node changes again and again.
+    #[tokio::test]
+    async fn traffic_to_unchanged_services_flows_across_changes() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let Some(ns) = Netns::new("traffic") else {
+            return;
+        };
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["address", "add", "192.0.2.10/32", "dev", "lo"],
+            &["address", "add", "192.0.2.11/32", "dev", "lo"],
+            &["address", "add", "10.250.0.1/32", "dev", "lo"],
+            &["address", "add", "10.250.0.2/32", "dev", "lo"],
+        ] {
+            let done = std::process::Command::new("ip")
+                .args(["-n", &ns.0])
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(done.success(), "ip {args:?}");
+        }
+        let web = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.250.0.1:30080", "10.250.0.2:30080"],
+        );
+        let other = frontend("192.0.2.11", 80, Protocol::Tcp, &["10.250.0.1:30081"]);
+        let first = vec![web.clone(), other.clone()];
+        ns.apply(&ruleset(&first, &AffinityClients::new())).await;
+
+        let Ok(mut client) = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", TRAFFIC])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+        else {
+            eprintln!("skipped: no python3");
+            return;
+        };
+        let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+
+        let mut other_port = frontend("192.0.2.11", 81, Protocol::Tcp, &["10.250.0.1:30082"]);
+        let mut moved = other.clone();
+        moved.backends = vec!["10.250.0.2:30083".parse().unwrap()];
+        let plans = [
+            vec![web.clone(), other.clone(), other_port.clone()],
+            vec![web.clone(), moved.clone(), other_port.clone()],
+            vec![web.clone(), moved.clone()],
+            vec![web.clone()],
+            first.clone(),
+        ];
+        let mut in_place = by_identity(&first);
+        let started = std::time::Instant::now();
+        let mut applied = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            for plan in &plans {
+                let wanted = by_identity(plan);
+                ns.apply(&changes(&in_place, &wanted).unwrap()).await;
+                in_place = wanted;
+                applied += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other_port.port += 1;
+        }
+        let report = lines.next_line().await.unwrap().unwrap_or_default();
+        let figure = |name: &str| -> u64 {
+            report
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {report:?}"))
+        };
+        assert!(applied >= 20, "{applied} changes");
+        assert_eq!(
+            (figure("failed"), figure("held_failed")),
+            (0, 0),
+            "{report}"
+        );
+        assert!(figure("ok") > 100 && figure("held_ok") > 100, "{report}");
+    }
+
     #[test]
-    fn source_ranges_drop_everyone_else() {
+    fn a_change_touches_only_the_frontend_that_changed() {
+        let many: Vec<Frontend> = (1..=50)
+            .map(|i| {
+                frontend(
+                    &format!("192.0.2.{i}"),
+                    80,
+                    Protocol::Tcp,
+                    &["10.0.0.1:30080", "10.0.0.2:30080"],
+                )
+            })
+            .collect();
+        let mut changed = many.clone();
+        changed[7].backends = vec!["10.0.0.1:30090".parse().unwrap()];
+        let script = changes(&by_identity(&many), &by_identity(&changed)).unwrap();
+        assert_eq!(
+            script,
+            "flush chain inet ferry fe_192_0_2_8_tcp_80\n\
+             delete element inet ferry picks4 { 192.0.2.8 . tcp . 80 . 0, 192.0.2.8 . tcp . 80 . 1 }\n\
+             delete element inet ferry bound4 { 192.0.2.8 . tcp . 30080 }\n\
+             delete element inet ferry masquerade4 { 192.0.2.8 . tcp . 30080 }\n\
+             table inet ferry {\n\tchain fe_192_0_2_8_tcp_80 {\n\t\tfib daddr type != local return\n\t\tcounter name \"c_192_0_2_8_tcp_80\" comment \"default/web 80/TCP\"\n\t\tip daddr set 10.0.0.1 tcp dport set 30090\n\t}\n}\n\
+             add element inet ferry bound4 { 192.0.2.8 . tcp . 30090 }\n\
+             add element inet ferry masquerade4 { 192.0.2.8 . tcp . 30090 }\n"
+        );
+        // A new affinity timeout cannot be set on a set in place: the table is replaced.
+        let mut sticky = many.clone();
+        sticky[0].affinity = Some(Duration::from_secs(10));
+        let mut shorter = sticky.clone();
+        shorter[0].affinity = Some(Duration::from_secs(5));
+        assert_eq!(changes(&by_identity(&sticky), &by_identity(&shorter)), None);
+    }
+
+    #[test]
+    fn other_nodes_on_the_same_port_change_only_the_round_robin_turns() {
+        let web = frontend(
+            "192.0.2.10",
+            80,
+            Protocol::Tcp,
+            &["10.0.0.1:30080", "10.0.0.2:30080"],
+        );
+        let mut moved = web.clone();
+        moved.backends = vec![
+            "10.0.0.1:30080".parse().unwrap(),
+            "10.0.0.3:30080".parse().unwrap(),
+        ];
+        let script = changes(&by_identity(&[web]), &by_identity(&[moved])).unwrap();
+        assert_eq!(
+            script,
+            "delete element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 1 }\n\
+             add element inet ferry picks4 { 192.0.2.10 . tcp . 80 . 1 : 10.0.0.3 }\n"
+        );
+    }
+
+    #[test]
+    fn a_binding_another_frontend_still_has_stays() {
+        let a = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let b = frontend("192.0.2.10", 81, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let script = changes(
+            &by_identity(&[a.clone(), b.clone()]),
+            &by_identity(std::slice::from_ref(&a)),
+        )
+        .unwrap();
+        assert!(
+            script.contains("delete chain inet ferry fe_192_0_2_10_tcp_81"),
+            "{script}"
+        );
+        assert!(!script.contains("bound4"), "{script}");
+        assert!(!script.contains("masquerade4"), "{script}");
+        // Once no frontend has it, it goes.
+        let script = changes(&by_identity(&[a]), &BTreeMap::new()).unwrap();
+        assert!(
+            script.contains("delete element inet ferry bound4 { 192.0.2.10 . tcp . 30080 }"),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn source_ranges_drop_new_connections_from_everyone_else() {
         let mut f = frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"]);
         f.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
-        let r = ruleset(&[f], &AffinityClients::new());
+        let mut other = frontend("192.0.2.11", 80, Protocol::Tcp, &["10.0.0.1:30081"]);
+        other.source_ranges = vec!["2001:db8::/32".parse().unwrap()];
+        let r = ruleset(&[f, other], &AffinityClients::new());
         assert!(
-            r.contains("ip daddr 192.0.2.10 tcp dport 80 ip saddr != { 198.51.100.0/24 } drop"),
+            chain(&r, "fe_192_0_2_10_tcp_80")
+                .contains("fib daddr type != local return\n\t\tip saddr != { 198.51.100.0/24 } drop\n\t\tcounter"),
+            "{r}"
+        );
+        // No range of the VIP's family admits no one.
+        assert!(
+            chain(&r, "fe_192_0_2_11_tcp_80").contains("return\n\t\tdrop\n\t\tcounter"),
             "{r}"
         );
     }
@@ -779,5 +1764,6 @@ mod tests {
         let r = ruleset(&[], &AffinityClients::new());
         assert!(r.starts_with("table inet ferry\ndelete table inet ferry\n"));
         assert!(!r.contains("goto"));
+        assert!(!r.contains("add element"));
     }
 }
