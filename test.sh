@@ -65,9 +65,12 @@ tools_start=$(date +%s)
 bash e2e/tools/build.sh
 echo "    test tools ready in $(( $(date +%s) - tools_start ))s"
 
-# The end-to-end tests run the operator and the sandbox as processes.
-echo "==> cargo build --workspace --bins --locked"
-cargo build --workspace --bins --locked
+# The end-to-end tests run the operator and the sandbox as processes. Built with every target
+# (--all-targets) so that the features the tests' dependencies switch on (tokio's test-util) are
+# unified once: `cargo test` below then reuses this build instead of compiling tokio and
+# everything above it a second time.
+echo "==> cargo build --workspace --all-targets --locked"
+cargo build --workspace --all-targets --locked
 
 # The data plane and the CLI carry no cloud: nothing in their builds is a cloud SDK (they
 # depend on ferry-model, never on ferry-providers).

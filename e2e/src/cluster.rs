@@ -188,6 +188,20 @@ impl Cluster {
         );
     }
 
+    /// Waits until every running forwarder hears every other one directly (membership
+    /// settled: losing a node then moves its VIPs in under a second, not at Lease expiry).
+    pub async fn wait_for_peers_heard(&self) {
+        let running: Vec<&ForwarderProcess> = self.forwarders.iter().flatten().collect();
+        let others = running.len().saturating_sub(1) as f64;
+        eventually(WAIT, "every forwarder hearing every other", || async {
+            running
+                .iter()
+                .all(|f| f.peers("heard") == Some(others))
+                .then_some(())
+        })
+        .await;
+    }
+
     pub async fn wait_for_live_forwarders(&self, n: usize) {
         let leases: Api<Lease> = Api::namespaced(self.admin.clone(), "ferry-system");
         eventually(WAIT, &format!("{n} forwarder heartbeats"), || async {

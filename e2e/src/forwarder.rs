@@ -121,6 +121,12 @@ impl ForwarderProcess {
         self.metric_values(series).first().copied()
     }
 
+    /// How many other forwarders this one counts in `state` (`heard`, `silent`, `unheard`),
+    /// from `ferry_forwarder_peers`.
+    pub fn peers(&self, state: &str) -> Option<f64> {
+        self.metric(&format!("ferry_forwarder_peers{{state=\"{state}\"}}"))
+    }
+
     /// Resident memory of the forwarder process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

@@ -117,6 +117,7 @@ async fn a_node_whose_peer_port_is_blocked_keeps_its_vips_while_the_api_shows_it
     let web = c.http_service("web", 30080, json!({})).await;
     let owner = c.wait_for_single_owner(&web).await;
     c.wait_for_traffic(&web, 80).await;
+    c.wait_for_peers_heard().await;
     let client = SteadyClient::start(&c, vec![format!("{web}:80").parse().unwrap()]);
     // A firewall on the owner drops the direct heartbeats both ways; its Lease renewals go on.
     // (The rule lives in the node's namespace, which the cluster removes.)
@@ -144,6 +145,15 @@ async fn a_node_whose_peer_port_is_blocked_keeps_its_vips_while_the_api_shows_it
     let (sent, failed) = client.stop();
     assert!(sent > 20, "{sent} requests");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    // The metrics say what is wrong: the owner hears neither peer, each peer misses it.
+    let i = c.node_index(&owner);
+    for (j, f) in c.forwarders.iter().enumerate() {
+        let f = f.as_ref().unwrap();
+        let (heard, silent) = if j == i { (0.0, 2.0) } else { (1.0, 1.0) };
+        assert_eq!(f.peers("heard"), Some(heard), "node {j} hears");
+        assert_eq!(f.peers("silent"), Some(silent), "node {j} misses");
+        assert_eq!(f.peers("unheard"), Some(0.0), "node {j}");
+    }
     node.ns()
         .exec("nft", &["delete table inet peer_block"])
         .unwrap();

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub dataplane: std::sync::Arc<DataplaneMetrics>,
     pub vips_held: Gauge,
     pub live_forwarders: Gauge,
+    /// The other forwarders by what the direct heartbeats say (`set_peers`).
+    peers: Family<Labels, Gauge>,
     pub frontends: Gauge,
     pub applies: Family<Labels, Counter>,
     pub announcements: Counter,
@@ -185,6 +187,7 @@ impl Metrics {
             dataplane: std::sync::Arc::new(d),
             vips_held: Gauge::default(),
             live_forwarders: Gauge::default(),
+            peers: Family::default(),
             frontends: Gauge::default(),
             applies: Family::default(),
             announcements: Counter::default(),
@@ -206,6 +209,11 @@ impl Metrics {
             "ferry_forwarder_live_forwarders",
             "Forwarders with a fresh heartbeat, this one included",
             m.live_forwarders.clone(),
+        );
+        m.registry.register(
+            "ferry_forwarder_peers",
+            "Other forwarders by what this node's direct heartbeats say: heard (within the peer timeout), silent (heard before, not now), unheard (a live heartbeat Lease but never heard: judged by its Lease alone, so its VIPs move only when the Lease expires)",
+            m.peers.clone(),
         );
         m.registry.register(
             "ferry_forwarder_frontends",
@@ -267,6 +275,16 @@ impl Metrics {
             .inc();
     }
 
+    /// The other forwarders by what the direct heartbeats say: `heard` within the peer
+    /// timeout, `silent` (heard before, not now), `unheard` (a live Lease, never heard).
+    pub fn set_peers(&self, heard: usize, silent: usize, unheard: usize) {
+        for (state, n) in [("heard", heard), ("silent", silent), ("unheard", unheard)] {
+            self.peers
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn applied(&self, result: &str) {
         self.applies
             .get_or_create(&vec![("result", result.to_string())])
@@ -290,7 +308,20 @@ mod tests {
         m.vips_held.set(2);
         m.applied("ok");
         m.dataplane.service("default/web").opened();
+        m.set_peers(2, 1, 0);
         let text = m.encode();
+        assert!(
+            text.contains("ferry_forwarder_peers{state=\"heard\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferry_forwarder_peers{state=\"silent\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferry_forwarder_peers{state=\"unheard\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("ferry_forwarder_vips_held 2"), "{text}");
         assert!(text.contains("ferry_forwarder_plan_applies_total{result=\"ok\"} 1"));
         assert!(text.contains(

@@ -190,11 +190,24 @@ impl Planner {
     fn verdict(&mut self, now: Instant) -> Verdict {
         let me = self.inputs.node_name.clone();
         let peers = liveness::Peers::at(&me, &self.heard(), self.inputs.peer_timeout, now);
-        let verdict = {
+        let (verdict, unheard) = {
             let leases = self.leases();
             let window = self.inputs.renewal_window;
-            liveness::decide(&me, now, &leases, &peers, window, &self.trusted)
+            // Forwarders with a live Lease this node has never heard: their failover waits
+            // for the Lease (peer traffic blocked, or this process has only just started).
+            let unheard = leases
+                .live(now)
+                .iter()
+                .filter(|n| **n != me && !peers.heard.contains(*n) && !peers.silent.contains(*n))
+                .count();
+            let verdict = liveness::decide(&me, now, &leases, &peers, window, &self.trusted);
+            (verdict, unheard)
         };
+        self.outputs.metrics.set_peers(
+            peers.heard.len().saturating_sub(1),
+            peers.silent.len(),
+            unheard,
+        );
         if !verdict.frozen {
             self.trusted = verdict.live.clone();
         }

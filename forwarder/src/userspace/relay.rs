@@ -13,9 +13,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, Interest};
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::splice;
 use super::watchdog::Watch;
@@ -47,10 +47,10 @@ pub async fn relay(
     backend: TcpStream,
     watch: &Watch,
 ) -> io::Result<(u64, u64, End)> {
-    let (client_read, client_write) = client.into_split();
-    let (backend_read, backend_write) = backend.into_split();
-    let up = pump(client_read, backend_write, &watch.up, watch);
-    let down = pump(backend_read, client_write, &watch.down, watch);
+    // Both directions borrow the two sockets (tokio waits for reading and for writing one
+    // socket independently), so a connection costs no split halves.
+    let up = pump(&client, &backend, &watch.up, watch);
+    let down = pump(&backend, &client, &watch.down, watch);
     tokio::pin!(up, down);
     let moved = || {
         (
@@ -80,8 +80,7 @@ pub async fn relay(
 /// emptied the socket, so it also clears tokio's readiness for it (through `try_io`): the
 /// next wait goes straight to the poller instead of costing a `recv` that says EAGAIN, one
 /// system call saved per message in each direction.
-fn read_some(from: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let stream: &TcpStream = from.as_ref();
+fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let fd = stream.as_raw_fd();
     let mut got = 0;
     let result = stream.try_io(Interest::READABLE, || {
@@ -116,8 +115,7 @@ thread_local! {
 /// full). With `corked`, MSG_MORE holds the last segment back for the FIN that follows, so a
 /// response and its end leave in one packet (one packet and one ACK less per short-lived
 /// connection, as HAProxy does).
-fn try_send(to: &OwnedWriteHalf, buf: &[u8], corked: bool) -> io::Result<usize> {
-    let stream: &TcpStream = to.as_ref();
+fn try_send(stream: &TcpStream, buf: &[u8], corked: bool) -> io::Result<usize> {
     let fd = stream.as_raw_fd();
     let flags = libc::MSG_NOSIGNAL | if corked { libc::MSG_MORE } else { 0 };
     let sent = stream.try_io(Interest::WRITABLE, || {
@@ -138,13 +136,13 @@ fn try_send(to: &OwnedWriteHalf, buf: &[u8], corked: bool) -> io::Result<usize> 
 
 /// Sends all of `buf`, waiting for room as needed, counting into `moved` as it goes.
 async fn send_all(
-    to: &OwnedWriteHalf,
+    to: &TcpStream,
     mut buf: &[u8],
     corked: bool,
     moved: &AtomicU64,
 ) -> io::Result<()> {
     while !buf.is_empty() {
-        to.as_ref().writable().await?;
+        to.writable().await?;
         let n = try_send(to, buf, corked)?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         buf = &buf[n..];
@@ -155,12 +153,10 @@ async fn send_all(
 /// Passes the end of one direction on: a half-close, or nothing when the other direction has
 /// already finished (closing both sockets right after sends the same FIN, without a system
 /// call).
-async fn finish(mut to: OwnedWriteHalf, watch: &Watch) {
-    if watch.finish_direction() {
-        // Dropping the write half would shut it down; closing does that.
-        to.forget();
-    } else {
-        let _ = to.shutdown().await;
+fn finish(to: &TcpStream, watch: &Watch) {
+    if !watch.finish_direction() {
+        // A socket the peer has already reset has nothing left to tell it.
+        let _ = SockRef::from(to).shutdown(std::net::Shutdown::Write);
     }
 }
 
@@ -181,26 +177,26 @@ enum Step {
 
 /// Relays the rest of one direction through `pipe` until its sender finishes.
 async fn spliced(
-    from: OwnedReadHalf,
-    to: OwnedWriteHalf,
+    from: &TcpStream,
+    to: &TcpStream,
     pipe: splice::Pipe,
     moved: &AtomicU64,
     watch: &Watch,
 ) -> io::Result<()> {
     loop {
-        let n = splice::fill(&from, &pipe).await?;
+        let n = splice::fill(from, &pipe).await?;
         if n == 0 {
-            finish(to, watch).await;
+            finish(to, watch);
             return Ok(());
         }
-        splice::drain(&pipe, &to, n, moved).await?;
+        splice::drain(&pipe, to, n, moved).await?;
     }
 }
 
 /// Copies one direction until its sender finishes (passing the half-close on) or fails.
 async fn pump(
-    from: OwnedReadHalf,
-    to: OwnedWriteHalf,
+    from: &TcpStream,
+    to: &TcpStream,
     moved: &AtomicU64,
     watch: &Watch,
 ) -> io::Result<()> {
@@ -212,7 +208,7 @@ async fn pump(
         loop {
             let step = SCRATCH.with_borrow_mut(|buf| -> io::Result<Step> {
                 buf.clear();
-                let n = match read_some(&from, buf) {
+                let n = match read_some(from, buf) {
                     Ok(0) => return Ok(Step::End),
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Drained),
@@ -221,7 +217,7 @@ async fn pump(
                 // A short read after the sender's FIN drained the socket: this is the
                 // direction's last data.
                 let last = n < CHUNK && closing;
-                let sent = try_send(&to, buf, last)?;
+                let sent = try_send(to, buf, last)?;
                 Ok(Step::Moved {
                     n,
                     sent,
@@ -231,7 +227,7 @@ async fn pump(
             })?;
             match step {
                 Step::End => {
-                    finish(to, watch).await;
+                    finish(to, watch);
                     return Ok(());
                 }
                 Step::Drained => break,
@@ -243,10 +239,10 @@ async fn pump(
                 } => {
                     moved.fetch_add(sent as u64, Ordering::Relaxed);
                     if let Some(rest) = rest {
-                        send_all(&to, &rest, last, moved).await?;
+                        send_all(to, &rest, last, moved).await?;
                     }
                     if last {
-                        finish(to, watch).await;
+                        finish(to, watch);
                         return Ok(());
                     }
                     if n < CHUNK {
@@ -268,7 +264,7 @@ mod tests {
     use super::*;
     use crate::userspace::watchdog::Watchdog;
     use std::time::Instant;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A connected pair of streams over loopback.

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Bytes a pipe holds (and one splice moves) at most.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -81,8 +80,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// Moves what `from` has (up to a pipe's worth) into `pipe`, waiting for data first; 0 means
 /// the sender has finished. A short move emptied the socket, so it also clears tokio's
 /// readiness, as `read_some` does.
-pub(super) async fn fill(from: &OwnedReadHalf, pipe: &Pipe) -> io::Result<usize> {
-    let stream: &TcpStream = from.as_ref();
+pub(super) async fn fill(stream: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
     loop {
         stream.readable().await?;
         let mut got = 0;
@@ -109,11 +107,10 @@ pub(super) async fn fill(from: &OwnedReadHalf, pipe: &Pipe) -> io::Result<usize>
 /// as it goes.
 pub(super) async fn drain(
     pipe: &Pipe,
-    to: &OwnedWriteHalf,
+    stream: &TcpStream,
     mut n: usize,
     moved: &AtomicU64,
 ) -> io::Result<()> {
-    let stream: &TcpStream = to.as_ref();
     while n > 0 {
         stream.writable().await?;
         match stream.try_io(Interest::WRITABLE, || {

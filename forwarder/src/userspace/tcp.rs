@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::relay::{End, relay};
 use super::watchdog::{Watch, Watchdog};
+use crate::plan::Frontend;
 use crate::proxy_protocol;
 
 /// How often a Service over its fair share looks again for a place.
@@ -89,23 +90,37 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limit: Arc
         // one whose backlog is empty while another's fills.
         // Past three quarters of the node's places, a Service over its fair share waits too
         // (`fairness`), polling briefly while it does.
-        let permit = loop {
-            let fair = shared.share.may_take();
-            tokio::select! {
-                p = limit.clone().acquire_owned(), if fair => match p {
-                    Ok(p) => break p,
-                    Err(_) => return,
-                },
-                _ = tokio::time::sleep(FAIRNESS_POLL), if !fair => {}
-                _ = sweeps.tick(), if !watchdog.is_empty() => watchdog.sweep(Instant::now()),
-                _ = crate::stopped(&mut stop) => return,
+        // Below the limit (the usual case) a place is taken at once, without the wait's
+        // timers and futures.
+        let free = shared
+            .share
+            .may_take()
+            .then(|| limit.clone().try_acquire_owned().ok())
+            .flatten();
+        let (permit, frontend) = match free {
+            Some(permit) => (permit, frontend),
+            None => {
+                let permit = loop {
+                    let fair = shared.share.may_take();
+                    tokio::select! {
+                        p = limit.clone().acquire_owned(), if fair => match p {
+                            Ok(p) => break p,
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(FAIRNESS_POLL), if !fair => {}
+                        _ = sweeps.tick(), if !watchdog.is_empty() => watchdog.sweep(Instant::now()),
+                        _ = crate::stopped(&mut stop) => return,
+                    }
+                };
+                // The plan may have changed while the client waited.
+                (permit, shared.frontend())
             }
         };
         let held = shared.share.hold();
         let (shared, watch) = (shared.clone(), watchdog.watch());
         connections.spawn(async move {
             let _permit = (permit, held);
-            connection(client, peer, &shared, &watch).await;
+            connection(client, peer, &frontend, &shared, &watch).await;
         });
     }
 }
@@ -218,8 +233,14 @@ async fn send_first(stream: &mut TcpStream, first: &[u8]) -> io::Result<()> {
     stream.write_all(&first[sent..]).await
 }
 
-async fn connection(client: TcpStream, peer: SocketAddr, shared: &Shared, watch: &Watch) {
-    let frontend = shared.frontend();
+/// Relays one accepted connection of `frontend` (as the plan was when it was accepted).
+async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    frontend: &Frontend,
+    shared: &Shared,
+    watch: &Watch,
+) {
     let limits = shared.limits;
     // What goes to the backend before the relay starts.
     let mut first = Vec::new();
