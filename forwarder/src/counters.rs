@@ -1,15 +1,18 @@
-//! New connections counted by the kernel data plane. Each frontend's steering chain
-//! (`fe_<identity>` in `kernel::ruleset`) counts into a named counter object, `c_<identity>`,
-//! and the chain is entered only by a connection's first packet, so the counter's packets are
-//! the frontend's new connections (new flows for UDP) at no cost to established traffic.
-//! Counters outlive changes to their chains; only a whole new table starts them again, so the
-//! counts are read before a replacement and at each resync, and only what is new since the
-//! last read is added to the Prometheus counters.
+//! New connections counted by the kernel data plane. Every frontend has an element in the
+//! table's `seen4`/`seen6` set (`daddr . l4proto . dport`, in `kernel::ruleset`), a set whose
+//! elements carry a counter; the steering chains, entered only by a connection's first packet,
+//! look the packet up in it, so an element's packets are its frontend's new connections (new
+//! flows for UDP) at no cost to established traffic. Elements outlive changes to their
+//! frontends; only a whole new table starts them again, so the counts are read before a
+//! replacement and at each resync, and only what is new since the last read is added to the
+//! Prometheus counters.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
-/// Packets counted per counter object (by name) in `nft -j list` output.
-pub fn named_counts(json: &str) -> BTreeMap<String, u64> {
+/// Packets counted per element of the `seen4`/`seen6` sets in `nft -j list` output, by the
+/// element as the table writes it (`192.0.2.10 . tcp . 80`).
+pub fn seen_counts(json: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
         return out;
@@ -19,14 +22,39 @@ pub fn named_counts(json: &str) -> BTreeMap<String, u64> {
         .and_then(|v| v.as_array())
         .map(Vec::as_slice)
         .unwrap_or_default();
-    for counter in items.iter().filter_map(|i| i.get("counter")) {
-        let name = counter.get("name").and_then(|n| n.as_str());
-        let packets = counter.get("packets").and_then(|p| p.as_u64());
-        if let (Some(name), Some(packets)) = (name, packets) {
-            out.insert(name.to_string(), packets);
+    let sets = items.iter().filter_map(|i| i.get("set")).filter(|s| {
+        matches!(
+            s.get("name").and_then(|n| n.as_str()),
+            Some("seen4" | "seen6")
+        )
+    });
+    for set in sets {
+        let elements = set.get("elem").and_then(|e| e.as_array());
+        for elem in elements.into_iter().flatten().filter_map(|e| e.get("elem")) {
+            let packets = elem
+                .get("counter")
+                .and_then(|c| c.get("packets"))
+                .and_then(|p| p.as_u64());
+            if let (Some(key), Some(packets)) = (element(elem.get("val")), packets) {
+                out.insert(key, packets);
+            }
         }
     }
     out
+}
+
+/// `{"concat": [address, protocol, port]}` as the table writes the element.
+fn element(val: Option<&serde_json::Value>) -> Option<String> {
+    let parts = val?.get("concat")?.as_array()?;
+    let [ip, proto, port] = parts.as_slice() else {
+        return None;
+    };
+    let ip: IpAddr = ip.as_str()?.parse().ok()?;
+    let port = match port {
+        serde_json::Value::Number(n) => n.as_u64()?,
+        other => other.as_str()?.parse().ok()?,
+    };
+    Some(format!("{ip} . {} . {port}", proto.as_str()?))
 }
 
 /// What the table counted since the last read, per counter: a counter only grows while it
@@ -71,11 +99,22 @@ mod tests {
 
     const LISTED: &str = r#"{"nftables": [
         {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
-        {"counter": {"family": "inet", "name": "c_192_0_2_10_tcp_80", "table": "ferry",
-                     "handle": 3, "packets": 7, "bytes": 420}},
-        {"counter": {"family": "inet", "name": "c_192_0_2_11_udp_53", "table": "ferry",
-                     "handle": 4, "packets": 3, "bytes": 180}},
-        {"rule": {"family": "inet", "table": "ferry", "chain": "fe_192_0_2_10_tcp_80",
+        {"set": {"family": "inet", "name": "seen4", "table": "ferry",
+                 "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 3,
+                 "elem": [{"elem": {"val": {"concat": ["192.0.2.10", "tcp", 80]},
+                                    "counter": {"packets": 7, "bytes": 420}}},
+                          {"elem": {"val": {"concat": ["192.0.2.11", "udp", 53]},
+                                    "counter": {"packets": 3, "bytes": 180}}}],
+                 "stmt": [{"counter": null}]}},
+        {"set": {"family": "inet", "name": "seen6", "table": "ferry",
+                 "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 4,
+                 "elem": [{"elem": {"val": {"concat": ["2001:db8:0::10", "tcp", "443"]},
+                                    "counter": {"packets": 2, "bytes": 120}}}]}},
+        {"set": {"family": "inet", "name": "bound4", "table": "ferry",
+                 "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 5,
+                 "elem": [{"elem": {"val": {"concat": ["192.0.2.12", "tcp", 80]},
+                                    "counter": {"packets": 99, "bytes": 9000}}}]}},
+        {"rule": {"family": "inet", "table": "ferry", "chain": "pick4_tcp_2",
                   "handle": 10, "expr": [{"counter": {"packets": 99, "bytes": 9000}}]}}
     ]}"#;
 
@@ -84,12 +123,16 @@ mod tests {
     }
 
     #[test]
-    fn only_named_counters_are_counted() {
+    fn only_the_elements_of_the_seen_sets_are_counted() {
         assert_eq!(
-            named_counts(LISTED),
-            counts(&[("c_192_0_2_10_tcp_80", 7), ("c_192_0_2_11_udp_53", 3)])
+            seen_counts(LISTED),
+            counts(&[
+                ("192.0.2.10 . tcp . 80", 7),
+                ("192.0.2.11 . udp . 53", 3),
+                ("2001:db8::10 . tcp . 443", 2),
+            ])
         );
-        assert!(named_counts("not json").is_empty());
+        assert!(seen_counts("not json").is_empty());
     }
 
     #[test]

@@ -106,8 +106,8 @@ pub struct Guard {
 impl Guard {
     /// Whether nftables can hold the guard here.
     pub async fn probe() -> Result<(), KernelError> {
-        kernel::nft(&ruleset(&BTreeSet::new(), &BTreeSet::new(), &[])).await?;
-        kernel::nft(&format!("delete table inet {TABLE}\n")).await
+        crate::nft::run(&ruleset(&BTreeSet::new(), &BTreeSet::new(), &[])).await?;
+        crate::nft::run(&format!("delete table inet {TABLE}\n")).await
     }
 
     /// Replaces the table (nothing to do when unchanged).
@@ -121,7 +121,7 @@ impl Guard {
         if self.applied.as_deref() == Some(script.as_str()) {
             return Ok(());
         }
-        kernel::nft(&script).await?;
+        crate::nft::run(&script).await?;
         self.applied = Some(script);
         Ok(())
     }
@@ -129,7 +129,7 @@ impl Guard {
     /// Removes the table.
     pub async fn clear(&mut self) -> Result<(), KernelError> {
         self.applied = None;
-        kernel::nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).await
+        crate::nft::run(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).await
     }
 }
 

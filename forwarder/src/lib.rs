@@ -24,6 +24,7 @@ pub mod liveness;
 pub mod membership;
 pub mod metrics;
 pub mod neighbour;
+pub mod nft;
 pub mod plan;
 pub mod planner;
 pub mod proxy_protocol;
