@@ -7,7 +7,8 @@ RUN cargo build --release --locked -p ferry-operator -p ferry-forwarder -p ferry
     && cp target/release/ferry-operator target/release/ferry-forwarder target/release/ferry target/release/kubectl-ferry /usr/local/bin/
 
 FROM debian:bookworm-slim
-# nft programs the kernel data plane; CA certificates for the cloud APIs.
+# nft and its library (libnftables, which the forwarder loads to keep one context open)
+# program the kernel data plane; CA certificates for the cloud APIs.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends nftables ca-certificates \
     && rm -rf /var/lib/apt/lists/*

@@ -25,8 +25,9 @@
 //! of elements alone, and the table holds a handful of chains however many frontends there
 //! are: nft lists every chain and named object of the table before each transaction, so a
 //! chain and a named counter per frontend made every change grow with the number of VIPs
-//! (38.6 ms for one change among 4,000 frontends, against 19.6 ms with shared chains,
-//! 2026-12-04). Source ranges and affinity give a frontend its own chain, `fe_<identity>`;
+//! (47.7 ms for one change among 4,000 frontends, against 19.6 ms with shared chains, on
+//! 2026-12-04). Changes run on a libnftables context kept open (`nft::Session`), and the
+//! frontends that differ are found by fingerprint: 3.8 ms (docs/results.md). Source ranges and affinity give a frontend its own chain, `fe_<identity>`;
 //! backends on differing ports, and affinity, add a chain per backend.
 //! Affinity keeps a set of recent clients per backend whose elements expire after the
 //! Service's timeout (refreshed by each new connection), so a returning client goes back to
