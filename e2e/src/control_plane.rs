@@ -71,9 +71,47 @@ pub struct ControlPlane {
     apiserver: Child,
 }
 
-/// A free TCP port on loopback (racy by nature; the window is milliseconds).
+/// A free TCP port on loopback for a server a test starts. It is below the kernel's
+/// ephemeral range, so no outgoing connection takes it as its source port between this check
+/// and the server's bind (which made etcd fail with "address already in use" in CI), below
+/// Kubernetes' NodePort range (30000–32767, which tests listen on), and never the same twice
+/// in one process, so tests running side by side do not pick one port.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    const LOW: u32 = 20_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static START: OnceLock<u32> = OnceLock::new();
+    let high = ephemeral_low().unwrap_or(32_768).min(30_000);
+    if high <= LOW + 1_000 {
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = high - LOW;
+    // Test binaries run one after another; a start of their own keeps one binary from
+    // walking into ports an earlier one's leftovers may still hold.
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos) % span
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(port) = u16::try_from(LOW + (start + n) % span) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port below the ephemeral range",
+    ))
+}
+
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_low() -> Option<u32> {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// Makes the child get SIGKILL when the thread that spawned it exits, so test processes never
