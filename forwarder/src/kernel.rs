@@ -754,7 +754,7 @@ pub fn changes(
     old: &BTreeMap<Identity, Cow<'_, Frontend>>,
     new: &BTreeMap<Identity, Cow<'_, Frontend>>,
 ) -> Option<String> {
-    transaction(old, new, differing(old, new))
+    transaction(old, new, &differing(old, new))
 }
 
 /// The frontends of `old` and `new` that differ (added, removed or changed).
@@ -817,7 +817,7 @@ fn differing_fingerprints(old: &[(Identity, u64)], new: &[(Identity, u64)]) -> V
 fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     old: &BTreeMap<Identity, A>,
     new: &BTreeMap<Identity, B>,
-    differ: Vec<Identity>,
+    differ: &[Identity],
 ) -> Option<String> {
     let old_of = |k: &Identity| old.get(k).map(Borrow::borrow);
     let new_of = |k: &Identity| new.get(k).map(Borrow::borrow);
@@ -835,7 +835,7 @@ fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     }
     let mut shapes_before = BTreeSet::new();
     let mut shapes_after = BTreeSet::new();
-    for key in &differ {
+    for key in differ {
         let before = old_of(key).map(objects);
         let after = new_of(key).map(objects);
         shapes_before.extend(before.as_ref().and_then(|o| o.shape));
@@ -1107,7 +1107,7 @@ impl Kernel {
         let fingerprints: Vec<(Identity, u64)> =
             wanted.iter().map(|(k, f)| (*k, fingerprint(f))).collect();
         let differ = differing_fingerprints(&self.fingerprints, &fingerprints);
-        let Some(script) = transaction(in_place, &wanted, differ.clone()) else {
+        let Some(script) = transaction(in_place, &wanted, &differ) else {
             return self.replace(owned(wanted)).await;
         };
         if script.is_empty() {
@@ -1879,9 +1879,9 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
         );
     }
 
-    #[test]
-    fn a_change_touches_only_the_frontend_that_changed() {
-        let many: Vec<Frontend> = (1..=50)
+    /// `n` frontends `192.0.2.<i>:80`, each with the same two backends.
+    fn many(n: u8) -> Vec<Frontend> {
+        (1..=n)
             .map(|i| {
                 frontend(
                     &format!("192.0.2.{i}"),
@@ -1890,7 +1890,12 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
                     &["10.0.0.1:30080", "10.0.0.2:30080"],
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_change_touches_only_the_frontend_that_changed() {
+        let many = many(50);
         let mut changed = many.clone();
         changed[7].backends = vec!["10.0.0.1:30090".parse().unwrap()];
         let script = changes(&by_identity(&many), &by_identity(&changed)).unwrap();
@@ -1950,16 +1955,7 @@ print(f"ok={ok} failed={failed} held_ok={held_ok} held_failed={held_failed}", fl
 
     #[test]
     fn fingerprints_find_the_frontends_a_comparison_finds() {
-        let many: Vec<Frontend> = (1..=20)
-            .map(|i| {
-                frontend(
-                    &format!("192.0.2.{i}"),
-                    80,
-                    Protocol::Tcp,
-                    &["10.0.0.1:30080", "10.0.0.2:30080"],
-                )
-            })
-            .collect();
+        let many = many(20);
         let mut other = many.clone();
         other.remove(0);
         other[4].backends.pop();
