@@ -234,6 +234,34 @@ fn the_bundle_is_off_by_default_and_valid_when_on() {
         "{nearly_full:?}"
     );
 
+    // Peers unheard are an alert only where heartbeats are on, naming the port to open.
+    let named_alert = |spec: &Value, name: &str| {
+        rules(spec)
+            .into_iter()
+            .find(|r| r["alert"].as_str() == Some(name))
+            .cloned()
+    };
+    let unheard = named_alert(
+        &rendered_rules(&["forwarder.peerPort=9555"]),
+        "FerryPeersUnheard",
+    )
+    .expect("FerryPeersUnheard with heartbeats on");
+    assert!(
+        unheard["annotations"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("UDP port 9555"),
+        "{unheard:?}"
+    );
+    assert!(
+        named_alert(
+            &rendered_rules(&["forwarder.peerPort=0"]),
+            "FerryPeersUnheard"
+        )
+        .is_none(),
+        "no heartbeats, no alert for peers never heard"
+    );
+
     // Without the forwarder (a cloud provider) there is nothing of it to scrape.
     let mut set = BUNDLE_ON.to_vec();
     set.extend(["provider=aws", "clusterId=c1"]);
