@@ -5,7 +5,8 @@
 //!
 //! direct (no proxy), nftables DNAT written by hand, HAProxy (TCP mode), nginx stream, socat,
 //! ferry's kernel path and ferry's userspace path (the real forwarder, driven by the real
-//! control plane and operator). Figures: single-stream iperf3 throughput, wrk requests/s on 32
+//! control plane and operator), and the floor proxy (`ferry-bench-floor-proxy`: the least a
+//! proxy can do per connection, the yardstick for how far ahead of HAProxy a proxy can be). Figures: single-stream iperf3 throughput, wrk requests/s on 32
 //! keep-alive connections, and new connections/s (wrk with `Connection: close`).
 //!
 //! Then VIP failover: three nodes with forwarders at default settings, the owner cut off the
@@ -68,10 +69,11 @@ enum Variant {
     Socat,
     FerryKernel,
     FerryUserspace,
+    Floor,
 }
 
 impl Variant {
-    const ALL: [Variant; 7] = [
+    const ALL: [Variant; 8] = [
         Variant::Direct,
         Variant::Nftables,
         Variant::Haproxy,
@@ -79,14 +81,16 @@ impl Variant {
         Variant::Socat,
         Variant::FerryKernel,
         Variant::FerryUserspace,
+        Variant::Floor,
     ];
     /// The order of measurement: each ferry path right after the path it is compared with.
-    const MEASURED: [Variant; 7] = [
+    const MEASURED: [Variant; 8] = [
         Variant::Direct,
         Variant::FerryKernel,
         Variant::Nftables,
         Variant::Haproxy,
         Variant::FerryUserspace,
+        Variant::Floor,
         Variant::Nginx,
         Variant::Socat,
     ];
@@ -110,6 +114,7 @@ impl Variant {
             Variant::Socat => "socat",
             Variant::FerryKernel => "ferry kernel",
             Variant::FerryUserspace => "ferry userspace",
+            Variant::Floor => "floor proxy",
         }
     }
 }
@@ -482,6 +487,20 @@ async fn throughput(
     };
     let _socat_iperf = socat(35201, IPERF_PORT, "socat-iperf")?;
     let _socat_http = socat(38080, HTTP_PORT, "socat-http")?;
+    let floor = in_ns(
+        &dir,
+        node_ns,
+        "floor-proxy",
+        &ferry_e2e::operator::binary("ferry-bench-floor-proxy")?
+            .display()
+            .to_string(),
+        vec![
+            "--route".into(),
+            format!("{node_ip}:45201,127.0.0.1:{IPERF_PORT}"),
+            "--route".into(),
+            format!("{node_ip}:48080,127.0.0.1:{HTTP_PORT}"),
+        ],
+    )?;
 
     // ferry: a Service whose ports reach the same NodePorts.
     let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");
@@ -501,6 +520,7 @@ async fn throughput(
         (node_ip.as_str(), 18080),
         (node_ip.as_str(), 28080),
         (node_ip.as_str(), 38080),
+        (node_ip.as_str(), 48080),
     ] {
         wait_port(client, format!("{ip}:{port}").parse()?)?;
     }
@@ -554,6 +574,7 @@ async fn throughput(
                 Variant::Haproxy => (node_ip.clone(), 15201, 18080),
                 Variant::Nginx => (node_ip.clone(), 25201, 28080),
                 Variant::Socat => (node_ip.clone(), 35201, 38080),
+                Variant::Floor => (node_ip.clone(), 45201, 48080),
                 Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
             };
             if *variant == Variant::FerryKernel {
@@ -563,6 +584,7 @@ async fn throughput(
             let proxy = match variant {
                 Variant::Haproxy => haproxy.pid(),
                 Variant::FerryUserspace => forwarder.pid(),
+                Variant::Floor => floor.pid(),
                 _ => None,
             };
             // Let the previous path's closed connections leave conntrack.
@@ -808,6 +830,12 @@ fn main() -> anyhow::Result<()> {
         ratio(Variant::FerryUserspace, Variant::Haproxy, cps)
     );
     println!(
+        "| floor proxy / HAProxy (the most a proxy can lead by here) | {} | {} | {} | — |",
+        ratio(Variant::Floor, Variant::Haproxy, gb),
+        ratio(Variant::Floor, Variant::Haproxy, rps),
+        ratio(Variant::Floor, Variant::Haproxy, cps)
+    );
+    println!(
         "| ferry kernel / direct | {} | {} | {} | throughput ≥ 0.97 |",
         ratio(Variant::FerryKernel, Variant::Direct, gb),
         ratio(Variant::FerryKernel, Variant::Direct, rps),
@@ -839,7 +867,7 @@ fn main() -> anyhow::Result<()> {
         "| proxy CPU, all threads, µs (median of the runs) | per request, keep-alive | of which user | per new connection | of which user | of which system |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    for v in [Variant::Haproxy, Variant::FerryUserspace] {
+    for v in [Variant::Haproxy, Variant::FerryUserspace, Variant::Floor] {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             v.name(),
