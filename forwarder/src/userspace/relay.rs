@@ -1,27 +1,49 @@
-//! Copies bytes both ways between a client and a backend connection, bounded in time and
-//! memory. Data is read into one scratch buffer per data-plane thread and sent on at once; a
-//! direction holds a buffer of its own only for what the receiver could not take yet, so ten
-//! thousand connections cost sockets and small tasks, not buffers, and the usual message costs
-//! no allocation at all. Each direction's end is passed on as a half-close. Bytes sent are
-//! counted on the connection's `Watch`, from which the listener's watchdog closes connections
-//! idle in both directions, or half-closed and quiet, for too long (a write the peer does not
-//! drain moves nothing, so it counts as quiet too).
+//! One relayed TCP connection, a state machine its thread's event loop (`engine`) drives with
+//! the readiness epoll reports: connect to a backend (the next one on failure, three tries at
+//! most, each within the connect timeout), send what must go first (the PROXY v2 header, and
+//! whatever the client has sent already), then move bytes both ways until both sides are
+//! done, passing each direction's end on as a half-close.
+//!
+//! Data in hand at connect time saves a packet: the connect asks for the handshake's last
+//! ACK to be held (TCP_QUICKACK off) and it leaves with that data's first segment, which also
+//! hands the backend its connection and its first bytes in one go (HAProxy's
+//! `tcp-smart-connect`).
+//!
+//! Bytes are read into the thread's one scratch buffer and sent on at once; a direction holds
+//! a buffer of its own only for what the receiver could not take yet, so ten thousand idle
+//! connections cost sockets, not buffers. A read that fills the scratch buffer is a bulk
+//! transfer, which then moves through a pipe with splice(2), never crossing into user space.
+//! A read that does not fill it emptied the socket, and epoll (edge-triggered) reports the
+//! next data: no call is made only to hear EAGAIN. The last data before a FIN is corked
+//! (MSG_MORE) so that it and the FIN leave in one packet, as HAProxy does.
+//!
+//! Timeouts come from the loop's sweep (`sweep`), not from a timer per connection: a
+//! connection quiet in both directions for the idle timeout, or with one direction finished
+//! and nothing moving for the half-close timeout, is closed (a write the peer does not drain
+//! moves nothing, so it counts as quiet too).
 
-use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use socket2::SockRef;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use socket2::{Domain, Socket, Type};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
 
-use super::splice;
-use super::watchdog::Watch;
+use super::Shared;
+use super::epoll::{self, Epoll};
+use super::fairness::Held;
+use super::splice::{self, PIPE_SIZE, Pipe};
+use crate::plan::Frontend;
+use crate::proxy_protocol;
 
-/// Bytes read per wake-up at most.
-const CHUNK: usize = 64 * 1024;
+/// Bytes read per call at most; a read this long switches its direction to splice.
+pub(super) const CHUNK: usize = 64 * 1024;
+
+/// Backends tried for one connection before giving up on it.
+const CONNECT_TRIES: usize = 3;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -31,413 +53,445 @@ pub struct Timeouts {
     pub half_close: Duration,
 }
 
-/// How a relayed connection ended.
+/// The sides of a connection, as indexes of its per-side arrays and low bit of its tokens.
+pub(super) const CLIENT: usize = 0;
+pub(super) const BACKEND: usize = 1;
+
+/// What a connection holds while it lives: its place in the node's limit and its Service's
+/// count of places.
+pub(super) type Place = (OwnedSemaphorePermit, Held);
+
+/// Whether a connection goes on after an event or a sweep.
 #[derive(Debug, PartialEq, Eq)]
-pub enum End {
-    /// Both sides finished.
-    Closed,
-    /// Idle or half-closed for too long.
-    TimedOut,
+pub(super) enum Step {
+    Open,
+    Done,
 }
 
-/// Relays until both directions end, an error occurs, or `watch` expires; returns the bytes
-/// moved (client → backend, backend → client) and how it ended.
-pub async fn relay(
-    client: TcpStream,
-    backend: TcpStream,
-    watch: &Watch,
-) -> io::Result<(u64, u64, End)> {
-    // Both directions borrow the two sockets (tokio waits for reading and for writing one
-    // socket independently), so a connection costs no split halves.
-    let up = pump(&client, &backend, &watch.up, watch);
-    let down = pump(&backend, &client, &watch.down, watch);
-    tokio::pin!(up, down);
-    let moved = || {
-        (
-            watch.up.load(Ordering::Relaxed),
-            watch.down.load(Ordering::Relaxed),
-        )
-    };
-    // Both directions until one finishes (it marks the watch half-closed); then the other.
-    let up_finished = tokio::select! {
-        r = &mut up => { r?; true }
-        r = &mut down => { r?; false }
-        _ = watch.expired() => {
-            let (u, d) = moved();
-            return Ok((u, d, End::TimedOut));
-        }
-    };
-    let rest = if up_finished { &mut down } else { &mut up };
-    let end = tokio::select! {
-        r = rest => { r?; End::Closed }
-        _ = watch.expired() => End::TimedOut,
-    };
-    let (u, d) = moved();
-    Ok((u, d, end))
-}
-
-/// Reads what `from` has into `buf`'s spare capacity. A read that does not fill the buffer
-/// emptied the socket, so it also clears tokio's readiness for it (through `try_io`): the
-/// next wait goes straight to the poller instead of costing a `recv` that says EAGAIN, one
-/// system call saved per message in each direction.
-fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let fd = stream.as_raw_fd();
-    let mut got = 0;
-    let result = stream.try_io(Interest::READABLE, || {
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: recv writes at most `spare.len()` bytes into memory `buf` owns.
-        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got = n as usize;
-        if got > 0 && got < spare.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(())
-        }
-    });
-    if got > 0 {
-        // SAFETY: recv initialised `got` bytes past the current length.
-        unsafe { buf.set_len(buf.len() + got) };
-        return Ok(got);
-    }
-    result.map(|()| 0)
-}
-
-thread_local! {
-    /// Where every connection on this thread reads into. Each data-plane thread runs one
-    /// current-thread runtime and a borrow never spans an await, so one buffer serves all.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(CHUNK));
-}
-
-/// Sends what `to` takes of `buf` now, without waiting: the bytes sent (0 when its buffer is
-/// full). With `corked`, MSG_MORE holds the last segment back for the FIN that follows, so a
-/// response and its end leave in one packet (one packet and one ACK less per short-lived
-/// connection, as HAProxy does).
-fn try_send(stream: &TcpStream, buf: &[u8], corked: bool) -> io::Result<usize> {
-    let fd = stream.as_raw_fd();
-    let flags = libc::MSG_NOSIGNAL | if corked { libc::MSG_MORE } else { 0 };
-    let sent = stream.try_io(Interest::WRITABLE, || {
-        // SAFETY: send reads at most `buf.len()` bytes from memory `buf` borrows.
-        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    });
-    match sent {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
-/// Sends all of `buf`, waiting for room as needed, counting into `moved` as it goes.
-async fn send_all(
-    to: &TcpStream,
-    mut buf: &[u8],
-    corked: bool,
-    moved: &AtomicU64,
-) -> io::Result<()> {
-    while !buf.is_empty() {
-        to.writable().await?;
-        let n = try_send(to, buf, corked)?;
-        moved.fetch_add(n as u64, Ordering::Relaxed);
-        buf = &buf[n..];
-    }
-    Ok(())
-}
-
-/// Passes the end of one direction on: a half-close, or nothing when the other direction has
-/// already finished (closing both sockets right after sends the same FIN, without a system
-/// call).
-fn finish(to: &TcpStream, watch: &Watch) {
-    if !watch.finish_direction() {
-        // A socket the peer has already reset has nothing left to tell it.
-        let _ = SockRef::from(to).shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// One read and the send that follows it.
-enum Step {
+/// One direction: bytes read from one side and sent to the other.
+#[derive(Default)]
+struct Direction {
+    /// What the receiver has not taken yet.
+    pending: Vec<u8>,
+    /// Once the direction moves bulk data: the pipe and the bytes in it.
+    pipe: Option<Pipe>,
+    in_pipe: usize,
     /// The sender has finished.
-    End,
-    /// Nothing more to read for now.
-    Drained,
-    /// `n` bytes read, `sent` of them sent on; `rest` is what the receiver did not take yet.
-    Moved {
-        n: usize,
-        sent: usize,
-        last: bool,
-        rest: Option<Vec<u8>>,
-    },
+    ended: bool,
+    /// Its end has been passed on.
+    passed: bool,
+    /// Bytes sent on.
+    moved: u64,
 }
 
-/// Relays the rest of one direction through `pipe` until its sender finishes.
-async fn spliced(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe: splice::Pipe,
-    moved: &AtomicU64,
-    watch: &Watch,
-) -> io::Result<()> {
-    loop {
-        let n = splice::fill(from, &pipe).await?;
-        if n == 0 {
-            finish(to, watch);
-            return Ok(());
-        }
-        splice::drain(&pipe, to, n, moved).await?;
+/// A connect under way.
+struct Connecting {
+    started: Instant,
+    /// Backends that failed for this connection.
+    failed: Vec<SocketAddr>,
+}
+
+pub(super) struct Conn {
+    /// The engine's listener it came from (its connections close with it).
+    pub(super) listener: u64,
+    shared: Arc<Shared>,
+    /// The plan as it was when the connection was accepted.
+    frontend: Arc<Frontend>,
+    peer: SocketAddr,
+    fds: [OwnedFd; 2],
+    backend: SocketAddr,
+    connecting: Option<Connecting>,
+    /// Readiness as epoll last reported it, until a call finds it gone.
+    readable: [bool; 2],
+    writable: [bool; 2],
+    /// The side has finished sending (EPOLLRDHUP): its next short read is its last data.
+    closing: [bool; 2],
+    /// Client → backend, backend → client.
+    dirs: [Direction; 2],
+    /// Counted as open in the metrics (once connected).
+    opened: bool,
+    /// Bytes moved at the last sweep that saw a change, and when.
+    quiet: (u64, Instant),
+    _place: Place,
+}
+
+/// A connect begun: the socket, and whether it is already established.
+fn start_connect(addr: SocketAddr, hold_ack: bool) -> io::Result<(OwnedFd, bool)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    if hold_ack {
+        socket.set_tcp_quickack(false)?;
+    }
+    let done = match socket.connect(&addr.into()) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
+        Err(e) => return Err(e),
+    };
+    Ok((socket.into(), done))
+}
+
+/// What `fd` has now, up to `buf.len()`, without waiting: `None` when nothing is there.
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    match usize::try_from(n) {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            e => Err(e),
+        },
     }
 }
 
-/// Copies one direction until its sender finishes (passing the half-close on) or fails.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &AtomicU64,
-    watch: &Watch,
-) -> io::Result<()> {
-    loop {
-        // Wait for data. The readiness also tells whether the sender has finished
-        // (EPOLLRDHUP), so the last data can go out with the FIN.
-        let ready = from.ready(Interest::READABLE).await?;
-        let closing = ready.is_read_closed();
+/// What `fd` takes of `buf` now (0 when its buffer is full). With `corked`, MSG_MORE holds
+/// the last segment back for the FIN that follows.
+fn send(fd: RawFd, buf: &[u8], corked: bool) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | if corked { libc::MSG_MORE } else { 0 };
+    // SAFETY: send reads at most `buf.len()` bytes from memory `buf` borrows.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+    match usize::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            e => Err(e),
+        },
+    }
+}
+
+impl Conn {
+    /// Starts relaying an accepted client: reads what it has sent already, connects to a
+    /// backend and registers both sockets under `token` (the side is its low bit). `None`
+    /// when no backend could be reached at once (the client is closed).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn open(
+        listener: u64,
+        client: OwnedFd,
+        peer: SocketAddr,
+        frontend: Arc<Frontend>,
+        shared: Arc<Shared>,
+        place: Place,
+        epoll: &Epoll,
+        token: u64,
+        scratch: &mut [u8],
+        now: Instant,
+    ) -> Option<Conn> {
+        let mut first = Vec::new();
+        if frontend.proxy_protocol {
+            let vip = SocketAddr::new(frontend.vip, frontend.port);
+            first.extend_from_slice(&proxy_protocol::header(peer, vip));
+        }
+        // What the client has sent already (usually the whole request) leaves with the
+        // backend handshake's last ACK; the rest is relayed as usual.
+        let early = scratch.get_mut(..4096).unwrap_or_default();
+        if let Ok(Some(n)) = recv(client.as_raw_fd(), early) {
+            first.extend_from_slice(early.get(..n).unwrap_or_default());
+        }
+        let mut connecting = Connecting {
+            started: now,
+            failed: Vec::new(),
+        };
+        let (backend, fd, done) = connect_next(&frontend, &shared, peer, &mut connecting, &first)?;
+        let conn = Conn {
+            listener,
+            shared,
+            frontend,
+            peer,
+            fds: [client, fd],
+            backend,
+            connecting: (!done).then_some(connecting),
+            readable: [false; 2],
+            writable: [true, done],
+            closing: [false; 2],
+            dirs: [
+                Direction {
+                    pending: first,
+                    ..Direction::default()
+                },
+                Direction::default(),
+            ],
+            opened: false,
+            quiet: (0, now),
+            _place: place,
+        };
+        for side in [CLIENT, BACKEND] {
+            if let Err(err) = epoll.add(conn.fd(side), token | side as u64) {
+                debug!(error = %err, "cannot watch a connection");
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    fn fd(&self, side: usize) -> RawFd {
+        self.fds.get(side).map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// Handles what epoll reported for `side`, then moves what can be moved.
+    pub(super) fn event(
+        &mut self,
+        side: usize,
+        flags: u32,
+        epoll: &Epoll,
+        token: u64,
+        scratch: &mut [u8],
+        now: Instant,
+    ) -> Step {
+        let (Some(readable), Some(writable), Some(closing)) = (
+            self.readable.get_mut(side),
+            self.writable.get_mut(side),
+            self.closing.get_mut(side),
+        ) else {
+            return Step::Done;
+        };
+        *readable |= flags & (epoll::IN | epoll::RDHUP | epoll::HUP | epoll::ERR) != 0;
+        *writable |= flags & (epoll::OUT | epoll::HUP | epoll::ERR) != 0;
+        *closing |= flags & epoll::RDHUP != 0;
+        if side == BACKEND && self.connecting.is_some() {
+            if flags & (epoll::ERR | epoll::HUP) != 0 {
+                self.readable[BACKEND] = false;
+                return self.retry(epoll, token, now);
+            }
+            if flags & epoll::OUT == 0 {
+                return Step::Open;
+            }
+            self.connecting = None;
+        }
+        self.relay(scratch)
+    }
+
+    /// The connect failed: on to the next backend, if any is left to try.
+    fn retry(&mut self, epoll: &Epoll, token: u64, now: Instant) -> Step {
+        self.shared.metrics.connect_failed();
+        debug!(backend = %self.backend, "backend could not be reached");
+        let Some(connecting) = self.connecting.as_mut() else {
+            return Step::Done;
+        };
+        connecting.failed.push(self.backend);
+        connecting.started = now;
+        let first = &self.dirs[CLIENT].pending;
+        let Some((backend, fd, done)) =
+            connect_next(&self.frontend, &self.shared, self.peer, connecting, first)
+        else {
+            return Step::Done;
+        };
+        if let Err(err) = epoll.add(fd.as_raw_fd(), token | BACKEND as u64) {
+            debug!(error = %err, "cannot watch a connection");
+            return Step::Done;
+        }
+        // The failed socket closes here, which also takes it out of epoll.
+        self.fds[BACKEND] = fd;
+        self.backend = backend;
+        (self.readable[BACKEND], self.writable[BACKEND]) = (false, done);
+        if done {
+            self.connecting = None;
+        }
+        Step::Open
+    }
+
+    /// Moves what can be moved in both directions.
+    fn relay(&mut self, scratch: &mut [u8]) -> Step {
+        if self.connecting.is_some() {
+            return Step::Open;
+        }
+        if !self.opened {
+            self.opened = true;
+            self.shared.metrics.opened();
+        }
+        for d in [CLIENT, BACKEND] {
+            if let Err(err) = self.pump(d, scratch) {
+                debug!(client = %self.peer, backend = %self.backend, error = %err, "connection ended");
+                return Step::Done;
+            }
+        }
+        if self.dirs.iter().all(|d| d.passed) {
+            Step::Done
+        } else {
+            Step::Open
+        }
+    }
+
+    /// Direction `d`: from side `d` to the other.
+    fn pump(&mut self, d: usize, scratch: &mut [u8]) -> io::Result<()> {
+        let (from, to) = (d, 1 - d);
+        let (from_fd, to_fd) = (self.fd(from), self.fd(to));
+        let other_passed = self.dirs.get(to).is_some_and(|o| o.passed);
+        let (Some(dir), Some(readable), Some(writable), Some(closing)) = (
+            self.dirs.get_mut(d),
+            self.readable.get_mut(from),
+            self.writable.get_mut(to),
+            self.closing.get(from),
+        ) else {
+            return Ok(());
+        };
         loop {
-            let step = SCRATCH.with_borrow_mut(|buf| -> io::Result<Step> {
-                buf.clear();
-                let n = match read_some(from, buf) {
-                    Ok(0) => return Ok(Step::End),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Drained),
-                    Err(e) => return Err(e),
-                };
-                // A short read after the sender's FIN drained the socket: this is the
-                // direction's last data.
-                let last = n < CHUNK && closing;
-                let sent = try_send(to, buf, last)?;
-                Ok(Step::Moved {
-                    n,
-                    sent,
-                    last,
-                    rest: (sent < n).then(|| buf[sent..].to_vec()),
-                })
-            })?;
-            match step {
-                Step::End => {
-                    finish(to, watch);
+            // What the receiver has not taken yet goes first.
+            if dir.in_pipe > 0 {
+                if !*writable {
                     return Ok(());
                 }
-                Step::Drained => break,
-                Step::Moved {
-                    n,
-                    sent,
-                    last,
-                    rest,
-                } => {
-                    moved.fetch_add(sent as u64, Ordering::Relaxed);
-                    if let Some(rest) = rest {
-                        send_all(to, &rest, last, moved).await?;
-                    }
-                    if last {
-                        finish(to, watch);
-                        return Ok(());
-                    }
-                    if n < CHUNK {
-                        // Drained: wait for more rather than asking again.
-                        break;
-                    }
-                    // A full buffer: a bulk transfer, which splice moves without copying.
-                    if let Some(pipe) = splice::Pipe::new() {
-                        return spliced(from, to, pipe, moved, watch).await;
-                    }
+                let Some(pipe) = &dir.pipe else {
+                    return Ok(());
+                };
+                let sent = match splice::splice(pipe.read(), to_fd, dir.in_pipe) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                };
+                dir.moved += sent as u64;
+                dir.in_pipe -= sent;
+                if dir.in_pipe > 0 {
+                    *writable = false;
+                    return Ok(());
                 }
             }
+            if !dir.pending.is_empty() {
+                if !*writable {
+                    return Ok(());
+                }
+                let sent = send(to_fd, &dir.pending, false)?;
+                dir.moved += sent as u64;
+                dir.pending.drain(..sent);
+                if !dir.pending.is_empty() {
+                    *writable = false;
+                    return Ok(());
+                }
+            }
+            if dir.ended {
+                if !dir.passed {
+                    dir.passed = true;
+                    // When the other direction is done too, closing both sockets sends the
+                    // same FIN without a call. A socket its peer has reset has nothing left
+                    // to be told.
+                    if !other_passed {
+                        // SAFETY: shutdown on a socket this connection owns.
+                        unsafe { libc::shutdown(to_fd, libc::SHUT_WR) };
+                    }
+                }
+                return Ok(());
+            }
+            if !*readable {
+                return Ok(());
+            }
+            if let Some(pipe) = &dir.pipe {
+                match splice::splice(from_fd, pipe.write(), PIPE_SIZE) {
+                    Ok(0) => dir.ended = true,
+                    // A short move does not say the socket is empty: the pipe may have run
+                    // out of slots first. Only EAGAIN does.
+                    Ok(n) => dir.in_pipe = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        *readable = false;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            let Some(n) = recv(from_fd, scratch)? else {
+                *readable = false;
+                return Ok(());
+            };
+            if n == 0 {
+                dir.ended = true;
+                continue;
+            }
+            let data = scratch.get(..n).unwrap_or_default();
+            // A short read after the sender's FIN emptied the socket: this is the
+            // direction's last data.
+            let last = n < CHUNK && *closing;
+            if n < CHUNK {
+                *readable = false;
+            }
+            let sent = if *writable {
+                send(to_fd, data, last)?
+            } else {
+                0
+            };
+            dir.moved += sent as u64;
+            if sent < n {
+                *writable = false;
+                dir.pending
+                    .extend_from_slice(data.get(sent..).unwrap_or_default());
+            }
+            if last {
+                dir.ended = true;
+            } else if n == CHUNK && dir.pipe.is_none() {
+                // A full buffer: a bulk transfer, which splice moves without copying.
+                dir.pipe = Pipe::new();
+            }
+        }
+    }
+
+    /// The sweep's look at this connection: its connect or its quiet time past their limits.
+    pub(super) fn sweep(
+        &mut self,
+        now: Instant,
+        connect_timeout: Duration,
+        timeouts: Timeouts,
+        epoll: &Epoll,
+        token: u64,
+    ) -> Step {
+        if let Some(connecting) = &self.connecting {
+            if now.saturating_duration_since(connecting.started) >= connect_timeout {
+                return self.retry(epoll, token, now);
+            }
+            return Step::Open;
+        }
+        let moved = self.dirs.iter().map(|d| d.moved).sum::<u64>();
+        if moved != self.quiet.0 {
+            self.quiet = (moved, now);
+            return Step::Open;
+        }
+        let limit = if self.dirs.iter().any(|d| d.ended) {
+            timeouts.half_close.min(timeouts.idle)
+        } else {
+            timeouts.idle
+        };
+        if now.saturating_duration_since(self.quiet.1) >= limit {
+            debug!(client = %self.peer, backend = %self.backend, "connection timed out");
+            self.shared.metrics.timed_out();
+            return Step::Done;
+        }
+        Step::Open
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.opened {
+            self.shared.metrics.closed();
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::userspace::watchdog::Watchdog;
-    use std::time::Instant;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    /// A connected pair of streams over loopback.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    /// Relays under a watchdog swept as a listener sweeps it.
-    async fn watched_relay(
-        client: TcpStream,
-        backend: TcpStream,
-        timeouts: Timeouts,
-    ) -> io::Result<(u64, u64, End)> {
-        let mut dog = Watchdog::new(timeouts);
-        let watch = dog.watch();
-        let period = dog.period();
-        let sweeper = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                dog.sweep(Instant::now());
-            }
-        });
-        let result = relay(client, backend, &watch).await;
-        sweeper.abort();
-        result
-    }
-
-    fn timeouts(idle_ms: u64, half_ms: u64) -> Timeouts {
-        Timeouts {
-            idle: Duration::from_millis(idle_ms),
-            half_close: Duration::from_millis(half_ms),
+/// Connects to the next backend the balancer picks for `peer` (skipping those that failed),
+/// until one connect starts or the tries are spent; counts each failure.
+fn connect_next(
+    frontend: &Frontend,
+    shared: &Shared,
+    peer: SocketAddr,
+    connecting: &mut Connecting,
+    first: &[u8],
+) -> Option<(SocketAddr, OwnedFd, bool)> {
+    while connecting.failed.len() < CONNECT_TRIES {
+        let addr = shared.balancer.pick(
+            peer.ip(),
+            &frontend.backends,
+            &connecting.failed,
+            Instant::now(),
+        )?;
+        match start_connect(addr, !first.is_empty()) {
+            Ok((fd, done)) => return Some((addr, fd, done)),
+            Err(err) => debug!(%addr, error = %err, "backend could not be reached"),
         }
+        shared.metrics.connect_failed();
+        connecting.failed.push(addr);
     }
+    debug!(client = %peer, service = %frontend.service, "no backend could be reached");
+    None
+}
 
-    #[tokio::test]
-    async fn bytes_flow_both_ways_and_half_closes_pass_through() {
-        let (mut client, proxy_client) = pair().await;
-        let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(watched_relay(
-            proxy_client,
-            proxy_backend,
-            timeouts(5000, 5000),
-        ));
-        client.write_all(b"request").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        backend.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"request");
-        // The backend answers after the client's half-close, then closes.
-        let big = vec![7u8; 1 << 20];
-        backend.write_all(&big).await.unwrap();
-        backend.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
-        assert_eq!(answer.len(), big.len());
-        let (up, down, end) = relay.await.unwrap().unwrap();
-        assert_eq!((up, down, end), (7, 1 << 20, End::Closed));
-    }
-
-    #[tokio::test]
-    async fn a_backend_that_answers_and_closes_at_once_still_hears_the_client() {
-        let (mut client, proxy_client) = pair().await;
-        let (proxy_backend, mut backend) = pair().await;
-        // The answer and its FIN are both waiting before the relay looks: they leave together.
-        backend.write_all(b"answer").await.unwrap();
-        backend.shutdown().await.unwrap();
-        let relay = tokio::spawn(watched_relay(
-            proxy_client,
-            proxy_backend,
-            timeouts(5000, 5000),
-        ));
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"answer", "the answer, then the end");
-        // The other direction is still open.
-        client.write_all(b"late").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut late = Vec::new();
-        backend.read_to_end(&mut late).await.unwrap();
-        assert_eq!(late, b"late");
-        let (up, down, end) = relay.await.unwrap().unwrap();
-        assert_eq!((up, down, end), (4, 6, End::Closed));
-    }
-
-    #[tokio::test]
-    async fn a_slow_reader_gets_every_byte_in_order() {
-        let (mut client, proxy_client) = pair().await;
-        let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(watched_relay(
-            proxy_client,
-            proxy_backend,
-            timeouts(10_000, 10_000),
-        ));
-        // Far more than the sockets buffer: the relay must hold what the client cannot take
-        // yet and send it on later, in order.
-        let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            backend.write_all(&sent).await.unwrap();
-            backend.shutdown().await.unwrap();
-            backend
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut got = Vec::with_capacity(data.len());
-        client.read_to_end(&mut got).await.unwrap();
-        assert!(
-            got == data,
-            "{} bytes arrived, {} sent",
-            got.len(),
-            data.len()
-        );
-        drop(client);
-        drop(writer.await.unwrap());
-        let (_, down, _) = relay.await.unwrap().unwrap();
-        assert_eq!(down, data.len() as u64);
-    }
-
-    #[tokio::test]
-    async fn an_idle_connection_is_closed() {
-        let (mut client, proxy_client) = pair().await;
-        let (proxy_backend, _backend) = pair().await;
-        let started = Instant::now();
-        let (_, _, end) = watched_relay(proxy_client, proxy_backend, timeouts(300, 300))
-            .await
-            .unwrap();
-        assert_eq!(end, End::TimedOut);
-        assert!(started.elapsed() >= Duration::from_millis(300));
-        let mut buf = [0u8; 1];
-        assert_eq!(
-            client.read(&mut buf).await.unwrap(),
-            0,
-            "the client sees the close"
-        );
-    }
-
-    #[tokio::test]
-    async fn traffic_in_one_direction_keeps_the_connection_open() {
-        let (client, proxy_client) = pair().await;
-        let (proxy_backend, mut backend) = pair().await;
-        let relay = tokio::spawn(watched_relay(
-            proxy_client,
-            proxy_backend,
-            timeouts(400, 400),
-        ));
-        // The backend streams for 1.2 s while the client says nothing.
-        for _ in 0..12 {
-            backend.write_all(b"tick").await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            !relay.is_finished(),
-            "closed while the backend was still sending"
-        );
-        drop((client, backend));
-        let _ = relay.await;
-    }
-
-    #[tokio::test]
-    async fn a_half_closed_quiet_connection_times_out() {
-        let (mut client, proxy_client) = pair().await;
-        let (proxy_backend, _backend) = pair().await;
-        let started = Instant::now();
-        let relay = tokio::spawn(watched_relay(
-            proxy_client,
-            proxy_backend,
-            timeouts(10_000, 300),
-        ));
-        client.shutdown().await.unwrap();
-        let (_, _, end) = relay.await.unwrap().unwrap();
-        assert_eq!(end, End::TimedOut);
-        assert!(started.elapsed() < Duration::from_secs(5));
-    }
+/// Takes ownership of a descriptor accept4 returned.
+pub(super) fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller passes a descriptor it just got and nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }

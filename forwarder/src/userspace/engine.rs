@@ -1,0 +1,430 @@
+//! The TCP engine of one data-plane thread: its listeners (one per frontend, bound with
+//! SO_REUSEPORT beside the other threads' own) and their connections, on one edge-triggered
+//! epoll the thread's runtime watches. A connection is an entry in a slab, not a task: no
+//! allocation, waker or timer per connection, and no system call the connection does not
+//! need (`relay`). The runtime's I/O driver reports the engine's epoll readable; the engine
+//! then takes every ready event without waiting and hands each to its connection.
+//!
+//! Bounded everywhere: a connection limit shared by all frontends and threads, and fairly
+//! between Services (`fairness`). At the limit a listener holds one client waiting for the
+//! next free place and the kernel's backlog holds the rest; the wait is checked every 20 ms.
+//! Connect, idle and half-close timeouts come from one sweep over the slab, a quarter of the
+//! shortest timeout apart (at most a second), only while there are connections.
+//!
+//! Commands from the control side (`Command`) add and remove listeners; removing one closes
+//! its connections.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::SockAddr;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::warn;
+
+use super::Shared;
+use super::epoll::Epoll;
+use super::relay::{self, Conn, Place, Step, Timeouts};
+use crate::plan::Frontend;
+
+/// How often a client waiting for a place looks again.
+const WAITING_POLL: Duration = Duration::from_millis(20);
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+/// Listener tokens carry this bit; a connection's token is its slot × 2 + its side.
+const LISTENER: u64 = 1 << 62;
+
+pub(super) enum Command {
+    Listen {
+        id: u64,
+        socket: std::net::TcpListener,
+        shared: Arc<Shared>,
+    },
+    Stop(u64),
+}
+
+struct Listening {
+    socket: std::net::TcpListener,
+    shared: Arc<Shared>,
+    /// A client accepted while there was no place for it.
+    waiting: Option<(OwnedFd, SocketAddr)>,
+    /// After accept failed (out of descriptors or memory): when to try again.
+    paused_until: Option<Instant>,
+    accept_errors: u32,
+}
+
+struct Engine<'a> {
+    epoll: &'a Epoll,
+    listeners: HashMap<u64, Listening>,
+    /// Listeners with a client waiting for a place or paused after a failed accept: the
+    /// only ones a tick looks at (a node may have thousands of listeners).
+    stalled: Vec<u64>,
+    conns: Vec<Option<Conn>>,
+    /// Slots free for new connections, and slots freed during the current batch of events
+    /// (reused only after it, so an event still queued for a closed connection's other
+    /// socket cannot reach a new one).
+    free: Vec<usize>,
+    freed: Vec<usize>,
+    open: usize,
+    scratch: Vec<u8>,
+    events: Vec<libc::epoll_event>,
+    limit: Arc<Semaphore>,
+    connect_timeout: Duration,
+    timeouts: Timeouts,
+    period: Duration,
+    last_sweep: Instant,
+}
+
+/// The sweep's period: a quarter of the shortest timeout, between 10 ms and a second.
+fn period(connect: Duration, timeouts: Timeouts) -> Duration {
+    (timeouts.idle.min(timeouts.half_close).min(connect) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Runs the engine until the commands' sender goes (the data plane is dropped).
+pub(super) async fn run(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    limit: Arc<Semaphore>,
+    connect_timeout: Duration,
+    timeouts: Timeouts,
+) {
+    let epoll = Epoll::new().and_then(|epoll| {
+        // SAFETY: `Epoll` owns its descriptor for as long as it lives and always names the
+        // same one.
+        unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+    });
+    let epoll = match epoll {
+        Ok(epoll) => epoll,
+        Err(err) => {
+            warn!(error = %err, "cannot start the TCP engine");
+            return;
+        }
+    };
+    let mut engine = Engine {
+        epoll: epoll.get_ref(),
+        listeners: HashMap::new(),
+        stalled: Vec::new(),
+        conns: Vec::new(),
+        free: Vec::new(),
+        freed: Vec::new(),
+        open: 0,
+        scratch: vec![0; relay::CHUNK],
+        events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+        limit,
+        connect_timeout,
+        timeouts,
+        period: period(connect_timeout, timeouts),
+        last_sweep: Instant::now(),
+    };
+    let far = Duration::from_secs(3600);
+    let sleep = tokio::time::sleep(far);
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    loop {
+        let wake = engine.next_wake();
+        if wake != armed {
+            if let Some(at) = wake {
+                sleep.as_mut().reset(at.into());
+            }
+            armed = wake;
+        }
+        tokio::select! {
+            biased;
+            ready = epoll.readable() => match ready {
+                Ok(mut guard) => match engine.take_events() {
+                    Ok(true) => guard.clear_ready(),
+                    Ok(false) => {}
+                    Err(err) => {
+                        warn!(error = %err, "the TCP engine's epoll failed");
+                        return;
+                    }
+                },
+                Err(err) => {
+                    warn!(error = %err, "the TCP engine's epoll failed");
+                    return;
+                }
+            },
+            command = commands.recv() => match command {
+                Some(command) => engine.command(command),
+                None => return,
+            },
+            () = &mut sleep, if armed.is_some() => armed = None,
+        }
+        engine.tick(Instant::now());
+    }
+}
+
+impl Engine<'_> {
+    /// When the loop must wake without an event: the next sweep while there are
+    /// connections, the next look for a place while a client waits, the end of a pause.
+    fn next_wake(&self) -> Option<Instant> {
+        let sweep = (self.open > 0).then(|| self.last_sweep + self.period);
+        let stalled = self.stalled.iter().filter_map(|id| self.listeners.get(id));
+        let mut waiting = None;
+        let mut paused: Option<Instant> = None;
+        for listener in stalled {
+            if listener.waiting.is_some() {
+                waiting = Some(Instant::now() + WAITING_POLL);
+            }
+            paused = match (paused, listener.paused_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        [sweep, waiting, paused].into_iter().flatten().min()
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Listen { id, socket, shared } => {
+                let fd = socket.as_raw_fd();
+                if let Err(err) = self.epoll.add_listener(fd, LISTENER | id) {
+                    warn!(error = %err, "cannot watch a listener");
+                    return;
+                }
+                self.listeners.insert(
+                    id,
+                    Listening {
+                        socket,
+                        shared,
+                        waiting: None,
+                        paused_until: None,
+                        accept_errors: 0,
+                    },
+                );
+                // Connections may have queued between the bind and now: the edge was before
+                // the listener was watched.
+                self.accept(id, Instant::now());
+            }
+            Command::Stop(id) => {
+                self.listeners.remove(&id);
+                self.stalled.retain(|s| *s != id);
+                for slot in 0..self.conns.len() {
+                    let Some(place) = self.conns.get_mut(slot) else {
+                        continue;
+                    };
+                    if place.as_ref().is_some_and(|c| c.listener == id) {
+                        *place = None;
+                        self.open -= 1;
+                        self.free.push(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes and handles the events ready now; true when none are left.
+    fn take_events(&mut self) -> io::Result<bool> {
+        let mut events = std::mem::take(&mut self.events);
+        let result = self.epoll.ready(&mut events);
+        let n = match result {
+            Ok(n) => n,
+            Err(err) => {
+                self.events = events;
+                return Err(err);
+            }
+        };
+        let now = Instant::now();
+        for event in events.iter().take(n) {
+            let (token, flags) = (event.u64, event.events);
+            if token & LISTENER != 0 {
+                self.accept(token & !LISTENER, now);
+                continue;
+            }
+            let (slot, side) = ((token / 2) as usize, (token % 2) as usize);
+            let epoll = self.epoll;
+            let Some(place) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            let Some(conn) = place.as_mut() else {
+                continue;
+            };
+            if conn.event(side, flags, epoll, token & !1, &mut self.scratch, now) == Step::Done {
+                *place = None;
+                self.open -= 1;
+                self.freed.push(slot);
+            }
+        }
+        self.events = events;
+        self.free.append(&mut self.freed);
+        Ok(n < EVENTS)
+    }
+
+    /// Accepts on listener `id` until its queue is empty, a client waits for a place, or
+    /// accept fails.
+    fn accept(&mut self, id: u64, now: Instant) {
+        loop {
+            let Some(listener) = self.listeners.get_mut(&id) else {
+                return;
+            };
+            if listener.waiting.is_some() || listener.paused_until.is_some() {
+                return;
+            }
+            let lfd = listener.socket.as_raw_fd();
+            // SAFETY: accept4 fills at most `len` bytes of the storage socket2 provides.
+            let accepted = unsafe {
+                SockAddr::try_init(|storage, len| {
+                    let fd = libc::accept4(
+                        lfd,
+                        storage.cast(),
+                        len,
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    );
+                    if fd < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(fd)
+                    }
+                })
+            };
+            let (client, peer) = match accepted {
+                Ok((fd, addr)) => {
+                    let client = relay::owned(fd);
+                    listener.accept_errors = 0;
+                    let Some(peer) = addr.as_socket() else {
+                        continue;
+                    };
+                    (client, peer)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(err) => {
+                    // Out of file descriptors or memory: back off rather than spin.
+                    listener.accept_errors += 1;
+                    if listener.accept_errors == 1 {
+                        warn!(error = %err, "accept failed");
+                    }
+                    let wait = Duration::from_millis(10 << listener.accept_errors.min(6));
+                    listener.paused_until = Some(now + wait);
+                    self.stalled.push(id);
+                    return;
+                }
+            };
+            let frontend = listener.shared.frontend();
+            if !frontend.admits(&peer.ip()) {
+                listener.shared.metrics.refused();
+                continue;
+            }
+            match place(&listener.shared, &self.limit) {
+                Some(place) => self.open_conn(id, frontend, client, peer, place, now),
+                None => {
+                    listener.waiting = Some((client, peer));
+                    self.stalled.push(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn open_conn(
+        &mut self,
+        id: u64,
+        frontend: Arc<Frontend>,
+        client: OwnedFd,
+        peer: SocketAddr,
+        place: Place,
+        now: Instant,
+    ) {
+        let Some(listener) = self.listeners.get(&id) else {
+            return;
+        };
+        let shared = listener.shared.clone();
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let token = (slot as u64) * 2;
+        let conn = Conn::open(
+            id,
+            client,
+            peer,
+            frontend,
+            shared,
+            place,
+            self.epoll,
+            token,
+            &mut self.scratch,
+            now,
+        );
+        match (conn, self.conns.get_mut(slot)) {
+            (Some(conn), Some(entry)) => {
+                if self.open == 0 {
+                    // The sweep's clock starts with the first connection.
+                    self.last_sweep = now;
+                }
+                *entry = Some(conn);
+                self.open += 1;
+            }
+            _ => self.free.push(slot),
+        }
+    }
+
+    /// What is due: the sweep, places for waiting clients, listeners whose pause is over.
+    fn tick(&mut self, now: Instant) {
+        if self.open > 0 && now >= self.last_sweep + self.period {
+            self.last_sweep = now;
+            self.sweep(now);
+        }
+        if self.stalled.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.stalled) {
+            let Some(listener) = self.listeners.get_mut(&id) else {
+                continue;
+            };
+            if listener.paused_until.is_some_and(|t| t > now) {
+                self.stalled.push(id);
+                continue;
+            }
+            listener.paused_until = None;
+            if let Some((client, peer)) = listener.waiting.take() {
+                match place(&listener.shared, &self.limit) {
+                    // The plan as it is now: it may have changed while the client waited.
+                    Some(place) => {
+                        let frontend = listener.shared.frontend();
+                        self.open_conn(id, frontend, client, peer, place, now);
+                    }
+                    None => {
+                        listener.waiting = Some((client, peer));
+                        self.stalled.push(id);
+                        continue;
+                    }
+                }
+            }
+            // The listener's queue may have filled while it waited: no new edge reports it.
+            self.accept(id, now);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let epoll = self.epoll;
+        for (slot, place) in self.conns.iter_mut().enumerate() {
+            let Some(conn) = place.as_mut() else {
+                continue;
+            };
+            let token = (slot as u64) * 2;
+            if conn.sweep(now, self.connect_timeout, self.timeouts, epoll, token) == Step::Done {
+                *place = None;
+                self.open -= 1;
+                self.free.push(slot);
+            }
+        }
+    }
+}
+
+/// A place for one more connection of `shared`'s Service, if the node's limit and the
+/// Service's fair share allow one now.
+fn place(shared: &Shared, limit: &Arc<Semaphore>) -> Option<Place> {
+    if !shared.share.may_take() {
+        return None;
+    }
+    let permit = limit.clone().try_acquire_owned().ok()?;
+    Some((permit, shared.share.hold()))
+}
