@@ -1,9 +1,9 @@
 //! The TCP engine of one data-plane thread: its listeners (one per frontend, bound with
 //! SO_REUSEPORT beside the other threads' own) and their connections, on one edge-triggered
-//! epoll the thread's runtime watches. A connection is an entry in a slab, not a task: no
-//! allocation, waker or timer per connection, and no system call the connection does not
-//! need (`relay`). The runtime's I/O driver reports the engine's epoll readable; the engine
-//! then takes every ready event without waiting and hands each to its connection.
+//! epoll the thread waits on. A connection is an entry in a slab, not a task: no allocation,
+//! waker or timer per connection, and no system call the connection does not need (`relay`).
+//! The thread runs no async runtime: one `epoll_wait`, with the time until the next thing
+//! due as its timeout, is the whole wait (a tokio task watching a nested epoll made two).
 //!
 //! Bounded everywhere: a connection limit shared by all frontends and threads, and fairly
 //! between Services (`fairness`). At the limit a listener holds one client waiting for the
@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::SockAddr;
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{Semaphore, mpsc};
+use std::sync::mpsc;
+
+use tokio::sync::Semaphore;
 use tracing::warn;
 
 use super::Shared;
@@ -38,6 +38,8 @@ const WAITING_POLL: Duration = Duration::from_millis(20);
 const EVENTS: usize = 256;
 /// Listener tokens carry this bit; a connection's token is its slot × 2 + its side.
 const LISTENER: u64 = 1 << 62;
+/// The token of the eventfd the control side wakes the thread with.
+const WAKE: u64 = u64::MAX;
 
 pub(super) enum Command {
     Listen {
@@ -46,6 +48,8 @@ pub(super) enum Command {
         shared: Arc<Shared>,
     },
     Stop(u64),
+    /// Close everything and end the thread.
+    Shutdown,
 }
 
 struct Listening {
@@ -86,81 +90,103 @@ fn period(connect: Duration, timeouts: Timeouts) -> Duration {
         .clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
-/// Runs the engine until the commands' sender goes (the data plane is dropped).
-pub(super) async fn run(
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    limit: Arc<Semaphore>,
-    connect_timeout: Duration,
-    timeouts: Timeouts,
-) {
-    let epoll = Epoll::new().and_then(|epoll| {
-        // SAFETY: `Epoll` owns its descriptor for as long as it lives and always names the
-        // same one.
-        unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-    });
-    let epoll = match epoll {
-        Ok(epoll) => epoll,
-        Err(err) => {
-            warn!(error = %err, "cannot start the TCP engine");
-            return;
+/// One engine's thread, as the control side holds it: commands go in through a channel,
+/// and an eventfd in the engine's epoll wakes the thread to read them.
+pub(super) struct Handle {
+    commands: mpsc::Sender<Command>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Handle {
+    /// Starts an engine on a thread of its own.
+    pub(super) fn start(
+        name: String,
+        limit: Arc<Semaphore>,
+        connect_timeout: Duration,
+        timeouts: Timeouts,
+    ) -> io::Result<Handle> {
+        let epoll = Epoll::new()?;
+        // SAFETY: eventfd has no preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-    };
-    let mut engine = Engine {
-        epoll: epoll.get_ref(),
-        listeners: HashMap::new(),
-        stalled: Vec::new(),
-        conns: Vec::new(),
-        free: Vec::new(),
-        freed: Vec::new(),
-        open: 0,
-        scratch: vec![0; relay::CHUNK],
-        events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
-        limit,
-        connect_timeout,
-        timeouts,
-        period: period(connect_timeout, timeouts),
-        last_sweep: Instant::now(),
-    };
-    let far = Duration::from_secs(3600);
-    let sleep = tokio::time::sleep(far);
-    tokio::pin!(sleep);
-    let mut armed: Option<Instant> = None;
-    loop {
-        let wake = engine.next_wake();
-        if wake != armed {
-            if let Some(at) = wake {
-                sleep.as_mut().reset(at.into());
-            }
-            armed = wake;
-        }
-        tokio::select! {
-            biased;
-            ready = epoll.readable() => match ready {
-                Ok(mut guard) => match engine.take_events() {
-                    Ok(true) => guard.clear_ready(),
-                    Ok(false) => {}
-                    Err(err) => {
-                        warn!(error = %err, "the TCP engine's epoll failed");
-                        return;
-                    }
-                },
-                Err(err) => {
-                    warn!(error = %err, "the TCP engine's epoll failed");
-                    return;
-                }
-            },
-            command = commands.recv() => match command {
-                Some(command) => engine.command(command),
-                None => return,
-            },
-            () = &mut sleep, if armed.is_some() => armed = None,
-        }
-        engine.tick(Instant::now());
+        let wake = Arc::new(relay::owned(fd));
+        epoll.add_listener(wake.as_raw_fd(), WAKE)?;
+        let (commands, received) = mpsc::channel();
+        let woken = wake.clone();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let mut engine = Engine {
+                epoll: &epoll,
+                listeners: HashMap::new(),
+                stalled: Vec::new(),
+                conns: Vec::new(),
+                free: Vec::new(),
+                freed: Vec::new(),
+                open: 0,
+                scratch: vec![0; relay::CHUNK],
+                events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+                limit,
+                connect_timeout,
+                timeouts,
+                period: period(connect_timeout, timeouts),
+                last_sweep: Instant::now(),
+            };
+            engine.run(&received, &woken);
+        })?;
+        Ok(Handle { commands, wake })
+    }
+
+    /// Hands `command` to the engine and wakes it.
+    pub(super) fn send(&self, command: Command) -> io::Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| io::Error::other("a data-plane thread has stopped"))?;
+        let one: u64 = 1;
+        // SAFETY: write(2) of eight bytes that live for the call, to an eventfd we hold.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        Ok(())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The thread closes every listener and connection and ends.
+        let _ = self.send(Command::Shutdown);
     }
 }
 
 impl Engine<'_> {
+    /// Waits for events, commands and what falls due, until told to shut down.
+    fn run(&mut self, commands: &mpsc::Receiver<Command>, wake: &OwnedFd) {
+        loop {
+            let timeout = self.next_wake().map_or(-1, |at| {
+                let left = at.saturating_duration_since(Instant::now());
+                // Rounded up: waking a moment early would only wait again.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
+            match self.take_events(timeout) {
+                Ok(true) => {
+                    let mut count = [0u8; 8];
+                    // SAFETY: read(2) of at most eight bytes into `count`, from our eventfd.
+                    unsafe { libc::read(wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+                    while let Ok(command) = commands.try_recv() {
+                        if matches!(command, Command::Shutdown) {
+                            return;
+                        }
+                        self.command(command);
+                    }
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(error = %err, "the TCP engine's epoll failed");
+                    return;
+                }
+            }
+            self.tick(Instant::now());
+        }
+    }
+
     /// When the loop must wake without an event: the next sweep while there are
     /// connections, the next look for a place while a client waits, the end of a pause.
     fn next_wake(&self) -> Option<Instant> {
@@ -202,6 +228,7 @@ impl Engine<'_> {
                 // the listener was watched.
                 self.accept(id, Instant::now());
             }
+            Command::Shutdown => {}
             Command::Stop(id) => {
                 self.listeners.remove(&id);
                 self.stalled.retain(|s| *s != id);
@@ -219,10 +246,11 @@ impl Engine<'_> {
         }
     }
 
-    /// Takes and handles the events ready now; true when none are left.
-    fn take_events(&mut self) -> io::Result<bool> {
+    /// Waits up to `timeout` ms (-1: for ever) for events and handles them; true when the
+    /// control side woke the thread.
+    fn take_events(&mut self, timeout: i32) -> io::Result<bool> {
         let mut events = std::mem::take(&mut self.events);
-        let result = self.epoll.ready(&mut events);
+        let result = self.epoll.wait(&mut events, timeout);
         let n = match result {
             Ok(n) => n,
             Err(err) => {
@@ -231,8 +259,13 @@ impl Engine<'_> {
             }
         };
         let now = Instant::now();
+        let mut woken = false;
         for event in events.iter().take(n) {
             let (token, flags) = (event.u64, event.events);
+            if token == WAKE {
+                woken = true;
+                continue;
+            }
             if token & LISTENER != 0 {
                 self.accept(token & !LISTENER, now);
                 continue;
@@ -253,7 +286,7 @@ impl Engine<'_> {
         }
         self.events = events;
         self.free.append(&mut self.freed);
-        Ok(n < EVENTS)
+        Ok(woken)
     }
 
     /// Accepts on listener `id` until its queue is empty, a client waits for a place, or

@@ -1,5 +1,4 @@
-//! The few epoll(7) calls the TCP engine makes, on a descriptor the engine's runtime watches
-//! for readiness. Sockets are added edge-triggered for reading and writing at once and never
+//! The few epoll(7) calls the TCP engine makes, on the epoll its thread waits on. Sockets are added edge-triggered for reading and writing at once and never
 //! modified or deleted: closing a socket takes it out (nothing else holds its descriptor),
 //! so a connection costs one `epoll_ctl` per socket.
 
@@ -47,11 +46,12 @@ impl Epoll {
         Ok(())
     }
 
-    /// The events ready now, without waiting, into `events`; how many.
-    pub(super) fn ready(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+    /// Waits up to `timeout` ms (-1: for ever, 0: not at all) for events, into `events`;
+    /// how many (none when a signal interrupted the wait).
+    pub(super) fn wait(&self, events: &mut [libc::epoll_event], timeout: i32) -> io::Result<usize> {
         let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
         // SAFETY: epoll_wait writes at most `max` events into `events`.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, 0) };
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), max, timeout) };
         match usize::try_from(n) {
             Ok(n) => Ok(n),
             Err(_) => match io::Error::last_os_error() {
@@ -59,11 +59,5 @@ impl Epoll {
                 e => Err(e),
             },
         }
-    }
-}
-
-impl AsRawFd for Epoll {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
     }
 }

@@ -2,10 +2,10 @@
 //! flows to the backends the plan names. Used where the node cannot be programmed with
 //! nftables, and in the sandbox (where announcing a loopback VIP is binding it).
 //!
-//! Threads: one current-thread tokio runtime per core (`Workers`), each running a TCP
-//! `engine`. Every TCP frontend has a listener per worker, bound with SO_REUSEPORT, so the
-//! kernel spreads new connections over the workers and each connection lives its whole life
-//! on one thread — no work stealing and no cross-thread wake-ups on the hot path, the way
+//! Threads: per core a TCP `engine` with a thread of its own, and a current-thread tokio
+//! runtime for UDP (`Workers`). Every TCP frontend has a listener per engine, bound with
+//! SO_REUSEPORT, so the kernel spreads new connections over the engines and each connection
+//! lives its whole life on one thread — no work stealing and no cross-thread wake-ups on the hot path, the way
 //! HAProxy and nginx run their threads. A TCP connection is a state machine in its engine's
 //! slab (`relay`), driven by edge-triggered epoll, not a task: on 2026-12-04 a task per
 //! connection cost 12.8 µs of user time per new connection that a bare epoll loop does not
@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use ferry_model::Protocol;
 use socket2::{Domain, Socket, Type};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -77,8 +77,8 @@ struct Listener {
     stop: watch::Sender<bool>,
     /// A UDP frontend's task.
     tasks: Vec<JoinHandle<()>>,
-    /// A TCP frontend's listeners: their id in each worker's engine.
-    engines: Vec<(u64, mpsc::UnboundedSender<engine::Command>)>,
+    /// A TCP frontend's listeners: their id in each engine.
+    engines: Vec<(u64, Arc<engine::Handle>)>,
     /// Gives the Service's share back when the listener goes.
     _share: ShareGuard,
 }
@@ -95,11 +95,11 @@ impl Drop for Listener {
     }
 }
 
-/// The data plane's threads, each running a current-thread runtime with its TCP engine
+/// The data plane's threads, per core a current-thread runtime (for UDP) and a TCP engine,
 /// until dropped.
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
-    engines: Vec<mpsc::UnboundedSender<engine::Command>>,
+    engines: Vec<Arc<engine::Handle>>,
     _stop: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -111,14 +111,12 @@ impl Workers {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (commands, received) = mpsc::unbounded_channel();
-            rt.spawn(engine::run(
-                received,
+            engines.push(Arc::new(engine::Handle::start(
+                format!("ferry-tcp-{i}"),
                 limit.clone(),
                 limits.connect_timeout,
                 limits.timeouts,
-            ));
-            engines.push(commands);
+            )?));
             handles.push(rt.handle().clone());
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop_tx);
@@ -304,9 +302,7 @@ impl Userspace {
                 for (socket, engine) in sockets.into_iter().zip(engines) {
                     let id = self.listener_ids.fetch_add(1, Ordering::Relaxed) + 1;
                     let shared = shared.clone();
-                    engine
-                        .send(engine::Command::Listen { id, socket, shared })
-                        .map_err(|_| io::Error::other("a data-plane worker has stopped"))?;
+                    engine.send(engine::Command::Listen { id, socket, shared })?;
                     started.push((id, engine));
                 }
                 (Vec::new(), started)
