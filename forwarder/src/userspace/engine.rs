@@ -7,7 +7,9 @@
 //!
 //! Bounded everywhere: a connection limit shared by all frontends and threads, and fairly
 //! between Services (`fairness`). At the limit a listener holds one client waiting for the
-//! next free place and the kernel's backlog holds the rest; the wait is checked every 20 ms.
+//! next free place and the kernel's backlog holds the rest. Waiting clients look for a place
+//! every 20 ms, on every thread alike; a place goes to whichever looks first, not strictly
+//! in the order the clients came.
 //! Connect, idle and half-close timeouts come from one sweep over the slab, a quarter of the
 //! shortest timeout apart (at most a second), only while there are connections.
 //!
@@ -69,6 +71,11 @@ struct Engine<'a> {
     /// only ones a tick looks at (a node may have thousands of listeners).
     stalled: Vec<u64>,
     conns: Vec<Option<Conn>>,
+    /// Connections whose last turn ended with more to move: resumed before the next wait,
+    /// which then does not block.
+    busy: Vec<usize>,
+    /// When clients waiting for a place look again.
+    next_retry: Instant,
     /// Slots free for new connections, and slots freed during the current batch of events
     /// (reused only after it, so an event still queued for a closed connection's other
     /// socket cannot reach a new one).
@@ -121,6 +128,8 @@ impl Handle {
                 listeners: HashMap::new(),
                 stalled: Vec::new(),
                 conns: Vec::new(),
+                busy: Vec::new(),
+                next_retry: Instant::now(),
                 free: Vec::new(),
                 freed: Vec::new(),
                 open: 0,
@@ -160,11 +169,15 @@ impl Engine<'_> {
     /// Waits for events, commands and what falls due, until told to shut down.
     fn run(&mut self, commands: &mpsc::Receiver<Command>, wake: &OwnedFd) {
         loop {
-            let timeout = self.next_wake().map_or(-1, |at| {
-                let left = at.saturating_duration_since(Instant::now());
-                // Rounded up: waking a moment early would only wait again.
-                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            });
+            let timeout = if !self.busy.is_empty() {
+                0
+            } else {
+                self.next_wake().map_or(-1, |at| {
+                    let left = at.saturating_duration_since(Instant::now());
+                    // Rounded up: waking a moment early would only wait again.
+                    i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+                })
+            };
             match self.take_events(timeout) {
                 Ok(true) => {
                     let mut count = [0u8; 8];
@@ -183,6 +196,7 @@ impl Engine<'_> {
                     return;
                 }
             }
+            self.resume_busy();
             self.tick(Instant::now());
         }
     }
@@ -196,7 +210,7 @@ impl Engine<'_> {
         let mut paused: Option<Instant> = None;
         for listener in stalled {
             if listener.waiting.is_some() {
-                waiting = Some(Instant::now() + WAITING_POLL);
+                waiting = Some(self.next_retry);
             }
             paused = match (paused, listener.paused_until) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -278,15 +292,40 @@ impl Engine<'_> {
             let Some(conn) = place.as_mut() else {
                 continue;
             };
-            if conn.event(side, flags, epoll, token & !1, &mut self.scratch, now) == Step::Done {
-                *place = None;
-                self.open -= 1;
-                self.freed.push(slot);
+            match conn.event(side, flags, epoll, token & !1, &mut self.scratch, now) {
+                Step::Done => {
+                    *place = None;
+                    self.open -= 1;
+                    self.freed.push(slot);
+                }
+                Step::Busy => self.busy.push(slot),
+                Step::Open => {}
             }
         }
         self.events = events;
         self.free.append(&mut self.freed);
         Ok(woken)
+    }
+
+    /// Gives the connections that had more to move their next turn.
+    fn resume_busy(&mut self) {
+        for slot in std::mem::take(&mut self.busy) {
+            let Some(place) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            let Some(conn) = place.as_mut() else {
+                continue;
+            };
+            match conn.resume(&mut self.scratch) {
+                Step::Done => {
+                    *place = None;
+                    self.open -= 1;
+                    self.free.push(slot);
+                }
+                Step::Busy => self.busy.push(slot),
+                Step::Open => {}
+            }
+        }
     }
 
     /// Accepts on listener `id` until its queue is empty, a client waits for a place, or
@@ -408,11 +447,20 @@ impl Engine<'_> {
         if self.stalled.is_empty() {
             return;
         }
+        // Waiting clients look again on a fixed beat, not whenever this thread has had
+        // events: a busy thread would otherwise take every place freed before a quiet
+        // thread's clients looked.
+        let retry = now >= self.next_retry;
+        if retry {
+            self.next_retry = now + WAITING_POLL;
+        }
         for id in std::mem::take(&mut self.stalled) {
             let Some(listener) = self.listeners.get_mut(&id) else {
                 continue;
             };
-            if listener.paused_until.is_some_and(|t| t > now) {
+            if listener.paused_until.is_some_and(|t| t > now)
+                || (listener.waiting.is_some() && !retry)
+            {
                 self.stalled.push(id);
                 continue;
             }

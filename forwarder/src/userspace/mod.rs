@@ -298,11 +298,17 @@ impl Userspace {
                     socket.listen(4096)?;
                     sockets.push(std::net::TcpListener::from(socket));
                 }
-                let mut started = Vec::new();
+                let mut started: Vec<(u64, Arc<engine::Handle>)> = Vec::new();
                 for (socket, engine) in sockets.into_iter().zip(engines) {
                     let id = self.listener_ids.fetch_add(1, Ordering::Relaxed) + 1;
                     let shared = shared.clone();
-                    engine.send(engine::Command::Listen { id, socket, shared })?;
+                    if let Err(err) = engine.send(engine::Command::Listen { id, socket, shared }) {
+                        // None or all: the engines that took theirs let them go.
+                        for (id, engine) in &started {
+                            let _ = engine.send(engine::Command::Stop(*id));
+                        }
+                        return Err(err);
+                    }
                     started.push((id, engine));
                 }
                 (Vec::new(), started)
@@ -620,11 +626,86 @@ mod tests {
             let mut got = [0u8; 1];
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(got, [i]);
+            // The answer, in parts, reaches the client whole: the refused try's end (its
+            // socket was closed both ways) does not stick to the backend that answered.
+            for part in [&b"one "[..], b"two ", b"three"] {
+                server.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(server);
+            let mut answer = Vec::new();
+            tokio::time::timeout(SECOND, client.read_to_end(&mut answer))
+                .await
+                .expect("the answer ends with the backend's end")
+                .unwrap();
+            assert_eq!(answer, b"one two three");
         }
         let text = metrics.encode();
         assert!(
             text.contains("ferry_forwarder_backend_connect_failures_total{namespace=\"default\",service=\"web\"} 4"),
             "round robin turns on every pick, so each connection tried the refused one first: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_does_not_answer_is_left_after_the_connect_timeout() {
+        // A listener whose queue is full and never accepted from: SYNs to it go unanswered.
+        let silent = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        silent
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        silent.listen(0).unwrap();
+        let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(s) =
+                std::net::TcpStream::connect_timeout(&silent_addr, Duration::from_millis(100))
+            {
+                fillers.push(s);
+            }
+        }
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = free_port();
+        let mut limits = limits();
+        limits.connect_timeout = Duration::from_millis(300);
+        let (_userspace, metrics) = serving(
+            port,
+            vec![silent_addr, backend.local_addr().unwrap()],
+            limits,
+        );
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let started = std::time::Instant::now();
+        let (mut server, _) = tokio::time::timeout(Duration::from_secs(3), backend.accept())
+            .await
+            .expect("the next backend gets the connection")
+            .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        // The whole answer, in parts, reaches the client: nothing of the first try sticks.
+        for part in [&b"one "[..], b"two ", b"three"] {
+            server.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(server);
+        let mut answer = Vec::new();
+        tokio::time::timeout(SECOND, client.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, b"one two three");
+        let text = metrics.encode();
+        assert!(
+            text.contains("ferry_forwarder_backend_connect_failures_total{namespace=\"default\",service=\"web\"} 1"),
+            "{text}"
         );
     }
 

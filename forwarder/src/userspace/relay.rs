@@ -65,8 +65,14 @@ pub(super) type Place = (OwnedSemaphorePermit, Held);
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Step {
     Open,
+    /// Open, with more to move than one turn takes: to be resumed without a new event.
+    Busy,
     Done,
 }
+
+/// Reads (or splices) one direction makes per turn at most, so one fast transfer cannot keep
+/// its thread's other connections, accepts and sweeps waiting (up to 16 × 256 KiB).
+const TURN: usize = 16;
 
 /// One direction: bytes read from one side and sent to the other.
 #[derive(Default)]
@@ -236,6 +242,17 @@ impl Conn {
         scratch: &mut [u8],
         now: Instant,
     ) -> Step {
+        // A connect under way: what its socket reports says only how the connect went (a
+        // refused one reports closed both ways, which must not stick to the next backend).
+        if side == BACKEND && self.connecting.is_some() {
+            if flags & (epoll::ERR | epoll::HUP) != 0 {
+                return self.retry(epoll, token, now);
+            }
+            if flags & epoll::OUT == 0 {
+                return Step::Open;
+            }
+            self.connecting = None;
+        }
         let (Some(readable), Some(writable), Some(closing)) = (
             self.readable.get_mut(side),
             self.writable.get_mut(side),
@@ -246,16 +263,6 @@ impl Conn {
         *readable |= flags & (epoll::IN | epoll::RDHUP | epoll::HUP | epoll::ERR) != 0;
         *writable |= flags & (epoll::OUT | epoll::HUP | epoll::ERR) != 0;
         *closing |= flags & epoll::RDHUP != 0;
-        if side == BACKEND && self.connecting.is_some() {
-            if flags & (epoll::ERR | epoll::HUP) != 0 {
-                self.readable[BACKEND] = false;
-                return self.retry(epoll, token, now);
-            }
-            if flags & epoll::OUT == 0 {
-                return Step::Open;
-            }
-            self.connecting = None;
-        }
         self.relay(scratch)
     }
 
@@ -282,10 +289,16 @@ impl Conn {
         self.fds[BACKEND] = fd;
         self.backend = backend;
         (self.readable[BACKEND], self.writable[BACKEND]) = (false, done);
+        self.closing[BACKEND] = false;
         if done {
             self.connecting = None;
         }
         Step::Open
+    }
+
+    /// Goes on moving what a turn left (`Step::Busy`).
+    pub(super) fn resume(&mut self, scratch: &mut [u8]) -> Step {
+        self.relay(scratch)
     }
 
     /// Moves what can be moved in both directions.
@@ -297,21 +310,28 @@ impl Conn {
             self.opened = true;
             self.shared.metrics.opened();
         }
+        let mut busy = false;
         for d in [CLIENT, BACKEND] {
-            if let Err(err) = self.pump(d, scratch) {
-                debug!(client = %self.peer, backend = %self.backend, error = %err, "connection ended");
-                return Step::Done;
+            match self.pump(d, scratch) {
+                Ok(more) => busy |= more,
+                Err(err) => {
+                    debug!(client = %self.peer, backend = %self.backend, error = %err, "connection ended");
+                    return Step::Done;
+                }
             }
         }
         if self.dirs.iter().all(|d| d.passed) {
             Step::Done
+        } else if busy {
+            Step::Busy
         } else {
             Step::Open
         }
     }
 
-    /// Direction `d`: from side `d` to the other.
-    fn pump(&mut self, d: usize, scratch: &mut [u8]) -> io::Result<()> {
+    /// Direction `d`: from side `d` to the other, for one turn at most; true when the turn
+    /// ended with more to read.
+    fn pump(&mut self, d: usize, scratch: &mut [u8]) -> io::Result<bool> {
         let (from, to) = (d, 1 - d);
         let (from_fd, to_fd) = (self.fd(from), self.fd(to));
         let other_passed = self.dirs.get(to).is_some_and(|o| o.passed);
@@ -321,16 +341,16 @@ impl Conn {
             self.writable.get_mut(to),
             self.closing.get(from),
         ) else {
-            return Ok(());
+            return Ok(false);
         };
-        loop {
+        for _ in 0..TURN {
             // What the receiver has not taken yet goes first.
             if dir.in_pipe > 0 {
                 if !*writable {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let Some(pipe) = &dir.pipe else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 let sent = match splice::splice(pipe.read(), to_fd, dir.in_pipe) {
                     Ok(n) => n,
@@ -341,19 +361,19 @@ impl Conn {
                 dir.in_pipe -= sent;
                 if dir.in_pipe > 0 {
                     *writable = false;
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             if !dir.pending.is_empty() {
                 if !*writable {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let sent = send(to_fd, &dir.pending, false)?;
                 dir.moved += sent as u64;
                 dir.pending.drain(..sent);
                 if !dir.pending.is_empty() {
                     *writable = false;
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             if dir.ended {
@@ -367,10 +387,10 @@ impl Conn {
                         unsafe { libc::shutdown(to_fd, libc::SHUT_WR) };
                     }
                 }
-                return Ok(());
+                return Ok(false);
             }
             if !*readable {
-                return Ok(());
+                return Ok(false);
             }
             if let Some(pipe) = &dir.pipe {
                 match splice::splice(from_fd, pipe.write(), PIPE_SIZE) {
@@ -380,7 +400,7 @@ impl Conn {
                     Ok(n) => dir.in_pipe = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         *readable = false;
-                        return Ok(());
+                        return Ok(false);
                     }
                     Err(e) => return Err(e),
                 }
@@ -388,7 +408,7 @@ impl Conn {
             }
             let Some(n) = recv(from_fd, scratch)? else {
                 *readable = false;
-                return Ok(());
+                return Ok(false);
             };
             if n == 0 {
                 dir.ended = true;
@@ -419,6 +439,8 @@ impl Conn {
                 dir.pipe = Pipe::new();
             }
         }
+        // The turn is over with the direction still moving: more may be waiting.
+        Ok(true)
     }
 
     /// The sweep's look at this connection: its connect or its quiet time past their limits.
@@ -441,7 +463,7 @@ impl Conn {
             self.quiet = (moved, now);
             return Step::Open;
         }
-        let limit = if self.dirs.iter().any(|d| d.ended) {
+        let limit = if self.dirs.iter().any(|d| d.passed) {
             timeouts.half_close.min(timeouts.idle)
         } else {
             timeouts.idle
