@@ -316,7 +316,7 @@ impl Engine<'_> {
             let Some(conn) = place.as_mut() else {
                 continue;
             };
-            match conn.resume(&mut self.scratch) {
+            match conn.relay(&mut self.scratch) {
                 Step::Done => {
                     *place = None;
                     self.open -= 1;

@@ -27,7 +27,6 @@ mod udp;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -152,7 +151,7 @@ pub struct Userspace {
     /// Started with the first frontend: a kernel-mode node may never need them.
     workers: Option<Workers>,
     /// The last id given to a TCP listener in the engines.
-    listener_ids: AtomicU64,
+    listener_ids: u64,
 }
 
 /// A socket bound to `addr` even before the address is on an interface (IP_FREEBIND), so a
@@ -222,7 +221,7 @@ impl Userspace {
             metrics,
             listeners: HashMap::new(),
             workers: None,
-            listener_ids: AtomicU64::new(0),
+            listener_ids: 0,
         }
     }
 
@@ -300,7 +299,8 @@ impl Userspace {
                 }
                 let mut started: Vec<(u64, Arc<engine::Handle>)> = Vec::new();
                 for (socket, engine) in sockets.into_iter().zip(engines) {
-                    let id = self.listener_ids.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.listener_ids += 1;
+                    let id = self.listener_ids;
                     let shared = shared.clone();
                     if let Err(err) = engine.send(engine::Command::Listen { id, socket, shared }) {
                         // None or all: the engines that took theirs let them go.
@@ -531,6 +531,32 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// Asserts that `metrics` expose `series` for the test Service at `value`.
+    fn assert_counted(metrics: &crate::metrics::Metrics, series: &str, value: u64, why: &str) {
+        let text = metrics.encode();
+        let line = format!("{series}{{namespace=\"default\",service=\"web\"}} {value}");
+        assert!(text.contains(&line), "{why}: {text}");
+    }
+
+    /// The backend answers in three parts with pauses between, then closes; the client must
+    /// get the whole answer and the end.
+    async fn answer_in_parts(
+        mut server: tokio::net::TcpStream,
+        client: &mut tokio::net::TcpStream,
+    ) {
+        for part in [&b"one "[..], b"two ", b"three"] {
+            server.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(server);
+        let mut answer = Vec::new();
+        tokio::time::timeout(SECOND, client.read_to_end(&mut answer))
+            .await
+            .expect("the answer ends with the backend's end")
+            .unwrap();
+        assert_eq!(answer, b"one two three");
+    }
+
     #[tokio::test]
     async fn bytes_flow_both_ways_and_each_end_passes_through() {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -565,12 +591,11 @@ mod tests {
             assert!(back == answer, "the answer arrives whole and in order");
             answering.await.unwrap();
         }
-        let text = metrics.encode();
-        assert!(
-            text.contains(
-                "ferry_forwarder_connections_total{namespace=\"default\",service=\"web\"} 3"
-            ),
-            "{text}"
+        assert_counted(
+            &metrics,
+            "ferry_forwarder_connections_total",
+            3,
+            "every connection",
         );
     }
 
@@ -628,22 +653,13 @@ mod tests {
             assert_eq!(got, [i]);
             // The answer, in parts, reaches the client whole: the refused try's end (its
             // socket was closed both ways) does not stick to the backend that answered.
-            for part in [&b"one "[..], b"two ", b"three"] {
-                server.write_all(part).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            drop(server);
-            let mut answer = Vec::new();
-            tokio::time::timeout(SECOND, client.read_to_end(&mut answer))
-                .await
-                .expect("the answer ends with the backend's end")
-                .unwrap();
-            assert_eq!(answer, b"one two three");
+            answer_in_parts(server, &mut client).await;
         }
-        let text = metrics.encode();
-        assert!(
-            text.contains("ferry_forwarder_backend_connect_failures_total{namespace=\"default\",service=\"web\"} 4"),
-            "round robin turns on every pick, so each connection tried the refused one first: {text}"
+        assert_counted(
+            &metrics,
+            "ferry_forwarder_backend_connect_failures_total",
+            4,
+            "round robin turns on every pick, so each connection tried the refused one first",
         );
     }
 
@@ -691,21 +707,12 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
         // The whole answer, in parts, reaches the client: nothing of the first try sticks.
-        for part in [&b"one "[..], b"two ", b"three"] {
-            server.write_all(part).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drop(server);
-        let mut answer = Vec::new();
-        tokio::time::timeout(SECOND, client.read_to_end(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(answer, b"one two three");
-        let text = metrics.encode();
-        assert!(
-            text.contains("ferry_forwarder_backend_connect_failures_total{namespace=\"default\",service=\"web\"} 1"),
-            "{text}"
+        answer_in_parts(server, &mut client).await;
+        assert_counted(
+            &metrics,
+            "ferry_forwarder_backend_connect_failures_total",
+            1,
+            "the silent backend",
         );
     }
 
@@ -765,12 +772,11 @@ mod tests {
         busy.write_all(b"y").await.unwrap();
         busy_server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"y", "the busy connection is still relayed");
-        let text = metrics.encode();
-        assert!(
-            text.contains(
-                "ferry_forwarder_timeouts_total{namespace=\"default\",service=\"web\"} 2"
-            ),
-            "{text}"
+        assert_counted(
+            &metrics,
+            "ferry_forwarder_timeouts_total",
+            2,
+            "idle and half-closed",
         );
     }
 

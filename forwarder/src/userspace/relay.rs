@@ -42,6 +42,10 @@ use crate::proxy_protocol;
 /// Bytes read per call at most; a read this long switches its direction to splice.
 pub(super) const CHUNK: usize = 64 * 1024;
 
+/// At most this much of what a client sent before its backend connect is read ahead; the
+/// rest is relayed as usual.
+const EARLY: usize = 4096;
+
 /// Backends tried for one connection before giving up on it.
 const CONNECT_TRIES: usize = 3;
 
@@ -188,7 +192,7 @@ impl Conn {
         }
         // What the client has sent already (usually the whole request) leaves with the
         // backend handshake's last ACK; the rest is relayed as usual.
-        let early = scratch.get_mut(..4096).unwrap_or_default();
+        let early = scratch.get_mut(..EARLY).unwrap_or_default();
         if let Ok(Some(n)) = recv(client.as_raw_fd(), early) {
             first.extend_from_slice(early.get(..n).unwrap_or_default());
         }
@@ -296,13 +300,8 @@ impl Conn {
         Step::Open
     }
 
-    /// Goes on moving what a turn left (`Step::Busy`).
-    pub(super) fn resume(&mut self, scratch: &mut [u8]) -> Step {
-        self.relay(scratch)
-    }
-
-    /// Moves what can be moved in both directions.
-    fn relay(&mut self, scratch: &mut [u8]) -> Step {
+    /// Moves what can be moved in both directions (also what a turn left: `Step::Busy`).
+    pub(super) fn relay(&mut self, scratch: &mut [u8]) -> Step {
         if self.connecting.is_some() {
             return Step::Open;
         }
