@@ -247,13 +247,10 @@ impl Engine<'_> {
                 self.listeners.remove(&id);
                 self.stalled.retain(|s| *s != id);
                 for slot in 0..self.conns.len() {
-                    let Some(place) = self.conns.get_mut(slot) else {
-                        continue;
-                    };
-                    if place.as_ref().is_some_and(|c| c.listener == id) {
-                        *place = None;
-                        self.open -= 1;
-                        self.free.push(slot);
+                    if let Some(Some(conn)) = self.conns.get(slot)
+                        && conn.listener == id
+                    {
+                        self.close(slot, false);
                     }
                 }
             }
@@ -286,21 +283,13 @@ impl Engine<'_> {
             }
             let (slot, side) = ((token / 2) as usize, (token % 2) as usize);
             let epoll = self.epoll;
-            let Some(place) = self.conns.get_mut(slot) else {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
                 continue;
             };
-            let Some(conn) = place.as_mut() else {
-                continue;
-            };
-            match conn.event(side, flags, epoll, token & !1, &mut self.scratch, now) {
-                Step::Done => {
-                    *place = None;
-                    self.open -= 1;
-                    self.freed.push(slot);
-                }
-                Step::Busy => self.busy.push(slot),
-                Step::Open => {}
-            }
+            let step = conn.event(side, flags, epoll, token & !1, &mut self.scratch, now);
+            // An event still queued for this connection's other socket must not reach a
+            // new connection in its slot.
+            self.settle(slot, step, true);
         }
         self.events = events;
         self.free.append(&mut self.freed);
@@ -310,21 +299,38 @@ impl Engine<'_> {
     /// Gives the connections that had more to move their next turn.
     fn resume_busy(&mut self) {
         for slot in std::mem::take(&mut self.busy) {
-            let Some(place) = self.conns.get_mut(slot) else {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
                 continue;
             };
-            let Some(conn) = place.as_mut() else {
-                continue;
-            };
-            match conn.relay(&mut self.scratch) {
-                Step::Done => {
-                    *place = None;
-                    self.open -= 1;
-                    self.free.push(slot);
-                }
-                Step::Busy => self.busy.push(slot),
-                Step::Open => {}
-            }
+            let step = conn.relay(&mut self.scratch);
+            self.settle(slot, step, false);
+        }
+    }
+
+    /// What follows a connection's turn: closed, resumed before the next wait, or left
+    /// until its next event.
+    fn settle(&mut self, slot: usize, step: Step, in_batch: bool) {
+        match step {
+            Step::Done => self.close(slot, in_batch),
+            Step::Busy => self.busy.push(slot),
+            Step::Open => {}
+        }
+    }
+
+    /// Closes the connection in `slot` (closing its sockets also takes them out of epoll).
+    /// A slot freed during a batch of events is reused only after it (`freed`).
+    fn close(&mut self, slot: usize, in_batch: bool) {
+        let Some(place) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if place.take().is_none() {
+            return;
+        }
+        self.open -= 1;
+        if in_batch {
+            self.freed.push(slot);
+        } else {
+            self.free.push(slot);
         }
     }
 
@@ -486,16 +492,13 @@ impl Engine<'_> {
 
     fn sweep(&mut self, now: Instant) {
         let epoll = self.epoll;
-        for (slot, place) in self.conns.iter_mut().enumerate() {
-            let Some(conn) = place.as_mut() else {
+        for slot in 0..self.conns.len() {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
                 continue;
             };
             let token = (slot as u64) * 2;
-            if conn.sweep(now, self.connect_timeout, self.timeouts, epoll, token) == Step::Done {
-                *place = None;
-                self.open -= 1;
-                self.free.push(slot);
-            }
+            let step = conn.sweep(now, self.connect_timeout, self.timeouts, epoll, token);
+            self.settle(slot, step, false);
         }
     }
 }
