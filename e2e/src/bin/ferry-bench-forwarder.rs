@@ -830,7 +830,7 @@ fn main() -> anyhow::Result<()> {
         ratio(Variant::FerryUserspace, Variant::Haproxy, cps)
     );
     println!(
-        "| floor proxy / HAProxy (the most a proxy can lead by here) | {} | {} | {} | — |",
+        "| floor proxy / HAProxy (the least a proxy can do per connection; it copies, so not a bound on throughput) | {} | {} | {} | — |",
         ratio(Variant::Floor, Variant::Haproxy, gb),
         ratio(Variant::Floor, Variant::Haproxy, rps),
         ratio(Variant::Floor, Variant::Haproxy, cps)
