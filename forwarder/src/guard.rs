@@ -16,18 +16,10 @@ use std::net::IpAddr;
 
 use ferry_model::Protocol;
 
-use crate::kernel::{self, KernelError};
+use crate::kernel::{self, KernelError, proto};
 use crate::plan::Frontend;
 
 pub const TABLE: &str = "ferry_guard";
-
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
 
 /// The guard table for the VIPs `held`, exposing `exposed`; `relayed` are the frontends the
 /// userspace side serves (their source ranges are enforced here).

@@ -66,6 +66,7 @@ use crate::plan::Frontend;
 pub use changes::changes;
 use changes::{delete_seen, differing_fingerprints, fingerprint, transaction};
 use ruleset::element;
+pub(crate) use ruleset::proto;
 pub use ruleset::{
     AffinityClients, Identity, affinity_clients, by_identity, identity, ruleset, source_range_rule,
 };

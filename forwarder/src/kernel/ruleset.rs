@@ -28,7 +28,8 @@ fn family_words(ip: &IpAddr) -> (&'static str, bool) {
     }
 }
 
-pub(super) fn proto(p: Protocol) -> &'static str {
+/// A protocol as nftables spells it.
+pub(crate) fn proto(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
