@@ -16,7 +16,7 @@ use ferry_crds::LoadBalancerPool;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -70,14 +70,7 @@ async fn clean_cluster_state(admin: &Client) {
             }
             let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
             let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
-            let _ = api
-                .patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-                )
-                .await;
-            let _ = api.delete(&name, &DeleteParams::default()).await;
+            let _ = force_delete(&api, &name, Duration::from_secs(10)).await;
         }
     }
     delete_pools(admin).await;

@@ -122,6 +122,31 @@ pub async fn delete_and_wait(api: &Api<Service>, name: &str, timeout: Duration) 
     .await
 }
 
+/// Deletes a Service whose finalizer nobody will release (its cloud is gone, or no operator
+/// runs) and waits until it is gone. It deletes first: once the deletion is marked, the API
+/// server refuses new finalizers, so an operator still reconciling the Service cannot put its
+/// finalizer back after it is stripped. Says whether the Service is gone within `timeout`.
+pub async fn force_delete(api: &Api<Service>, name: &str, timeout: Duration) -> bool {
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let _ = api
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        if matches!(api.get_opt(name).await, Ok(None)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Deletes every LoadBalancerPool (cluster-scoped state a test must not leave behind).
 pub async fn delete_pools(client: &Client) {
     let api: Api<LoadBalancerPool> = Api::all(client.clone());
@@ -179,14 +204,7 @@ pub async fn sweep_class(client: &Client, class: &str) {
         }
         let api: Api<Service> =
             Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default());
-        let _ = api
-            .patch(
-                &svc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
-            )
-            .await;
-        let _ = api.delete(&svc.name_any(), &DeleteParams::default()).await;
+        let _ = force_delete(&api, &svc.name_any(), Duration::from_secs(10)).await;
     }
 }
 

@@ -19,7 +19,7 @@ use ferry_e2e::repo_root;
 use ferry_e2e::scenario::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
 use serde_yaml::Value;
 
@@ -603,19 +603,15 @@ async fn rules_and_dashboard_name_only_metrics_the_binaries_expose() {
         "metrics no binary exposes:\n{}\nexposed: {names:?}",
         unknown.join("\n")
     );
+    for name in ["web", "nowhere", "squatted"] {
+        delete_and_wait(&c.svcs, name, WAIT).await;
+    }
     // The cloud Services cannot be released through a cloud that is not there.
     for name in ["on-aws", "on-gce"] {
-        c.svcs
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-            )
-            .await
-            .unwrap();
-    }
-    for name in ["web", "nowhere", "squatted", "on-aws", "on-gce"] {
-        delete_and_wait(&c.svcs, name, WAIT).await;
+        assert!(
+            force_delete(&c.svcs, name, WAIT).await,
+            "Service {name} is not gone after {WAIT:?}"
+        );
     }
 }
 
