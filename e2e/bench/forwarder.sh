@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The forwarder's data plane against direct, nftables by hand, HAProxy, nginx stream and socat,
 # and VIP failover time, on network namespaces; writes docs/results.md. Needs root.
-# Usage: e2e/bench/forwarder.sh [--runs N] [--seconds N] [--failovers N]
+# Usage: e2e/bench/forwarder.sh [--runs N] [--seconds N] [--slices N] [--failovers N]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -35,10 +35,16 @@ NodePorts; every path forwards to them on the node itself. HAProxy $(haproxy -v 
 ferry-forwarder (one data-plane thread per core) driven by the real control plane and
 operator; the forwarder runs through every path, as its DaemonSet would, so its heartbeats
 load the control plane during every measurement alike. All paths in one run, medians of the
-runs; wrk: 2 threads, 32 connections. conntrack's TIME_WAIT timeout in the node namespace is
-1 s, so no path inherits the previous one's closed connections. Proxy CPU is the process's
-user + system time (all threads, from /proc) over each wrk run, divided by the requests or
-connections wrk completed.
+runs; wrk: 2 threads, 32 connections. Within a run each figure is measured in slices of 1 s,
+the paths compared with each other taking turns (direct, ferry kernel and nftables by hand
+with the forwarder in kernel mode; HAProxy, ferry userspace, the floor proxy, nginx and socat
+with it in userspace mode), each round starting one path further on; a path's figure is the
+mean of its slices. conntrack's TIME_WAIT timeout in the node namespace is 1 s and each
+new-connection slice waits 1.5 s first, so no path inherits the previous one's closed
+connections; the paths that reach the backend from the client's own address (direct, nftables
+by hand, ferry kernel) each reach it on a port of their own, so none meets the TIME_WAIT
+sockets another left there. Proxy CPU is the process's user + system time (all threads, from
+/proc) over its wrk slices, divided by the requests or connections wrk completed.
 
 $table
 <!-- forwarder-bench:end -->

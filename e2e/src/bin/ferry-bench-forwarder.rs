@@ -6,8 +6,11 @@
 //! direct (no proxy), nftables DNAT written by hand, HAProxy (TCP mode), nginx stream, socat,
 //! ferry's kernel path and ferry's userspace path (the real forwarder, driven by the real
 //! control plane and operator), and the floor proxy (`ferry-bench-floor-proxy`: the least a
-//! proxy can do per connection, the yardstick for how far ahead of HAProxy a proxy can be). Figures: single-stream iperf3 throughput, wrk requests/s on 32
-//! keep-alive connections, and new connections/s (wrk with `Connection: close`).
+//! proxy can do per connection). Figures: single-stream iperf3 throughput, wrk requests/s on
+//! 32 keep-alive connections, and new connections/s (wrk with `Connection: close`). Each figure
+//! is measured in slices, the paths compared with each other taking turns (see `--slices`):
+//! on a shared machine, load comes and goes within seconds, and a path measured for five
+//! seconds once per run would carry whatever load fell on those seconds into its ratio.
 //!
 //! Then VIP failover: three nodes with forwarders at default settings, the owner cut off the
 //! switch and its forwarder killed once every forwarder hears every other directly; the time
@@ -40,6 +43,12 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Slices each measurement is cut into: the compared paths take turns a slice at a time
+    /// (HAProxy, ferry, floor, …, then again in the next order), so load that comes and goes
+    /// on the machine falls on all of them alike. Each slice lasts `seconds / slices` (at
+    /// least 1 s).
+    #[arg(long, default_value_t = 5)]
+    slices: u64,
     /// Failovers measured (0 skips the failover part).
     #[arg(long, default_value_t = 5)]
     failovers: usize,
@@ -48,7 +57,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also count each proxy's system calls per new connection (`perf stat` on its process
-    /// during the new-connection run; printed to stderr, not part of the table: tracing them
+    /// during its first new-connection slice of each run; printed to stderr, not part of the table: tracing them
     /// costs CPU, so the CPU figures of such a run are not for the record).
     #[arg(long)]
     syscalls: bool,
@@ -56,6 +65,15 @@ struct Args {
 
 const IPERF_PORT: u16 = 30201;
 const HTTP_PORT: u16 = 30280;
+/// The same HTTP backend on ports of their own for the paths that reach it from the client's
+/// own address, direct and nftables by hand (ferry's kernel path uses `HTTP_PORT`). The backend
+/// closes each `Connection: close` connection first, so it keeps a TIME_WAIT socket per client
+/// port for 60 s; the client stamps its timestamps with an offset per destination address, so
+/// a SYN from a port another of these paths used moments ago can carry an older timestamp than
+/// that TIME_WAIT socket holds and be dropped, costing the connection a 1 s retransmission.
+/// With a port each, a path only ever meets its own TIME_WAIT sockets, whatever ran before it.
+const DIRECT_HTTP_PORT: u16 = 30281;
+const HAND_HTTP_PORT: u16 = 30282;
 /// The address nftables-by-hand DNATs from (outside ferry's pool, so no forwarder touches it).
 const HAND_VIP: &str = "10.213.0.150";
 const POOL: &str = "10.213.0.200/29";
@@ -83,7 +101,8 @@ impl Variant {
         Variant::FerryUserspace,
         Variant::Floor,
     ];
-    /// The order of measurement: each ferry path right after the path it is compared with.
+    /// The order of measurement within each round of slices (which starts one path further on
+    /// each round): each ferry path right after the path it is compared with.
     const MEASURED: [Variant; 8] = [
         Variant::Direct,
         Variant::FerryKernel,
@@ -94,6 +113,15 @@ impl Variant {
         Variant::Nginx,
         Variant::Socat,
     ];
+
+    /// Measured while the forwarder runs in kernel mode: ferry's kernel path and the two it is
+    /// compared with. Every other path is measured while it runs in userspace mode.
+    fn with_kernel_mode(self) -> bool {
+        matches!(
+            self,
+            Variant::Direct | Variant::FerryKernel | Variant::Nftables
+        )
+    }
 
     /// The spelling `--only` takes.
     fn key(self) -> String {
@@ -142,6 +170,28 @@ struct Cpu {
 impl Cpu {
     fn total(self) -> f64 {
         self.user + self.system
+    }
+
+    fn plus(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
+    fn minus(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - other.user,
+            system: self.system - other.system,
+        }
+    }
+
+    fn per(self, n: f64) -> Cpu {
+        let each = 1e6 / n.max(1.0);
+        Cpu {
+            user: self.user * each,
+            system: self.system * each,
+        }
     }
 }
 
@@ -281,7 +331,7 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn iperf(&self, ip: &str, port: u16) -> anyhow::Result<f64> {
+    fn iperf(&self, ip: &str, port: u16, seconds: u64) -> anyhow::Result<f64> {
         let out = self.client.exec(
             "iperf3",
             &[
@@ -290,7 +340,7 @@ impl Bench<'_> {
                 "-p",
                 &port.to_string(),
                 "-t",
-                &self.args.seconds.to_string(),
+                &seconds.to_string(),
                 "-J",
             ],
         )?;
@@ -301,9 +351,9 @@ impl Bench<'_> {
             .context("iperf3 printed no throughput")
     }
 
-    fn wrk(&self, ip: &str, port: u16, close: bool) -> anyhow::Result<WrkRun> {
+    fn wrk(&self, ip: &str, port: u16, close: bool, seconds: u64) -> anyhow::Result<WrkRun> {
         let url = format!("http://{ip}:{port}/");
-        let duration = format!("{}s", self.args.seconds);
+        let duration = format!("{seconds}s");
         let mut args = vec!["-t2", "-c32", "-d", &duration, "--timeout", "5s"];
         if close {
             args.extend(["-H", "Connection: close"]);
@@ -325,44 +375,106 @@ impl Bench<'_> {
         Ok(WrkRun { rate, requests })
     }
 
-    /// The figures through `ip`; with `proxy`, also that process's CPU per request and per
-    /// connection during the wrk runs.
-    fn figures(
+    /// One slice of `metric` through `ip`; with `proxy`, also that process's CPU over it.
+    fn slice(
         &self,
-        ip: &str,
-        iperf_port: u16,
-        http_port: u16,
+        metric: Metric,
+        (ip, iperf_port, http_port): (&str, u16, u16),
         proxy: Option<u32>,
-    ) -> anyhow::Result<Figures> {
-        let gbits = self.iperf(ip, iperf_port)?;
+        count_syscalls: bool,
+    ) -> anyhow::Result<Slice> {
+        let seconds = (self.args.seconds / self.args.slices.max(1)).max(1);
         let cpu = || proxy.and_then(cpu_seconds);
-        let per = |before: Option<Cpu>, after: Option<Cpu>, n: f64| {
-            let (before, after) = (before?, after?);
-            let each = 1e6 / n.max(1.0);
-            Some(Cpu {
-                user: (after.user - before.user) * each,
-                system: (after.system - before.system) * each,
-            })
-        };
         let before = cpu();
-        let keep_alive = self.wrk(ip, http_port, false)?;
-        let between = cpu();
-        let counting = match proxy {
-            Some(pid) if self.args.syscalls => Some(SyscallCount::start(pid)?),
-            _ => None,
+        let (rate, count) = match metric {
+            Metric::Throughput => (self.iperf(ip, iperf_port, seconds)?, 0.0),
+            Metric::Requests => {
+                let run = self.wrk(ip, http_port, false, seconds)?;
+                (run.rate, run.requests)
+            }
+            Metric::Connections => {
+                let counting = match proxy {
+                    Some(pid) if count_syscalls => Some(SyscallCount::start(pid)?),
+                    _ => None,
+                };
+                let run = self.wrk(ip, http_port, true, seconds)?;
+                if let Some(counting) = counting {
+                    counting.report(ip, run.requests)?;
+                }
+                (run.rate, run.requests)
+            }
         };
-        let close = self.wrk(ip, http_port, true)?;
-        let after = cpu();
-        if let Some(counting) = counting {
-            counting.report(ip, close.requests)?;
+        let cpu = before.zip(cpu()).map(|(b, a)| a.minus(b));
+        Ok(Slice { rate, count, cpu })
+    }
+}
+
+/// What a slice measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Metric {
+    /// Single-stream iperf3 throughput.
+    Throughput,
+    /// wrk on 32 keep-alive connections.
+    Requests,
+    /// wrk with `Connection: close`: one new connection per request.
+    Connections,
+}
+
+/// One slice's result: the rate (Gbit/s or per second), what wrk completed, the proxy's CPU.
+struct Slice {
+    rate: f64,
+    count: f64,
+    cpu: Option<Cpu>,
+}
+
+/// One path's slices in one run, summed.
+#[derive(Default)]
+struct Tally {
+    gbits: Vec<f64>,
+    rps: Vec<f64>,
+    cps: Vec<f64>,
+    requests: f64,
+    cpu_requests: Option<Cpu>,
+    connections: f64,
+    cpu_connections: Option<Cpu>,
+    /// The control plane's CPU seconds and the wall-clock seconds over this path's slices.
+    control_plane_cpu: f64,
+    elapsed: f64,
+}
+
+impl Tally {
+    fn add(&mut self, metric: Metric, slice: Slice) {
+        let sum = |acc: Option<Cpu>, cpu: Option<Cpu>| match (acc, cpu) {
+            (Some(a), Some(c)) => Some(a.plus(c)),
+            (None, c) => c,
+            (a, None) => a,
+        };
+        match metric {
+            Metric::Throughput => self.gbits.push(slice.rate),
+            Metric::Requests => {
+                self.rps.push(slice.rate);
+                self.requests += slice.count;
+                self.cpu_requests = sum(self.cpu_requests, slice.cpu);
+            }
+            Metric::Connections => {
+                self.cps.push(slice.rate);
+                self.connections += slice.count;
+                self.cpu_connections = sum(self.cpu_connections, slice.cpu);
+            }
         }
-        Ok(Figures {
-            gbits,
-            rps: keep_alive.rate,
-            cps: close.rate,
-            cpu_per_request: per(before, between, keep_alive.requests),
-            cpu_per_connection: per(between, after, close.requests),
-        })
+    }
+
+    /// The run's figures: rates are the mean of the slices (all last alike), CPU is the CPU
+    /// over every slice divided by what they completed.
+    fn figures(&self) -> Figures {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / (v.len().max(1) as f64);
+        Figures {
+            gbits: mean(&self.gbits),
+            rps: mean(&self.rps),
+            cps: mean(&self.cps),
+            cpu_per_request: self.cpu_requests.map(|c| c.per(self.requests)),
+            cpu_per_connection: self.cpu_connections.map(|c| c.per(self.connections)),
+        }
     }
 }
 
@@ -399,7 +511,7 @@ async fn throughput(
              events {{ worker_connections 8192; }}\n\
              http {{ access_log off; keepalive_requests 1000000;\n\
                client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-               server {{ listen {HTTP_PORT} reuseport; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+               server {{ listen {HTTP_PORT} reuseport; listen {DIRECT_HTTP_PORT} reuseport; listen {HAND_HTTP_PORT} reuseport; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
             d = dir.display()
         ),
     )?;
@@ -422,7 +534,7 @@ async fn throughput(
     node_ns.exec("nft", &["-f", write(&dir, "hand.nft", &format!(
         "table ip bench {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n\
            ip daddr {HAND_VIP} tcp dport {IPERF_PORT} dnat to {node_ip}:{IPERF_PORT}\n\
-           ip daddr {HAND_VIP} tcp dport {HTTP_PORT} dnat to {node_ip}:{HTTP_PORT}\n}}\n}}\n"
+           ip daddr {HAND_VIP} tcp dport {HTTP_PORT} dnat to {node_ip}:{HAND_HTTP_PORT}\n}}\n}}\n"
     ))?.to_str().unwrap_or_default()])?;
     // With NAT in this namespace every connection is tracked, and one client's 60,000 closed
     // connections a measurement leaves in conntrack's TIME_WAIT (120 s) slow down whichever
@@ -515,7 +627,7 @@ async fn throughput(
 
     let client = topo.client.ns();
     for (ip, port) in [
-        (node_ip.as_str(), HTTP_PORT),
+        (node_ip.as_str(), DIRECT_HTTP_PORT),
         (HAND_VIP, HTTP_PORT),
         (node_ip.as_str(), 18080),
         (node_ip.as_str(), 28080),
@@ -566,33 +678,78 @@ async fn throughput(
             .map(Cpu::total)
             .sum::<f64>()
     };
+    let route = |variant: Variant| -> (String, u16, u16) {
+        match variant {
+            Variant::Direct => (node_ip.clone(), IPERF_PORT, DIRECT_HTTP_PORT),
+            Variant::Nftables => (HAND_VIP.to_string(), IPERF_PORT, HTTP_PORT),
+            Variant::Haproxy => (node_ip.clone(), 15201, 18080),
+            Variant::Nginx => (node_ip.clone(), 25201, 28080),
+            Variant::Socat => (node_ip.clone(), 35201, 38080),
+            Variant::Floor => (node_ip.clone(), 45201, 48080),
+            Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
+        }
+    };
     for run in 0..args.runs {
-        for (variant, figures) in results.iter_mut() {
-            let (ip, iperf, http) = match variant {
-                Variant::Direct => (node_ip.clone(), IPERF_PORT, HTTP_PORT),
-                Variant::Nftables => (HAND_VIP.to_string(), IPERF_PORT, HTTP_PORT),
-                Variant::Haproxy => (node_ip.clone(), 15201, 18080),
-                Variant::Nginx => (node_ip.clone(), 25201, 28080),
-                Variant::Socat => (node_ip.clone(), 35201, 38080),
-                Variant::Floor => (node_ip.clone(), 45201, 48080),
-                Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
-            };
-            if *variant == Variant::FerryKernel {
+        let mut tallies: Vec<Tally> = results.iter().map(|_| Tally::default()).collect();
+        // The paths compared with each other take turns a slice at a time, one metric after
+        // the other; each round starts one path further on, so none always follows the same.
+        for kernel in [true, false] {
+            let group: Vec<usize> = (0..results.len())
+                .filter(|i| {
+                    results
+                        .get(*i)
+                        .is_some_and(|(v, _)| v.with_kernel_mode() == kernel)
+                })
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            if kernel {
                 forwarder.terminate();
                 forwarder = start_forwarder("kernel")?;
             }
-            let proxy = match variant {
-                Variant::Haproxy => haproxy.pid(),
-                Variant::FerryUserspace => forwarder.pid(),
-                Variant::Floor => floor.pid(),
-                _ => None,
-            };
-            // Let the previous path's closed connections leave conntrack.
-            std::thread::sleep(Duration::from_secs(2));
-            let (cpu_before, started) = (control_plane_cpu(), Instant::now());
-            let f = bench.figures(&ip, iperf, http, proxy)?;
-            let control_plane_load =
-                (control_plane_cpu() - cpu_before) * 100.0 / started.elapsed().as_secs_f64();
+            for metric in [Metric::Throughput, Metric::Requests, Metric::Connections] {
+                for round in 0..args.slices.max(1) as usize {
+                    for k in 0..group.len() {
+                        let Some(&i) = group.get((round + k) % group.len()) else {
+                            continue;
+                        };
+                        let (Some((variant, _)), Some(tally)) =
+                            (results.get(i), tallies.get_mut(i))
+                        else {
+                            continue;
+                        };
+                        let proxy = match variant {
+                            Variant::Haproxy => haproxy.pid(),
+                            Variant::FerryUserspace => forwarder.pid(),
+                            Variant::Floor => floor.pid(),
+                            _ => None,
+                        };
+                        let (ip, iperf, http) = route(*variant);
+                        // Let the previous slice's closed connections leave conntrack.
+                        if metric == Metric::Connections {
+                            std::thread::sleep(Duration::from_millis(1500));
+                        }
+                        let (cpu_before, started) = (control_plane_cpu(), Instant::now());
+                        let slice = bench.slice(
+                            metric,
+                            (&ip, iperf, http),
+                            proxy,
+                            args.syscalls && round == 0,
+                        )?;
+                        tally.control_plane_cpu += control_plane_cpu() - cpu_before;
+                        tally.elapsed += started.elapsed().as_secs_f64();
+                        tally.add(metric, slice);
+                    }
+                }
+            }
+            if kernel {
+                forwarder.terminate();
+                forwarder = start_forwarder("userspace")?;
+            }
+        }
+        for ((variant, figures), tally) in results.iter_mut().zip(&tallies) {
+            let f = tally.figures();
             let cpu = match (f.cpu_per_request, f.cpu_per_connection) {
                 (Some(r), Some(c)) => format!(
                     ", proxy CPU {:.1} µs/req ({:.1} user), {:.1} µs/conn ({:.1} user)",
@@ -604,18 +761,15 @@ async fn throughput(
                 _ => String::new(),
             };
             eprintln!(
-                "run {} {:<24} {:6.2} Gbit/s {:9.0} req/s {:8.0} conn/s (control plane {control_plane_load:.1} % of a core{cpu})",
+                "run {} {:<24} {:6.2} Gbit/s {:9.0} req/s {:8.0} conn/s (control plane {:.1} % of a core{cpu})",
                 run + 1,
                 variant.name(),
                 f.gbits,
                 f.rps,
-                f.cps
+                f.cps,
+                tally.control_plane_cpu * 100.0 / tally.elapsed.max(f64::MIN_POSITIVE)
             );
             figures.push(f);
-            if *variant == Variant::FerryKernel {
-                forwarder.terminate();
-                forwarder = start_forwarder("userspace")?;
-            }
         }
     }
     forwarder.terminate();
