@@ -57,8 +57,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also count each proxy's system calls per new connection (`perf stat` on its process
-    /// during its first new-connection slice of each run; printed to stderr, not part of the table: tracing them
-    /// costs CPU, so the CPU figures of such a run are not for the record).
+    /// during its first new-connection slice of each run; printed to stderr, not part of the
+    /// table: tracing them costs CPU, so the CPU figures of such a run are not for the record).
     #[arg(long)]
     syscalls: bool,
 }
@@ -427,16 +427,43 @@ struct Slice {
     cpu: Option<Cpu>,
 }
 
+/// One metric's slices of one path in one run.
+#[derive(Default)]
+struct Part {
+    rates: Vec<f64>,
+    /// What wrk completed over them.
+    count: f64,
+    /// The proxy's CPU over them.
+    cpu: Option<Cpu>,
+}
+
+impl Part {
+    fn add(&mut self, slice: Slice) {
+        self.rates.push(slice.rate);
+        self.count += slice.count;
+        self.cpu = match (self.cpu, slice.cpu) {
+            (Some(a), Some(c)) => Some(a.plus(c)),
+            (a, c) => a.or(c),
+        };
+    }
+
+    /// The mean of the slices (all last alike).
+    fn rate(&self) -> f64 {
+        self.rates.iter().sum::<f64>() / (self.rates.len().max(1) as f64)
+    }
+
+    /// The CPU over every slice divided by what they completed, in µs each.
+    fn cpu_each(&self) -> Option<Cpu> {
+        self.cpu.map(|c| c.per(self.count))
+    }
+}
+
 /// One path's slices in one run, summed.
 #[derive(Default)]
 struct Tally {
-    gbits: Vec<f64>,
-    rps: Vec<f64>,
-    cps: Vec<f64>,
-    requests: f64,
-    cpu_requests: Option<Cpu>,
-    connections: f64,
-    cpu_connections: Option<Cpu>,
+    throughput: Part,
+    requests: Part,
+    connections: Part,
     /// The control plane's CPU seconds and the wall-clock seconds over this path's slices.
     control_plane_cpu: f64,
     elapsed: f64,
@@ -444,36 +471,20 @@ struct Tally {
 
 impl Tally {
     fn add(&mut self, metric: Metric, slice: Slice) {
-        let sum = |acc: Option<Cpu>, cpu: Option<Cpu>| match (acc, cpu) {
-            (Some(a), Some(c)) => Some(a.plus(c)),
-            (None, c) => c,
-            (a, None) => a,
-        };
         match metric {
-            Metric::Throughput => self.gbits.push(slice.rate),
-            Metric::Requests => {
-                self.rps.push(slice.rate);
-                self.requests += slice.count;
-                self.cpu_requests = sum(self.cpu_requests, slice.cpu);
-            }
-            Metric::Connections => {
-                self.cps.push(slice.rate);
-                self.connections += slice.count;
-                self.cpu_connections = sum(self.cpu_connections, slice.cpu);
-            }
+            Metric::Throughput => self.throughput.add(slice),
+            Metric::Requests => self.requests.add(slice),
+            Metric::Connections => self.connections.add(slice),
         }
     }
 
-    /// The run's figures: rates are the mean of the slices (all last alike), CPU is the CPU
-    /// over every slice divided by what they completed.
     fn figures(&self) -> Figures {
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / (v.len().max(1) as f64);
         Figures {
-            gbits: mean(&self.gbits),
-            rps: mean(&self.rps),
-            cps: mean(&self.cps),
-            cpu_per_request: self.cpu_requests.map(|c| c.per(self.requests)),
-            cpu_per_connection: self.cpu_connections.map(|c| c.per(self.connections)),
+            gbits: self.throughput.rate(),
+            rps: self.requests.rate(),
+            cps: self.connections.rate(),
+            cpu_per_request: self.requests.cpu_each(),
+            cpu_per_connection: self.connections.cpu_each(),
         }
     }
 }
@@ -694,12 +705,11 @@ async fn throughput(
         // The paths compared with each other take turns a slice at a time, one metric after
         // the other; each round starts one path further on, so none always follows the same.
         for kernel in [true, false] {
-            let group: Vec<usize> = (0..results.len())
-                .filter(|i| {
-                    results
-                        .get(*i)
-                        .is_some_and(|(v, _)| v.with_kernel_mode() == kernel)
-                })
+            let group: Vec<usize> = results
+                .iter()
+                .enumerate()
+                .filter(|(_, (v, _))| v.with_kernel_mode() == kernel)
+                .map(|(i, _)| i)
                 .collect();
             if group.is_empty() {
                 continue;
