@@ -32,13 +32,15 @@ $(uname -r). A client namespace and a node namespace on a bridge (its own namesp
 backends (iperf3, and nginx with one worker answering a 3-byte body) listen on the node's
 NodePorts; every path forwards to them on the node itself. HAProxy $(haproxy -v | head -1 | awk '{print $3}')
 (TCP mode, 2 threads), nginx $(nginx -v 2>&1 | sed 's|.*/||') stream (auto workers), socat (fork),
-ferry-forwarder (one data-plane thread per core) driven by the real control plane and
+ferry-forwarder (one data-plane thread per core, each pinned to its CPU and taking that
+CPU's connections) driven by the real control plane and
 operator; the forwarder runs through every path, as its DaemonSet would, so its heartbeats
 load the control plane during every measurement alike. All paths in one run, medians of the
 runs; wrk: 2 threads, 32 connections. Within a run each figure is measured in slices of 1 s,
 the paths compared with each other taking turns (direct, ferry kernel and nftables by hand
-with the forwarder in kernel mode; HAProxy, ferry userspace, the floor proxy, nginx and socat
-with it in userspace mode), each round starting one path further on; a path's figure is the
+with the forwarder in kernel mode; HAProxy, ferry userspace, the floor proxy (threads placed
+as the forwarder's), the same floor proxy with its threads left to the scheduler, nginx and
+socat with it in userspace mode), each round starting one path further on; a path's figure is the
 mean of its slices. conntrack's TIME_WAIT timeout in the node namespace is 1 s and each
 new-connection slice waits 1.5 s first, so no path inherits the previous one's closed
 connections; the paths that reach the backend from the client's own address (direct, nftables

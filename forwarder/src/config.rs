@@ -111,6 +111,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Pin each userspace TCP thread to a CPU of its own, and have the kernel hand it the
+    /// connections that CPU received, when the forwarder has a thread for every CPU it may
+    /// use (not under a CPU quota that leaves it fewer).
+    #[arg(long, env = "FERRY_PIN_THREADS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_threads: bool,
+
     /// UDP flows per VIP port (userspace); at the limit the most idle flows make room.
     #[arg(long, env = "FERRY_UDP_MAX_FLOWS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_flows: u32,

@@ -199,6 +199,7 @@ pub async fn run_with_client(
         max_connections: connection_limit(config.max_connections, open_files),
         udp_max_flows: config.udp_max_flows as usize,
         udp_idle_timeout: config.udp_idle_timeout,
+        pin_threads: config.pin_threads,
     };
     if limits.max_connections < config.max_connections as usize {
         warn!(

@@ -56,6 +56,7 @@ pub struct DataplaneMetrics {
     timeouts: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
     udp_evicted: Family<Labels, Counter>,
+    engine_connections: Family<Labels, Counter>,
 }
 
 /// One Service's handles, taken once per frontend so the hot path only touches atomics.
@@ -112,6 +113,19 @@ impl DataplaneMetrics {
             udp_flows: self.udp_flows.get_or_create(&labels).clone(),
             udp_evicted: self.udp_evicted.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The count of connections TCP engine `thread` accepts, labelled with the CPU it is
+    /// pinned to (`any` when it is not).
+    pub fn engine(&self, thread: usize, cpu: Option<usize>) -> Counter {
+        let labels = vec![
+            ("thread", thread.to_string()),
+            (
+                "cpu",
+                cpu.map_or_else(|| "any".to_string(), |c| c.to_string()),
+            ),
+        ];
+        self.engine_connections.get_or_create(&labels).clone()
     }
 }
 
@@ -182,6 +196,11 @@ impl Metrics {
             "ferry_forwarder_udp_flows_evicted",
             "UDP flows evicted to make room for new ones at the flow table's limit, by Service",
             d.udp_evicted.clone(),
+        );
+        r.register(
+            "ferry_forwarder_thread_connections",
+            "TCP connections accepted by each userspace data-plane thread, labelled with the CPU it is pinned to (any: not pinned); how evenly the kernel spreads them",
+            d.engine_connections.clone(),
         );
         let m = Self {
             dataplane: std::sync::Arc::new(d),

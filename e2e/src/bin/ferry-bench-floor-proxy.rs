@@ -9,7 +9,9 @@
 //! read buffer per thread, reads that stop at a short read instead of asking again for
 //! EAGAIN, the last data corked with its FIN, the backend's handshake ACK held for the
 //! client's first bytes, and sockets closed without being taken out of epoll first. Its
-//! figures against HAProxy's are how far ahead of HAProxy any proxy could be here.
+//! threads sit on the CPUs as the forwarder's do (pinned, each taking its CPU's connections;
+//! `--pin-threads false` to leave them to the scheduler). Its figures against HAProxy's are
+//! how far ahead of HAProxy any proxy could be here.
 //!
 //! `ferry-bench-floor-proxy --route 10.0.0.1:80,127.0.0.1:30280 [--route …]`
 
@@ -19,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
 use anyhow::Context as _;
 use clap::Parser;
+use ferry_forwarder::userspace::affinity;
 use socket2::{Domain, Socket, Type};
 
 #[derive(Debug, Parser)]
@@ -26,6 +29,10 @@ struct Args {
     /// `LISTEN,BACKEND`: connections to LISTEN are relayed to BACKEND.
     #[arg(long = "route", value_parser = route, required = true)]
     routes: Vec<(SocketAddr, SocketAddr)>,
+    /// Pin each thread to a CPU of its own and have the kernel hand it that CPU's
+    /// connections, as the forwarder does (`ferry_forwarder::userspace::affinity`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pin_threads: bool,
 }
 
 fn route(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
@@ -39,18 +46,29 @@ fn route(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = affinity::placement(&affinity::allowed_cpus(), threads, args.pin_threads);
     let mut handles = Vec::new();
-    for i in 0..threads {
+    for (i, cpu) in cpus.into_iter().enumerate() {
         let listeners = args
             .routes
             .iter()
             .map(|(listen, to)| Ok((listener(*listen)?, *to)))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("binding the listeners")?;
+        if let Some(cpu) = cpu {
+            for (l, _) in &listeners {
+                affinity::prefer_cpu(l, cpu).context("SO_INCOMING_CPU")?;
+            }
+        }
         handles.push(
             std::thread::Builder::new()
                 .name(format!("floor-{i}"))
-                .spawn(move || run(listeners))?,
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        affinity::pin(cpu)?;
+                    }
+                    run(listeners)
+                })?,
         );
     }
     for handle in handles {

@@ -6,7 +6,8 @@
 //! direct (no proxy), nftables DNAT written by hand, HAProxy (TCP mode), nginx stream, socat,
 //! ferry's kernel path and ferry's userspace path (the real forwarder, driven by the real
 //! control plane and operator), and the floor proxy (`ferry-bench-floor-proxy`: the least a
-//! proxy can do per connection). Figures: single-stream iperf3 throughput, wrk requests/s on
+//! proxy can do per connection), its threads placed as the forwarder's are and, for the
+//! placement's A/B, left to the scheduler. Figures: single-stream iperf3 throughput, wrk requests/s on
 //! 32 keep-alive connections, and new connections/s (wrk with `Connection: close`). Each figure
 //! is measured in slices, the paths compared with each other taking turns (see `--slices`):
 //! on a shared machine, load comes and goes within seconds, and a path measured for five
@@ -88,10 +89,11 @@ enum Variant {
     FerryKernel,
     FerryUserspace,
     Floor,
+    FloorUnpinned,
 }
 
 impl Variant {
-    const ALL: [Variant; 8] = [
+    const ALL: [Variant; 9] = [
         Variant::Direct,
         Variant::Nftables,
         Variant::Haproxy,
@@ -100,16 +102,18 @@ impl Variant {
         Variant::FerryKernel,
         Variant::FerryUserspace,
         Variant::Floor,
+        Variant::FloorUnpinned,
     ];
     /// The order of measurement within each round of slices (which starts one path further on
     /// each round): each ferry path right after the path it is compared with.
-    const MEASURED: [Variant; 8] = [
+    const MEASURED: [Variant; 9] = [
         Variant::Direct,
         Variant::FerryKernel,
         Variant::Nftables,
         Variant::Haproxy,
         Variant::FerryUserspace,
         Variant::Floor,
+        Variant::FloorUnpinned,
         Variant::Nginx,
         Variant::Socat,
     ];
@@ -143,6 +147,7 @@ impl Variant {
             Variant::FerryKernel => "ferry kernel",
             Variant::FerryUserspace => "ferry userspace",
             Variant::Floor => "floor proxy",
+            Variant::FloorUnpinned => "unpinned floor proxy",
         }
     }
 }
@@ -610,20 +615,27 @@ async fn throughput(
     };
     let _socat_iperf = socat(35201, IPERF_PORT, "socat-iperf")?;
     let _socat_http = socat(38080, HTTP_PORT, "socat-http")?;
-    let floor = in_ns(
-        &dir,
-        node_ns,
-        "floor-proxy",
-        &ferry_e2e::operator::binary("ferry-bench-floor-proxy")?
-            .display()
-            .to_string(),
-        vec![
-            "--route".into(),
-            format!("{node_ip}:45201,127.0.0.1:{IPERF_PORT}"),
-            "--route".into(),
-            format!("{node_ip}:48080,127.0.0.1:{HTTP_PORT}"),
-        ],
-    )?;
+    let floor_proxy = |name: &str, ports: (u16, u16), pin: bool| {
+        in_ns(
+            &dir,
+            node_ns,
+            name,
+            &ferry_e2e::operator::binary("ferry-bench-floor-proxy")?
+                .display()
+                .to_string(),
+            vec![
+                "--route".into(),
+                format!("{node_ip}:{},127.0.0.1:{IPERF_PORT}", ports.0),
+                "--route".into(),
+                format!("{node_ip}:{},127.0.0.1:{HTTP_PORT}", ports.1),
+                "--pin-threads".into(),
+                pin.to_string(),
+            ],
+        )
+    };
+    let floor = floor_proxy("floor-proxy", (45201, 48080), true)?;
+    // The same proxy with its threads left to the scheduler: the placement's A/B.
+    let unpinned_floor = floor_proxy("unpinned-floor-proxy", (55201, 58080), false)?;
 
     // ferry: a Service whose ports reach the same NodePorts.
     let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");
@@ -697,6 +709,7 @@ async fn throughput(
             Variant::Nginx => (node_ip.clone(), 25201, 28080),
             Variant::Socat => (node_ip.clone(), 35201, 38080),
             Variant::Floor => (node_ip.clone(), 45201, 48080),
+            Variant::FloorUnpinned => (node_ip.clone(), 55201, 58080),
             Variant::FerryKernel | Variant::FerryUserspace => (vip.clone(), 5201, 80),
         }
     };
@@ -733,6 +746,7 @@ async fn throughput(
                             Variant::Haproxy => haproxy.pid(),
                             Variant::FerryUserspace => forwarder.pid(),
                             Variant::Floor => floor.pid(),
+                            Variant::FloorUnpinned => unpinned_floor.pid(),
                             _ => None,
                         };
                         let (ip, iperf, http) = route(*variant);
@@ -1000,6 +1014,12 @@ fn main() -> anyhow::Result<()> {
         ratio(Variant::Floor, Variant::Haproxy, cps)
     );
     println!(
+        "| floor proxy / unpinned floor proxy (what placing each thread on the CPU of its connections does) | {} | {} | {} | — |",
+        ratio(Variant::Floor, Variant::FloorUnpinned, gb),
+        ratio(Variant::Floor, Variant::FloorUnpinned, rps),
+        ratio(Variant::Floor, Variant::FloorUnpinned, cps)
+    );
+    println!(
         "| ferry kernel / direct | {} | {} | {} | throughput ≥ 0.97 |",
         ratio(Variant::FerryKernel, Variant::Direct, gb),
         ratio(Variant::FerryKernel, Variant::Direct, rps),
@@ -1031,7 +1051,12 @@ fn main() -> anyhow::Result<()> {
         "| proxy CPU, all threads, µs (median of the runs) | per request, keep-alive | of which user | per new connection | of which user | of which system |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    for v in [Variant::Haproxy, Variant::FerryUserspace, Variant::Floor] {
+    for v in [
+        Variant::Haproxy,
+        Variant::FerryUserspace,
+        Variant::Floor,
+        Variant::FloorUnpinned,
+    ] {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             v.name(),

@@ -322,6 +322,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 max_connections: 10_000,
                 udp_max_flows: 1_000,
                 udp_idle_timeout: Duration::from_secs(30),
+                pin_threads: true,
             },
             Arc::new(DataplaneMetrics::default()),
         )),

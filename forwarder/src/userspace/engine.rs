@@ -26,12 +26,15 @@ use std::time::{Duration, Instant};
 use socket2::SockAddr;
 use std::sync::mpsc;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
 use super::Shared;
+use super::affinity;
 use super::epoll::Epoll;
 use super::relay::{self, Conn, Place, Step, Timeouts};
+use crate::metrics::DataplaneMetrics;
 use crate::plan::Frontend;
 
 /// How often a client waiting for a place looks again.
@@ -89,6 +92,8 @@ struct Engine<'a> {
     timeouts: Timeouts,
     period: Duration,
     last_sweep: Instant,
+    /// Connections this engine accepted (its own series: no other thread writes it).
+    accepted: Counter,
 }
 
 /// The sweep's period: a quarter of the shortest timeout, between 10 ms and a second.
@@ -102,12 +107,17 @@ fn period(connect: Duration, timeouts: Timeouts) -> Duration {
 pub(super) struct Handle {
     commands: mpsc::Sender<Command>,
     wake: Arc<OwnedFd>,
+    /// The CPU the thread is pinned to (`affinity`).
+    cpu: Option<usize>,
 }
 
 impl Handle {
-    /// Starts an engine on a thread of its own.
+    /// Starts engine `index` on a thread of its own, pinned to `cpu` when given (and the
+    /// kernel lets it).
     pub(super) fn start(
-        name: String,
+        index: usize,
+        cpu: Option<usize>,
+        metrics: &Arc<DataplaneMetrics>,
         limit: Arc<Semaphore>,
         connect_timeout: Duration,
         timeouts: Timeouts,
@@ -122,7 +132,19 @@ impl Handle {
         epoll.add_listener(wake.as_raw_fd(), WAKE)?;
         let (commands, received) = mpsc::channel();
         let woken = wake.clone();
+        let (pinned_tx, pinned) = mpsc::channel();
+        let metrics = metrics.clone();
+        let name = format!("ferry-tcp-{index}");
         std::thread::Builder::new().name(name).spawn(move || {
+            let cpu = cpu.filter(|cpu| match affinity::pin(*cpu) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(cpu, error = %err, "cannot pin a data-plane thread to its CPU");
+                    false
+                }
+            });
+            let _ = pinned_tx.send(cpu);
+            let accepted = metrics.engine(index, cpu);
             let mut engine = Engine {
                 epoll: &epoll,
                 listeners: HashMap::new(),
@@ -140,10 +162,22 @@ impl Handle {
                 timeouts,
                 period: period(connect_timeout, timeouts),
                 last_sweep: Instant::now(),
+                accepted,
             };
             engine.run(&received, &woken);
         })?;
-        Ok(Handle { commands, wake })
+        // The thread says first thing where it runs.
+        let cpu = pinned.recv().unwrap_or(None);
+        Ok(Handle {
+            commands,
+            wake,
+            cpu,
+        })
+    }
+
+    /// The CPU the engine's thread is pinned to, whose connections its listeners ask for.
+    pub(super) fn cpu(&self) -> Option<usize> {
+        self.cpu
     }
 
     /// Hands `command` to the engine and wakes it.
@@ -385,6 +419,7 @@ impl Engine<'_> {
                     return;
                 }
             };
+            self.accepted.inc();
             let frontend = listener.shared.frontend();
             if !frontend.admits(&peer.ip()) {
                 listener.shared.metrics.refused();

@@ -6,7 +6,8 @@
 //! runtime for UDP (`Workers`). Every TCP frontend has a listener per engine, bound with
 //! SO_REUSEPORT, so the kernel spreads new connections over the engines and each connection
 //! lives its whole life on one thread — no work stealing and no cross-thread wake-ups on the hot path, the way
-//! HAProxy and nginx run their threads. A TCP connection is a state machine in its engine's
+//! HAProxy and nginx run their threads. Where there is an engine per CPU, each is pinned to
+//! its CPU and takes the connections that CPU received (`affinity`). A TCP connection is a state machine in its engine's
 //! slab (`relay`), driven by edge-triggered epoll, not a task: on 2026-12-04 a task per
 //! connection cost 12.8 µs of user time per new connection that a bare epoll loop does not
 //! spend (docs/results.md, "The floor proxy").
@@ -17,6 +18,7 @@
 //! frontend with idle expiry. Changing a frontend's backends keeps its listener and its
 //! connections; removing a frontend closes its listener and its connections.
 
+pub mod affinity;
 mod engine;
 mod epoll;
 mod fairness;
@@ -49,6 +51,8 @@ pub struct Limits {
     /// UDP flows per frontend.
     pub udp_max_flows: usize,
     pub udp_idle_timeout: Duration,
+    /// Pin each TCP engine to a CPU of its own when there is one per CPU (`affinity`).
+    pub pin_threads: bool,
 }
 
 /// What a frontend's tasks read; replaced as a whole when the plan changes.
@@ -103,15 +107,22 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(limit: &Arc<Semaphore>, limits: Limits) -> io::Result<Self> {
+    fn start(
+        limit: &Arc<Semaphore>,
+        limits: Limits,
+        metrics: &Arc<DataplaneMetrics>,
+    ) -> io::Result<Self> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = affinity::placement(&affinity::allowed_cpus(), n, limits.pin_threads);
         let (mut handles, mut engines, mut stops) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..n {
+        for (i, cpu) in cpus.into_iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             engines.push(Arc::new(engine::Handle::start(
-                format!("ferry-tcp-{i}"),
+                i,
+                cpu,
+                metrics,
                 limit.clone(),
                 limits.connect_timeout,
                 limits.timeouts,
@@ -268,7 +279,11 @@ impl Userspace {
 
     fn start(&mut self, frontend: &Frontend) -> io::Result<Listener> {
         if self.workers.is_none() {
-            self.workers = Some(Workers::start(&self.connections, self.limits)?);
+            self.workers = Some(Workers::start(
+                &self.connections,
+                self.limits,
+                &self.metrics,
+            )?);
         }
         let (workers, engines) = match &self.workers {
             Some(w) => (w.handles.clone(), w.engines.clone()),
@@ -290,10 +305,15 @@ impl Userspace {
             Protocol::Tcp => {
                 // Bind them all first, so a taken port fails the whole frontend now.
                 let mut sockets = Vec::new();
-                for _ in &engines {
+                for engine in &engines {
                     let socket = bind_socket(addr, Type::STREAM)?;
                     // Accepted connections inherit it: no setsockopt per client.
                     socket.set_tcp_nodelay(true)?;
+                    if let Some(cpu) = engine.cpu()
+                        && let Err(err) = affinity::prefer_cpu(&socket, cpu)
+                    {
+                        warn!(cpu, error = %err, "cannot steer a CPU's connections to its thread");
+                    }
                     socket.listen(4096)?;
                     sockets.push(std::net::TcpListener::from(socket));
                 }
@@ -361,6 +381,7 @@ mod tests {
             max_connections: 100,
             udp_max_flows: 100,
             udp_idle_timeout: Duration::from_secs(30),
+            pin_threads: true,
         }
     }
 
@@ -382,6 +403,86 @@ mod tests {
             source_ranges: vec![],
             local: false,
         }
+    }
+
+    /// Opens `n` connections to `port` from a thread pinned to `cpu` and waits until the
+    /// backend has them all.
+    fn connect_from(cpu: usize, port: u16, n: usize, backend: &std::net::TcpListener) {
+        let clients = std::thread::spawn(move || {
+            affinity::pin(cpu).unwrap();
+            (0..n)
+                .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        for _ in &clients {
+            backend.accept().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn each_cpu_hands_its_connections_to_the_thread_pinned_on_it() {
+        let allowed = affinity::allowed_cpus();
+        let engines = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if allowed.len() != engines {
+            eprintln!("a CPU quota here: {engines} threads for {allowed:?}, none pinned");
+            return;
+        }
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let metrics = Arc::new(DataplaneMetrics::default());
+        let mut userspace = Userspace::new(limits(), metrics.clone());
+        let port = free_port();
+        let f = frontend(port, backend.local_addr().unwrap());
+        assert!(userspace.apply(std::slice::from_ref(&f)).is_empty());
+        for (i, cpu) in allowed.iter().enumerate() {
+            connect_from(*cpu, port, 10 + i, &backend);
+        }
+        // Each thread runs on its CPU and took that CPU's connections, and only those.
+        for (i, cpu) in allowed.iter().enumerate() {
+            assert_eq!(
+                metrics.engine(i, Some(*cpu)).get(),
+                10 + i as u64,
+                "CPU {cpu}"
+            );
+        }
+        let threads = std::fs::read_dir("/proc/self/task").unwrap();
+        let pinned: Vec<String> = threads
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let status = std::fs::read_to_string(dir.join("status")).ok()?;
+                let cpus = status
+                    .lines()
+                    .find(|l| l.starts_with("Cpus_allowed_list"))?;
+                let cpus = cpus.split_whitespace().last()?;
+                name.starts_with("ferry-tcp-")
+                    .then(|| format!("{} {cpus}", name.trim()))
+            })
+            .collect();
+        for (i, cpu) in allowed.iter().enumerate() {
+            assert!(
+                pinned.contains(&format!("ferry-tcp-{i} {cpu}")),
+                "{pinned:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unpinned_threads_share_the_connections_as_the_kernel_spreads_them() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let metrics = Arc::new(DataplaneMetrics::default());
+        let mut limits = limits();
+        limits.pin_threads = false;
+        let mut userspace = Userspace::new(limits, metrics.clone());
+        let port = free_port();
+        let f = frontend(port, backend.local_addr().unwrap());
+        assert!(userspace.apply(std::slice::from_ref(&f)).is_empty());
+        let cpu = affinity::allowed_cpus().first().copied().unwrap_or(0);
+        connect_from(cpu, port, 20, &backend);
+        let engines = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let accepted: u64 = (0..engines).map(|i| metrics.engine(i, None).get()).sum();
+        assert_eq!(accepted, 20);
     }
 
     #[tokio::test]
