@@ -336,7 +336,24 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// One iperf3 measurement; tried again, up to three times, when iperf3 reports an error
+    /// (its server takes one test at a time, and says it is busy while the last one ends).
     fn iperf(&self, ip: &str, port: u16, seconds: u64) -> anyhow::Result<f64> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.iperf_once(ip, port, seconds) {
+                Ok(gbits) => return Ok(gbits),
+                Err(err) if tries < 3 => {
+                    eprintln!("iperf3 via {ip}:{port} failed ({err:#}), trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn iperf_once(&self, ip: &str, port: u16, seconds: u64) -> anyhow::Result<f64> {
         let out = self.client.exec(
             "iperf3",
             &[
@@ -353,7 +370,7 @@ impl Bench<'_> {
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .map(|b| b / 1e9)
-            .context("iperf3 printed no throughput")
+            .with_context(|| format!("iperf3 printed no throughput: {}", v["error"]))
     }
 
     fn wrk(&self, ip: &str, port: u16, close: bool, seconds: u64) -> anyhow::Result<WrkRun> {

@@ -94,6 +94,9 @@ struct Engine<'a> {
     last_sweep: Instant,
     /// Connections this engine accepted (its own series: no other thread writes it).
     accepted: Counter,
+    /// How its connections move bulk transfers: copied on a pinned thread, whose
+    /// connections' data is in its CPU's cache, spliced otherwise.
+    bulk: relay::Bulk,
 }
 
 /// The sweep's period: a quarter of the shortest timeout, between 10 ms and a second.
@@ -163,6 +166,11 @@ impl Handle {
                 period: period(connect_timeout, timeouts),
                 last_sweep: Instant::now(),
                 accepted,
+                bulk: if cpu.is_some() {
+                    relay::Bulk::Copy
+                } else {
+                    relay::Bulk::Splice
+                },
             };
             engine.run(&received, &woken);
         })?;
@@ -465,6 +473,7 @@ impl Engine<'_> {
             token,
             &mut self.scratch,
             now,
+            self.bulk,
         );
         match (conn, self.conns.get_mut(slot)) {
             (Some(conn), Some(entry)) => {

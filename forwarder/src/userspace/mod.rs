@@ -660,9 +660,21 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_flow_both_ways_and_each_end_passes_through() {
+        // Pinned threads copy bulk transfers through their buffer.
+        relays_both_ways(limits()).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_through_splice_on_unpinned_threads() {
+        let mut limits = limits();
+        limits.pin_threads = false;
+        relays_both_ways(limits).await;
+    }
+
+    async fn relays_both_ways(limits: Limits) {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = free_port();
-        let (_userspace, metrics) = serving(port, vec![backend.local_addr().unwrap()], limits());
+        let (_userspace, metrics) = serving(port, vec![backend.local_addr().unwrap()], limits);
         for _ in 0..3 {
             let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -671,7 +683,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            // More than one read's worth each way: the bulk path (splice) as well.
+            // More than one read's worth each way: the bulk path as well.
             let request: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
             client.write_all(&request).await.unwrap();
             client.shutdown().await.unwrap();
