@@ -14,7 +14,7 @@
 //! connections by hash, as without pinning.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 /// The CPUs this process may run on, in ascending order (empty if the kernel does not say).
 pub fn allowed_cpus() -> Vec<usize> {
@@ -60,23 +60,8 @@ pub fn pin(cpu: usize) -> io::Result<()> {
 }
 
 /// Asks the kernel to hand `listener` the connections whose handshake `cpu` handled.
-pub fn prefer_cpu(listener: &impl AsRawFd, cpu: usize) -> io::Result<()> {
-    let cpu =
-        libc::c_int::try_from(cpu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: setsockopt with a c_int that lives for the call.
-    let r = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_INCOMING_CPU,
-            (&cpu as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+pub fn prefer_cpu(listener: &impl AsFd, cpu: usize) -> io::Result<()> {
+    socket2::SockRef::from(listener).set_cpu_affinity(cpu)
 }
 
 #[cfg(test)]
@@ -112,18 +97,6 @@ mod tests {
     fn a_listener_takes_a_preferred_cpu() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         prefer_cpu(&l, 0).unwrap();
-        let mut got: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `got`.
-        let r = unsafe {
-            libc::getsockopt(
-                l.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_INCOMING_CPU,
-                (&mut got as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!((r, got), (0, 0));
+        assert_eq!(socket2::SockRef::from(&l).cpu_affinity().unwrap(), 0);
     }
 }

@@ -416,8 +416,23 @@ mod tests {
         })
         .join()
         .unwrap();
-        for _ in &clients {
-            backend.accept().unwrap();
+        // Relayed, each reaches the backend; if relaying broke, fail rather than hang.
+        backend.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut accepted = 0;
+        while accepted < clients.len() {
+            match backend.accept() {
+                Ok(_) => accepted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the backend got {accepted} of {} connections",
+                        clients.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accepting a relayed connection: {e}"),
+            }
         }
     }
 
