@@ -10,8 +10,8 @@ use std::hash::{Hash as _, Hasher as _};
 
 use super::TABLE;
 use super::ruleset::{
-    Binding, Identity, Objects, Shape, add_elements, binding_element, bindings, declare,
-    delete_elements, element, indent, objects, proto, shape, shape_chain, shape_rules,
+    Binding, Identity, Objects, Shape, add_elements, binding_element, binding_entry, bindings,
+    declare, delete_elements, element, indent, objects, proto, shape, shape_chain, shape_rules,
 };
 use crate::plan::Frontend;
 
@@ -245,42 +245,44 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
             }
         }
     }
-    let (bound_before, masq_before) = bindings(differ.iter().filter_map(old_of));
-    let (bound_after, masq_after) = bindings(differ.iter().filter_map(new_of));
-    // A binding another frontend still has stays (two frontends share one only where a
-    // Service maps two of its ports to one NodePort, which Kubernetes refuses, but the
-    // table must not depend on that).
+    let bound_before = bindings(differ.iter().filter_map(old_of));
+    let bound_after = bindings(differ.iter().filter_map(new_of));
+    // What the frontends that stay as they are make of a binding (two frontends share one
+    // only where a Service maps two of its ports to one NodePort, which Kubernetes refuses,
+    // but the table must not depend on that): whether they hold it, and masquerade it.
     let unchanged = || {
         new.iter()
             .filter(|(k, _)| !differ.contains(k))
             .map(|(_, f)| f.borrow())
     };
-    let still = |b: &Binding, masquerade: bool| {
-        unchanged().any(|f| {
-            f.vip == b.0
-                && proto(f.protocol) == b.1
-                && (!masquerade || !f.local)
-                && f.backends.iter().any(|be| be.port() == b.2)
-        })
+    let kept = |b: &Binding| -> Option<bool> {
+        unchanged()
+            .filter(|f| {
+                f.vip == b.0
+                    && proto(f.protocol) == b.1
+                    && f.backends.iter().any(|be| be.port() == b.2)
+            })
+            .map(|f| !f.local)
+            .reduce(|a, m| a || m)
     };
-    for (set, before, after) in [
-        ("bound", &bound_before, &bound_after),
-        ("masquerade", &masq_before, &masq_after),
-    ] {
-        for v6 in [false, true] {
-            let of_family = |b: &&Binding| b.0.is_ipv6() == v6;
-            let masquerade = set == "masquerade";
-            let gone = before
-                .difference(after)
-                .filter(of_family)
-                .filter(|b| !still(b, masquerade))
-                .map(binding_element);
-            drop.entry(set).or_default()[usize::from(v6)].extend(gone);
-            let new = after
-                .difference(before)
-                .filter(of_family)
-                .map(binding_element);
-            add.entry(set).or_default()[usize::from(v6)].extend(new);
+    let with = |a: Option<bool>, b: Option<bool>| match (a, b) {
+        (Some(x), Some(y)) => Some(x || y),
+        (x, None) | (None, x) => x,
+    };
+    let touched: BTreeSet<&Binding> = bound_before.keys().chain(bound_after.keys()).collect();
+    for b in touched {
+        let others = kept(b);
+        let was = with(bound_before.get(b).copied(), others);
+        let will = with(bound_after.get(b).copied(), others);
+        if was == will {
+            continue;
+        }
+        let family = usize::from(b.0.is_ipv6());
+        if was.is_some() {
+            drop.entry("bind").or_default()[family].push(binding_element(b));
+        }
+        if let Some(masquerade) = will {
+            add.entry("bind").or_default()[family].push(binding_entry(b, masquerade));
         }
     }
     let elements = |of: &BTreeMap<&str, [Vec<String>; 2]>,
@@ -303,7 +305,7 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     // what leads to the chain.
     s.push_str(&elements(
         &drop,
-        &["dispatch", "picks", "ports", "bound", "masquerade"],
+        &["dispatch", "picks", "ports", "bind"],
         delete_elements,
     ));
     s.push_str(&drop_chains);
@@ -313,7 +315,7 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     }
     s.push_str(&elements(
         &add,
-        &["seen", "picks", "ports", "dispatch", "bound", "masquerade"],
+        &["seen", "picks", "ports", "dispatch", "bind"],
         add_elements,
     ));
     Some(s)
@@ -369,13 +371,11 @@ mod tests {
             "delete element inet ferry dispatch4 { 192.0.2.8 . tcp . 80 }\n\
              delete element inet ferry picks4 { 192.0.2.8 . tcp . 80 . 1 }\n\
              delete element inet ferry ports4 { 192.0.2.8 . tcp . 80 }\n\
-             delete element inet ferry bound4 { 192.0.2.8 . tcp . 30080 }\n\
-             delete element inet ferry masquerade4 { 192.0.2.8 . tcp . 30080 }\n\
+             delete element inet ferry bind4 { 192.0.2.8 . tcp . 30080 }\n\
              table inet ferry {\n\tchain pick4_tcp_1 {\n\t\tfib daddr type != local return\n\t\tip daddr . meta l4proto . th dport @seen4\n\t\tip daddr set ip daddr . meta l4proto . th dport . numgen inc mod 1 map @picks4 tcp dport set ct original ip daddr . meta l4proto . th dport map @ports4\n\t}\n}\n\
              add element inet ferry ports4 { 192.0.2.8 . tcp . 80 : 30090 }\n\
              add element inet ferry dispatch4 { 192.0.2.8 . tcp . 80 : goto pick4_tcp_1 }\n\
-             add element inet ferry bound4 { 192.0.2.8 . tcp . 30090 }\n\
-             add element inet ferry masquerade4 { 192.0.2.8 . tcp . 30090 }\n"
+             add element inet ferry bind4 { 192.0.2.8 . tcp . 30090 : goto masq4_tcp }\n"
         );
         // The first frontend of its shape brought its chain; the last one takes it away,
         // while a chain others still use stays.
@@ -462,12 +462,40 @@ mod tests {
             script.contains("delete element inet ferry dispatch4 { 192.0.2.10 . tcp . 81 }"),
             "{script}"
         );
-        assert!(!script.contains("bound4"), "{script}");
-        assert!(!script.contains("masquerade4"), "{script}");
+        assert!(!script.contains("bind4"), "{script}");
         // Once no frontend has it, it goes.
         let script = changes(&by_identity(&[a]), &BTreeMap::new()).unwrap();
         assert!(
-            script.contains("delete element inet ferry bound4 { 192.0.2.10 . tcp . 30080 }"),
+            script.contains("delete element inet ferry bind4 { 192.0.2.10 . tcp . 30080 }"),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn a_shared_binding_masquerades_while_one_of_its_frontends_asks_for_it() {
+        let kept = Frontend {
+            local: true,
+            ..frontend("192.0.2.10", 80, Protocol::Tcp, &["10.0.0.1:30080"])
+        };
+        let spread = frontend("192.0.2.10", 81, Protocol::Tcp, &["10.0.0.1:30080"]);
+        let pair = [kept.clone(), spread];
+        let both = by_identity(&pair);
+        let alone = by_identity(std::slice::from_ref(&kept));
+        // The frontend that masqueraded goes: the binding stays, without masquerade.
+        let script = changes(&both, &alone).unwrap();
+        assert!(
+            script.contains("delete element inet ferry bind4 { 192.0.2.10 . tcp . 30080 }\n")
+                && script.contains(
+                    "add element inet ferry bind4 { 192.0.2.10 . tcp . 30080 : goto bind4_tcp }\n"
+                ),
+            "{script}"
+        );
+        // And back.
+        let script = changes(&alone, &both).unwrap();
+        assert!(
+            script.contains(
+                "add element inet ferry bind4 { 192.0.2.10 . tcp . 30080 : goto masq4_tcp }\n"
+            ),
             "{script}"
         );
     }

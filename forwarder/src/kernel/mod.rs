@@ -10,9 +10,9 @@
 //! node's own and kube-proxy implements NodePorts with DNAT (-100), kube-proxy's rule sees an
 //! ordinary NodePort connection and takes it to a pod; where nothing did (another node's
 //! NodePort, or a process listening on it), ferry's own NAT chain (-95) binds the connection
-//! to where it was steered (one rule per family, matching the set `bound4`/`bound6` of
-//! `original VIP . l4proto . backend port`; `masquerade4`/`masquerade6` mark those to
-//! masquerade). Either way conntrack's original tuple is the VIP's, so replies leave from the
+//! to where it was steered: one lookup per family in the verdict map `bind4`/`bind6` of
+//! `original VIP . l4proto . backend port` goes to the chain that binds it (`masq4_tcp`
+//! marks it to masquerade too, `bind4_tcp` does not). Either way conntrack's original tuple is the VIP's, so replies leave from the
 //! VIP, and later packets follow the binding without being looked at again. (DNAT to the
 //! node's own NodePort before kube-proxy would take the only binding and reach a port nothing
 //! listens on.)

@@ -344,26 +344,42 @@ fn admission(f: &Frontend) -> Option<String> {
 }
 
 /// The NAT bindings of `frontends`: every connection steered from a VIP port to one of its
-/// backend ports, and those of them to masquerade (all but `externalTrafficPolicy: Local`).
+/// backend ports, and whether to masquerade it (all but `externalTrafficPolicy: Local`; a
+/// binding two frontends share is masqueraded if either asks for it).
 pub(super) fn bindings<'a>(
     frontends: impl IntoIterator<Item = &'a Frontend>,
-) -> (BTreeSet<Binding>, BTreeSet<Binding>) {
-    let mut bound = BTreeSet::new();
-    let mut masqueraded = BTreeSet::new();
+) -> BTreeMap<Binding, bool> {
+    let mut out = BTreeMap::new();
     for f in frontends {
         for b in &f.backends {
-            let key = (f.vip, proto(f.protocol), b.port());
-            bound.insert(key);
-            if !f.local {
-                masqueraded.insert(key);
-            }
+            let masquerade = out
+                .entry((f.vip, proto(f.protocol), b.port()))
+                .or_insert(false);
+            *masquerade |= !f.local;
         }
     }
-    (bound, masqueraded)
+    out
 }
 
 pub(super) fn binding_element((vip, p, port): &Binding) -> String {
     format!("{vip} . {p} . {port}")
+}
+
+/// A binding's element in the `bind` map: its key and the chain that binds it.
+pub(super) fn binding_entry(b: &Binding, masquerade: bool) -> String {
+    let (vip, p, _) = b;
+    format!(
+        "{} : goto {}",
+        binding_element(b),
+        binding_chain(vip.is_ipv6(), p, masquerade)
+    )
+}
+
+/// The chain that binds a connection of family `v6` and protocol `p` to where it was
+/// steered, marking it to masquerade or not.
+fn binding_chain(v6: bool, p: &str, masquerade: bool) -> String {
+    let kind = if masquerade { "masq" } else { "bind" };
+    format!("{kind}{}_{p}", if v6 { 6 } else { 4 })
 }
 
 /// The servable frontends of a plan by identity (the first of any two with one identity).
@@ -396,12 +412,10 @@ fn skeleton() -> String {
             s,
             "\tmap ports{n} {{\n\t\ttype {addr} . inet_proto . inet_service : inet_service\n\t}}"
         );
-        for set in ["bound", "masquerade"] {
-            let _ = writeln!(
-                s,
-                "\tset {set}{n} {{\n\t\ttype {addr} . inet_proto . inet_service\n\t}}"
-            );
-        }
+        let _ = writeln!(
+            s,
+            "\tmap bind{n} {{\n\t\ttype {addr} . inet_proto . inet_service : verdict\n\t}}"
+        );
         // Each frontend's new connections, counted by its element: elements are not read
         // before a change, as named counters are (nft lists every object first).
         let _ = writeln!(
@@ -425,13 +439,14 @@ fn skeleton() -> String {
     );
     // After kube-proxy's DNAT (-100): only one NAT binding per connection and hook, so a
     // connection kube-proxy took to a pod never reaches these. The others are bound to
-    // where steering sent them (the packet's destination now).
+    // where steering sent them (the packet's destination now): one lookup per family, in
+    // the map `bind` of `original VIP . l4proto . backend port`, goes to the chain that
+    // binds the connection, marking it to masquerade or not.
     let mut complete = String::new();
     for (n, fam) in [(4, "ip"), (6, "ip6")] {
-        let key = format!("ct original {fam} daddr . meta l4proto . th dport");
         let _ = writeln!(
             complete,
-            "\t\tmeta l4proto {{ tcp, udp }} {key} @masquerade{n} meta mark set {MASQUERADE_MARK}\n\t\tmeta l4proto {{ tcp, udp }} {key} @bound{n} dnat {fam} to {fam} daddr : th dport"
+            "\t\tct original {fam} daddr . meta l4proto . th dport vmap @bind{n}"
         );
     }
     for hook in ["prerouting", "output"] {
@@ -439,6 +454,22 @@ fn skeleton() -> String {
             s,
             "\tchain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n{complete}\t}}"
         );
+    }
+    for (v6, fam) in [(false, "ip"), (true, "ip6")] {
+        for p in ["tcp", "udp"] {
+            for masquerade in [false, true] {
+                let mark = if masquerade {
+                    format!(" meta mark set {MASQUERADE_MARK}")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    s,
+                    "\tchain {} {{\n\t\tmeta l4proto {p}{mark} dnat {fam} to {fam} daddr : {p} dport\n\t}}",
+                    binding_chain(v6, p, masquerade)
+                );
+            }
+        }
     }
     let _ = writeln!(
         s,
@@ -512,7 +543,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
             indent(&shape_rules(shape))
         );
     }
-    let (bound, masqueraded) = bindings(frontends.values().map(|f| &**f));
+    let bound = bindings(frontends.values().map(|f| &**f));
     let mut s =
         format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{body}}}\n");
     for (map, of) in [
@@ -525,16 +556,16 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
             s.push_str(&add_elements(&format!("{map}{n}"), items));
         }
     }
-    for (set, of) in [("bound", &bound), ("masquerade", &masqueraded)] {
-        for v6 in [false, true] {
-            let items: Vec<String> = of
-                .iter()
-                .filter(|(ip, _, _)| ip.is_ipv6() == v6)
-                .map(binding_element)
-                .collect();
-            let n = if v6 { 6 } else { 4 };
-            s.push_str(&add_elements(&format!("{set}{n}"), &items));
-        }
+    for v6 in [false, true] {
+        let items: Vec<String> = bound
+            .iter()
+            .filter(|((ip, _, _), _)| ip.is_ipv6() == v6)
+            .map(|(b, masquerade)| binding_entry(b, *masquerade))
+            .collect();
+        s.push_str(&add_elements(
+            &format!("bind{}", if v6 { 6 } else { 4 }),
+            &items,
+        ));
     }
     s.push_str(&tail);
     s
@@ -638,12 +669,24 @@ mod tests {
         // Binding, after kube-proxy's NAT, for connections steered from this VIP port.
         for hook in ["prerouting", "output"] {
             assert!(
-                r.contains(&format!("chain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n\t\tmeta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . th dport @masquerade4 meta mark set 0x66657279\n\t\tmeta l4proto {{ tcp, udp }} ct original ip daddr . meta l4proto . th dport @bound4 dnat ip to ip daddr : th dport\n")),
+                r.contains(&format!("chain nat_{hook} {{\n\t\ttype nat hook {hook} priority -95; policy accept;\n\t\tct original ip daddr . meta l4proto . th dport vmap @bind4\n\t\tct original ip6 daddr . meta l4proto . th dport vmap @bind6\n\t}}")),
                 "{r}"
             );
         }
-        assert!(r.contains("add element inet ferry bound4 { 192.0.2.10 . tcp . 30080 }"));
-        assert!(r.contains("add element inet ferry masquerade4 { 192.0.2.10 . tcp . 30080 }"));
+        assert!(
+            r.contains(
+                "add element inet ferry bind4 { 192.0.2.10 . tcp . 30080 : goto masq4_tcp }"
+            ),
+            "{r}"
+        );
+        assert_eq!(
+            chain(&r, "masq4_tcp"),
+            "chain masq4_tcp {\n\t\tmeta l4proto tcp meta mark set 0x66657279 dnat ip to ip daddr : tcp dport\n"
+        );
+        assert_eq!(
+            chain(&r, "bind6_udp"),
+            "chain bind6_udp {\n\t\tmeta l4proto udp dnat ip6 to ip6 daddr : udp dport\n"
+        );
         assert!(r.contains("meta mark 0x66657279 masquerade"));
     }
 
@@ -679,8 +722,12 @@ mod tests {
             r.contains("add element inet ferry picks4 { 192.0.2.10 . udp . 53 . 0 : 10.0.0.2 }"),
             "{r}"
         );
-        assert!(r.contains("add element inet ferry bound4 { 192.0.2.10 . udp . 30053 }"));
-        assert!(!r.contains("add element inet ferry masquerade4"), "{r}");
+        assert!(
+            r.contains(
+                "add element inet ferry bind4 { 192.0.2.10 . udp . 30053 : goto bind4_udp }"
+            ),
+            "{r}"
+        );
         // The IPv4 backend cannot serve an IPv6 VIP in the kernel: two backends, each with
         // its chain and its set of recent clients expiring after the Service's timeout.
         let ident = "2001xdb8xx10_tcp_443";
@@ -716,7 +763,9 @@ mod tests {
             )
         );
         assert!(
-            r.contains("add element inet ferry masquerade6 { 2001:db8::10 . tcp . 30443 }"),
+            r.contains(
+                "add element inet ferry bind6 { 2001:db8::10 . tcp . 30443 : goto masq6_tcp }"
+            ),
             "{r}"
         );
     }
@@ -736,7 +785,7 @@ mod tests {
             "{r}"
         );
         assert!(
-            r.contains("add element inet ferry bound4 { 192.0.2.10 . tcp . 30080, 192.0.2.10 . tcp . 30081 }"),
+            r.contains("add element inet ferry bind4 { 192.0.2.10 . tcp . 30080 : goto masq4_tcp, 192.0.2.10 . tcp . 30081 : goto masq4_tcp }"),
             "{r}"
         );
     }
