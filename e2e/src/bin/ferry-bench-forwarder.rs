@@ -62,6 +62,12 @@ struct Args {
     /// table: tracing them costs CPU, so the CPU figures of such a run are not for the record).
     #[arg(long)]
     syscalls: bool,
+    /// The rules "nftables by hand" is measured with, instead of its two DNAT rules: an
+    /// nftables file in which `{NODE_IP}` stands for the node's address, steering
+    /// 10.213.0.150:30280 to port 30282 of the node (and, optionally, port 30201 to the same
+    /// port). For A/Bs of ferry's kernel table against variants of it (e2e/bench/nft/).
+    #[arg(long)]
+    hand_rules: Option<PathBuf>,
 }
 
 const IPERF_PORT: u16 = 30201;
@@ -564,11 +570,18 @@ async fn throughput(
 
     // The proxies, each on its own ports of the node's address.
     node_ns.ip(&["addr", "add", &format!("{HAND_VIP}/32"), "dev", "eth0"])?;
-    node_ns.exec("nft", &["-f", write(&dir, "hand.nft", &format!(
-        "table ip bench {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n\
-           ip daddr {HAND_VIP} tcp dport {IPERF_PORT} dnat to {node_ip}:{IPERF_PORT}\n\
-           ip daddr {HAND_VIP} tcp dport {HTTP_PORT} dnat to {node_ip}:{HAND_HTTP_PORT}\n}}\n}}\n"
-    ))?.to_str().unwrap_or_default()])?;
+    let hand = match &args.hand_rules {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .replace("{NODE_IP}", &node_ip),
+        None => format!(
+            "table ip bench {{ chain pre {{ type nat hook prerouting priority -100; policy accept;\n\
+               ip daddr {HAND_VIP} tcp dport {IPERF_PORT} dnat to {node_ip}:{IPERF_PORT}\n\
+               ip daddr {HAND_VIP} tcp dport {HTTP_PORT} dnat to {node_ip}:{HAND_HTTP_PORT}\n}}\n}}\n"
+        ),
+    };
+    let hand = write(&dir, "hand.nft", &hand)?;
+    node_ns.exec("nft", &["-f", hand.to_str().unwrap_or_default()])?;
     // With NAT in this namespace every connection is tracked, and one client's 60,000 closed
     // connections a measurement leaves in conntrack's TIME_WAIT (120 s) slow down whichever
     // path is measured next (its new connections land on old entries): forget them at once,
