@@ -265,15 +265,16 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
             .map(|f| !f.local)
             .reduce(|a, m| a || m)
     };
-    let with = |a: Option<bool>, b: Option<bool>| match (a, b) {
+    // A binding held from two sides is masqueraded if either side asks for it.
+    let joined = |a: Option<bool>, b: Option<bool>| match (a, b) {
         (Some(x), Some(y)) => Some(x || y),
         (x, None) | (None, x) => x,
     };
     let touched: BTreeSet<&Binding> = bound_before.keys().chain(bound_after.keys()).collect();
     for b in touched {
         let others = kept(b);
-        let was = with(bound_before.get(b).copied(), others);
-        let will = with(bound_after.get(b).copied(), others);
+        let was = joined(bound_before.get(b).copied(), others);
+        let will = joined(bound_after.get(b).copied(), others);
         if was == will {
             continue;
         }
