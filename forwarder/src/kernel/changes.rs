@@ -138,6 +138,7 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
                 "picks",
                 (|o: &Objects| &o.picks[..]) as fn(&Objects) -> &[(String, String)],
             ),
+            ("one", |o: &Objects| &o.one[..]),
             ("ports", |o: &Objects| &o.ports[..]),
         ] {
             let (gone, new) = element_changes(
@@ -306,7 +307,7 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     // what leads to the chain.
     s.push_str(&elements(
         &drop,
-        &["dispatch", "picks", "ports", "bind"],
+        &["dispatch", "picks", "one", "ports", "bind"],
         delete_elements,
     ));
     s.push_str(&drop_chains);
@@ -316,7 +317,7 @@ pub(super) fn transaction<A: Borrow<Frontend>, B: Borrow<Frontend>>(
     }
     s.push_str(&elements(
         &add,
-        &["seen", "picks", "ports", "dispatch", "bind"],
+        &["seen", "picks", "one", "ports", "dispatch", "bind"],
         add_elements,
     ));
     Some(s)
@@ -370,10 +371,11 @@ mod tests {
         assert_eq!(
             script,
             "delete element inet ferry dispatch4 { 192.0.2.8 . tcp . 80 }\n\
-             delete element inet ferry picks4 { 192.0.2.8 . tcp . 80 . 1 }\n\
+             delete element inet ferry picks4 { 192.0.2.8 . tcp . 80 . 0, 192.0.2.8 . tcp . 80 . 1 }\n\
              delete element inet ferry ports4 { 192.0.2.8 . tcp . 80 }\n\
              delete element inet ferry bind4 { 192.0.2.8 . tcp . 30080 }\n\
-             table inet ferry {\n\tchain pick4_tcp_1 {\n\t\tfib daddr type != local return\n\t\tip daddr . meta l4proto . th dport @seen4\n\t\tip daddr set ip daddr . meta l4proto . th dport . numgen inc mod 1 map @picks4 tcp dport set ct original ip daddr . meta l4proto . th dport map @ports4\n\t}\n}\n\
+             table inet ferry {\n\tchain pick4_tcp_1 {\n\t\tfib daddr type != local return\n\t\tip daddr . meta l4proto . th dport @seen4\n\t\tip daddr set ip daddr . meta l4proto . th dport map @one4 tcp dport set ct original ip daddr . meta l4proto . th dport map @ports4\n\t}\n}\n\
+             add element inet ferry one4 { 192.0.2.8 . tcp . 80 : 10.0.0.1 }\n\
              add element inet ferry ports4 { 192.0.2.8 . tcp . 80 : 30090 }\n\
              add element inet ferry dispatch4 { 192.0.2.8 . tcp . 80 : goto pick4_tcp_1 }\n\
              add element inet ferry bind4 { 192.0.2.8 . tcp . 30090 : goto masq4_tcp }\n"

@@ -21,7 +21,8 @@
 //! Service port), has no chain of its own: its `dispatch` element goes to the chain shared
 //! by every frontend of its family, protocol and number of backends (`pick4_tcp_2`), which
 //! takes its turn from the `picks4`/`picks6` map and its NodePort from `ports4`/`ports6`,
-//! both keyed by the VIP port. So adding, changing or removing such a frontend is a change
+//! both keyed by the VIP port (with one backend there is no turn to take: its address is in
+//! `one4`/`one6`, and no `numgen` counter shared by every CPU is written). So adding, changing or removing such a frontend is a change
 //! of elements alone, and the table holds a handful of chains however many frontends there
 //! are: nft lists every chain and named object of the table before each transaction, so a
 //! chain and a named counter per frontend made every change grow with the number of VIPs
@@ -510,6 +511,8 @@ mod tests {
             "10.0.0.2:30080".parse().unwrap(),
             "10.0.0.3:30080".parse().unwrap(),
         ];
+        let mut web_single = web.clone();
+        web_single.backends.truncate(1);
         let mut dns_cluster = dns.clone();
         dns_cluster.local = false;
         let plans: Vec<Vec<Frontend>> = vec![
@@ -536,6 +539,9 @@ mod tests {
             vec![],
             start.clone(),
             // The same number of nodes, others: only the turns of the round robin change.
+            vec![web_swapped.clone(), dns.clone(), sticky.clone()],
+            // A node leaves, and comes back: from turns to the one backend, and back.
+            vec![web_single, dns.clone(), sticky.clone()],
             vec![web_swapped, dns, sticky],
         ];
 

@@ -150,6 +150,9 @@ pub(super) struct Objects {
     pub(super) sets: Vec<(String, String)>,
     /// `(key, backend address)` in the `picks` map: the backend of each round-robin turn.
     pub(super) picks: Vec<(String, String)>,
+    /// `(key, backend address)` in the `one` map, for a frontend with one backend steered by
+    /// a shared chain: no turns to take.
+    pub(super) one: Vec<(String, String)>,
     /// `(key, NodePort)` in the `ports` map, for a frontend steered by a shared chain.
     pub(super) ports: Vec<(String, String)>,
 }
@@ -169,12 +172,18 @@ pub(super) fn shape_chain((v6, p, n): &Shape) -> String {
 pub(super) fn shape_rules(shape: &Shape) -> String {
     let (v6, p, n) = *shape;
     let (fam, n4) = if v6 { ("ip6", 6) } else { ("ip", 4) };
+    // One backend takes no turns: `numgen inc` is one counter every CPU writes for every
+    // new connection of every frontend behind the chain.
+    let pick = match n {
+        1 => format!("{fam} daddr . meta l4proto . th dport map @one{n4}"),
+        _ => format!("{fam} daddr . meta l4proto . th dport . numgen inc mod {n} map @picks{n4}"),
+    };
     // The destination first, picked by the original port; then the port, looked up by the
     // original VIP (conntrack's original tuple, as the address has changed by then).
     format!(
         "fib daddr type != local return\n\
          {fam} daddr . meta l4proto . th dport @seen{n4}\n\
-         {fam} daddr set {fam} daddr . meta l4proto . th dport . numgen inc mod {n} map @picks{n4} \
+         {fam} daddr set {pick} \
          {p} dport set ct original {fam} daddr . meta l4proto . th dport map @ports{n4}\n"
     )
 }
@@ -214,12 +223,18 @@ pub(super) fn objects(f: &Frontend) -> Objects {
             shape: Some(shape),
             chains: Vec::new(),
             sets: Vec::new(),
-            picks: f
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(j, b)| (format!("{dispatch} . {j}"), b.ip().to_string()))
-                .collect(),
+            picks: match f.backends.as_slice() {
+                [_] => Vec::new(),
+                all => all
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| (format!("{dispatch} . {j}"), b.ip().to_string()))
+                    .collect(),
+            },
+            one: match f.backends.as_slice() {
+                [b] => vec![(dispatch.clone(), b.ip().to_string())],
+                _ => Vec::new(),
+            },
             ports: vec![(dispatch.clone(), port.to_string())],
             dispatch,
         };
@@ -318,6 +333,7 @@ pub(super) fn objects(f: &Frontend) -> Objects {
         chains,
         sets,
         picks,
+        one: Vec::new(),
         ports: Vec::new(),
     }
 }
@@ -407,6 +423,10 @@ fn skeleton() -> String {
         let _ = writeln!(
             s,
             "\tmap picks{n} {{\n\t\ttypeof {fam} daddr . meta l4proto . th dport . numgen inc mod 2 : {fam} daddr\n\t}}"
+        );
+        let _ = writeln!(
+            s,
+            "\tmap one{n} {{\n\t\ttype {addr} . inet_proto . inet_service : {addr}\n\t}}"
         );
         let _ = writeln!(
             s,
@@ -503,6 +523,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
     let mut tail = String::new();
     let mut dispatch: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut picks: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut one: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut ports: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut shapes = BTreeSet::new();
@@ -515,6 +536,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
         let family = usize::from(o.v6);
         dispatch[family].push(format!("{} : {}", o.dispatch, o.target));
         picks[family].extend(o.picks.iter().map(|(k, v)| format!("{k} : {v}")));
+        one[family].extend(o.one.iter().map(|(k, v)| format!("{k} : {v}")));
         ports[family].extend(o.ports.iter().map(|(k, v)| format!("{k} : {v}")));
         seen[family].push(o.dispatch.clone());
         for (name, _) in &o.sets {
@@ -550,6 +572,7 @@ pub fn ruleset(frontends: &[Frontend], kept: &AffinityClients) -> String {
         ("seen", &seen),
         ("ports", &ports),
         ("picks", &picks),
+        ("one", &one),
         ("dispatch", &dispatch),
     ] {
         for (n, items) in [4, 6].iter().zip(of) {
@@ -714,12 +737,12 @@ mod tests {
         );
         assert!(
             chain(&r, "pick4_udp_1").contains(
-                "ip daddr set ip daddr . meta l4proto . th dport . numgen inc mod 1 map @picks4 udp dport set"
+                "ip daddr set ip daddr . meta l4proto . th dport map @one4 udp dport set"
             ),
             "{r}"
         );
         assert!(
-            r.contains("add element inet ferry picks4 { 192.0.2.10 . udp . 53 . 0 : 10.0.0.2 }"),
+            r.contains("add element inet ferry one4 { 192.0.2.10 . udp . 53 : 10.0.0.2 }"),
             "{r}"
         );
         assert!(
