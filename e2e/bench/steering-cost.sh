@@ -63,6 +63,7 @@ rates = {
     "hand": [int(x) for x in re.findall(r"nftables DNAT .* (\d+) conn/s", bench)],
 }
 cost = {"kernel": [], "hand": []}
+cpus = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
 for line in open(f"{out}/tags"):
     i, tag = line.split()
     n = len(cost[tag])
@@ -73,7 +74,6 @@ for line in open(f"{out}/tags"):
         capture_output=True, text=True,
     ).stdout
     share = sum(float(m.group(1)) for m in re.finditer(r"^\s*([\d.]+)%\s+[\d.]+%\s+\[k\] nft_do_chain$", report, re.M))
-    cpus = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
     cost[tag].append(share / 100 * cpus / rates[tag][n] * 1e6)
 print("| path | µs under nft_do_chain per new connection, median | runs | new connections/s |")
 print("| --- | --- | --- | --- |")

@@ -216,6 +216,17 @@ pub(super) fn objects(f: &Frontend) -> Objects {
     let n = if v6 { 6 } else { 4 };
     // The usual frontend: no chain of its own, only elements.
     if let (Some(shape), Some(port)) = (shape(f), shared_port) {
+        // One backend takes no turns (`shape_rules`): its address is keyed by the VIP port.
+        let (picks, one) = match f.backends.as_slice() {
+            [b] => (Vec::new(), vec![(dispatch.clone(), b.ip().to_string())]),
+            all => (
+                all.iter()
+                    .enumerate()
+                    .map(|(j, b)| (format!("{dispatch} . {j}"), b.ip().to_string()))
+                    .collect(),
+                Vec::new(),
+            ),
+        };
         return Objects {
             ident,
             v6,
@@ -223,18 +234,8 @@ pub(super) fn objects(f: &Frontend) -> Objects {
             shape: Some(shape),
             chains: Vec::new(),
             sets: Vec::new(),
-            picks: match f.backends.as_slice() {
-                [_] => Vec::new(),
-                all => all
-                    .iter()
-                    .enumerate()
-                    .map(|(j, b)| (format!("{dispatch} . {j}"), b.ip().to_string()))
-                    .collect(),
-            },
-            one: match f.backends.as_slice() {
-                [b] => vec![(dispatch.clone(), b.ip().to_string())],
-                _ => Vec::new(),
-            },
+            picks,
+            one,
             ports: vec![(dispatch.clone(), port.to_string())],
             dispatch,
         };
