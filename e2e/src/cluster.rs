@@ -357,6 +357,17 @@ impl Cluster {
             .collect()
     }
 
+    /// The nodes that answered `n` requests sent from the node `node` itself (a process in
+    /// its network namespace, as a pod on the host network is).
+    pub fn spread_from_node(&self, node: &str, ip: &str, port: u16, n: usize) -> BTreeSet<String> {
+        let ns = self.topo.nodes[self.node_index(node)].ns();
+        let url = format!("http://{ip}:{port}/");
+        (0..n)
+            .filter_map(|_| ns.exec("curl", &["-sf", "--max-time", "3", &url]).ok())
+            .filter_map(|body| body.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
     pub async fn endpoints_on(&self, service: &str, node: &str) {
         let slice: EndpointSlice = serde_json::from_value(json!({
             "metadata": {

@@ -28,6 +28,11 @@ async fn serves_traffic(c: &Cluster, kernel: bool) {
     assert!(NODES.contains(&body_node(&body).as_str()), "{body}");
     let nodes = c.spread(&web, 80, 30);
     assert_eq!(nodes.len(), 3, "requests reached {nodes:?}");
+    // A client on the node holding the VIP (its packets take the output hook, and leave
+    // again for the other nodes) is spread the same.
+    let owner = c.wait_for_single_owner(&web).await;
+    let nodes = c.spread_from_node(&owner, &web, 80, 30);
+    assert_eq!(nodes.len(), 3, "requests from {owner} reached {nodes:?}");
 
     let dns = c
         .service(

@@ -445,19 +445,20 @@ fn skeleton() -> String {
         );
     }
     // Steering rewrites only a connection's first packet (later ones follow the conntrack
-    // entry's NAT); it runs after conntrack (-200) and before NAT (-100), so the NodePort it
-    // aims at is seen by whatever implements NodePorts here. One lookup per family finds the
-    // frontend's chain.
+    // entry's NAT), before kube-proxy's DNAT (-100), so the NodePort it aims at is seen by
+    // whatever implements NodePorts here. It is a NAT chain that binds nothing: the kernel
+    // runs NAT chains, in order of priority, only until a connection has its binding, so a
+    // connection's later packets never enter it (a filter chain ran for every packet). A
+    // locally sent packet is rerouted when its connection's binding changes its destination,
+    // which the binding below (or kube-proxy's) always does. One lookup per family finds
+    // the frontend's chain.
     let dispatch = "\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n\t\tip6 daddr . meta l4proto . th dport vmap @dispatch6\n";
-    let _ = writeln!(
-        s,
-        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority -150; policy accept;\n{dispatch}\t}}"
-    );
-    // Locally sent packets are rerouted after their destination changes (a route chain).
-    let _ = writeln!(
-        s,
-        "\tchain output {{\n\t\ttype route hook output priority -150; policy accept;\n{dispatch}\t}}"
-    );
+    for hook in ["prerouting", "output"] {
+        let _ = writeln!(
+            s,
+            "\tchain {hook} {{\n\t\ttype nat hook {hook} priority -150; policy accept;\n{dispatch}\t}}"
+        );
+    }
     // After kube-proxy's DNAT (-100): only one NAT binding per connection and hook, so a
     // connection kube-proxy took to a pod never reaches these. The others are bound to
     // where steering sent them (the packet's destination now): one lookup per family, in
@@ -653,15 +654,13 @@ mod tests {
             )],
             &AffinityClients::new(),
         );
-        // Steering: after conntrack, before NAT, first packets only, one map lookup.
-        assert!(
-            r.contains("type filter hook prerouting priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n"),
-            "{r}"
-        );
-        assert!(
-            r.contains("type route hook output priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n"),
-            "{r}"
-        );
+        // Steering: a NAT chain before kube-proxy's, so first packets only, one map lookup.
+        for hook in ["prerouting", "output"] {
+            assert!(
+                r.contains(&format!("chain {hook} {{\n\t\ttype nat hook {hook} priority -150; policy accept;\n\t\tct state != new accept\n\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n")),
+                "{r}"
+            );
+        }
         // No chain of its own: the shared chain of TCP frontends with two backends sharing
         // a NodePort steers it, only while the VIP is local, counts it in its `seen4`
         // element, and picks the backend (its turns in `picks4`) and the port (`ports4`).
