@@ -3,7 +3,10 @@
 # Runs the forwarder bench on those two paths (one slice per measurement) and records the
 # whole machine with `perf record -a -g` during each new-connection measurement; prints, per
 # run and path, the CPU time spent under nft_do_chain (every chain of every table, inclusive)
-# per new connection, and the medians. Needs root and the forwarder bench's tools
+# per new connection, and the medians; then what that time is spent on: per hook kind (NAT
+# chains, which see a connection's first packet, or filter chains, which see every packet)
+# and per expression nft_do_chain calls (rules it evaluates inline, such as comparisons and
+# jumps, count as the chain's own). Needs root and the forwarder bench's tools
 # (e2e/bench/forwarder.sh installs them). Figures carry perf's own overhead: compare paths
 # and variants measured in one run, not against other tools.
 # Usage: e2e/bench/steering-cost.sh [--runs N] [--hand-rules FILE]
@@ -63,12 +66,36 @@ rates = {
     "hand": [int(x) for x in re.findall(r"nftables DNAT .* (\d+) conn/s", bench)],
 }
 cost = {"kernel": [], "hand": []}
+parts = {"kernel": [], "hand": []}
 cpus = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
+
+
+def spent_on(data, rate):
+    """µs per new connection by (hook kind, what nft_do_chain called), from the call stacks."""
+    script = subprocess.run(
+        ["perf", "script", "-i", data, "-F", "ip,sym"], capture_output=True, text=True
+    ).stdout
+    counts, samples = {}, 0
+    for stack in script.split("\n\n"):
+        frames = [f.split(None, 1)[-1] for f in stack.strip().splitlines()]
+        if not frames:
+            continue
+        samples += 1
+        if "nft_do_chain" not in frames:
+            continue
+        at = frames.index("nft_do_chain")
+        callee = frames[at - 1] if at > 0 else "the chain's own rules"
+        kind = "NAT" if "nft_nat_do_chain" in frames[at:] else "filter"
+        counts[(kind, callee)] = counts.get((kind, callee), 0) + 1
+    return {k: c / max(samples, 1) * cpus / rate * 1e6 for k, c in counts.items()}
+
+
 for line in open(f"{out}/tags"):
     i, tag = line.split()
     n = len(cost[tag])
     if n >= len(rates[tag]):
         continue
+    parts[tag].append(spent_on(f"{out}/{i}.data", rates[tag][n]))
     report = subprocess.run(
         ["perf", "report", "-i", f"{out}/{i}.data", "--children", "--sort", "sym", "-q", "-g", "none"],
         capture_output=True, text=True,
@@ -81,4 +108,17 @@ for tag, name in [("kernel", "ferry kernel"), ("hand", "nftables by hand")]:
     runs = cost[tag]
     median = f"{statistics.median(runs):.2f}" if runs else "—"
     print(f"| {name} | {median} | {', '.join(f'{c:.2f}' for c in runs)} | {', '.join(map(str, rates[tag]))} |")
+
+keys = {k for tag in parts for run in parts[tag] for k in run}
+median = {
+    tag: {k: statistics.median(run.get(k, 0.0) for run in parts[tag]) for k in keys}
+    for tag in parts if parts[tag]
+}
+print()
+print("| chains | spent on | ferry kernel, µs per new connection (median) | nftables by hand |")
+print("| --- | --- | --- | --- |")
+for kind, callee in sorted(keys, key=lambda k: -median.get("kernel", {}).get(k, 0.0)):
+    cells = [f"{median[t][(kind, callee)]:.2f}" if t in median else "—" for t in ("kernel", "hand")]
+    if max(float(c) for c in cells if c != "—") >= 0.01:
+        print(f"| {kind} | {callee} | {cells[0]} | {cells[1]} |")
 PY
