@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::control_plane::{ControlPlane, shared};
 use crate::forwarder::{ForwarderProcess, NodePorts, start_backend};
-use crate::netns::Topology;
+use crate::netns::{Netns, Topology};
 use crate::nodes::register;
 use crate::operator::OperatorProcess;
 use crate::process::ProcessUnderTest;
@@ -302,15 +302,7 @@ impl Cluster {
 
     /// `GET path` from the client; the body (`<node> <client address seen>`).
     pub fn get(&self, ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
-        self.topo.client.ns().exec(
-            "curl",
-            &[
-                "-sf",
-                "--max-time",
-                "3",
-                &format!("http://{ip}:{port}{path}"),
-            ],
-        )
+        get_in(self.topo.client.ns(), ip, port, path)
     }
 
     /// `GET /` from the client's address `source` (one it has); the body.
@@ -351,21 +343,13 @@ impl Cluster {
 
     /// The nodes that answered `n` requests.
     pub fn spread(&self, ip: &str, port: u16, n: usize) -> BTreeSet<String> {
-        (0..n)
-            .filter_map(|_| self.get(ip, port, "/").ok())
-            .filter_map(|body| body.split_whitespace().next().map(str::to_string))
-            .collect()
+        spread_in(self.topo.client.ns(), ip, port, n)
     }
 
     /// The nodes that answered `n` requests sent from the node `node` itself (a process in
     /// its network namespace, as a pod on the host network is).
     pub fn spread_from_node(&self, node: &str, ip: &str, port: u16, n: usize) -> BTreeSet<String> {
-        let ns = self.topo.nodes[self.node_index(node)].ns();
-        let url = format!("http://{ip}:{port}/");
-        (0..n)
-            .filter_map(|_| ns.exec("curl", &["-sf", "--max-time", "3", &url]).ok())
-            .filter_map(|body| body.split_whitespace().next().map(str::to_string))
-            .collect()
+        spread_in(self.topo.nodes[self.node_index(node)].ns(), ip, port, n)
     }
 
     pub async fn endpoints_on(&self, service: &str, node: &str) {
@@ -401,6 +385,27 @@ impl Drop for Cluster {
         }
         let _ = self.cp;
     }
+}
+
+/// `GET path` from a process in `ns`; the body.
+fn get_in(ns: &Netns, ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
+    ns.exec(
+        "curl",
+        &[
+            "-sf",
+            "--max-time",
+            "3",
+            &format!("http://{ip}:{port}{path}"),
+        ],
+    )
+}
+
+/// The nodes that answered `n` requests sent from `ns`.
+fn spread_in(ns: &Netns, ip: &str, port: u16, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .filter_map(|_| get_in(ns, ip, port, "/").ok())
+        .filter_map(|body| body.split_whitespace().next().map(str::to_string))
+        .collect()
 }
 
 pub fn body_node(body: &str) -> String {

@@ -26,8 +26,9 @@
 //! takes its turn from the `picks4`/`picks6` map and its NodePort from `ports4`/`ports6`,
 //! both keyed by the VIP port (with one backend there is no turn to take: its address is in
 //! `one4`/`one6`, and no `numgen` counter shared by every CPU is written). So adding,
-//! changing or removing such a frontend is a change of elements alone, and the table holds a handful of chains however many frontends there
-//! are: nft lists every chain and named object of the table before each transaction, so a
+//! changing or removing such a frontend is a change of elements alone, and the table holds
+//! a handful of chains however many frontends there are: nft lists every chain and named
+//! object of the table before each transaction, so a
 //! chain and a named counter per frontend made every change grow with the number of VIPs
 //! (47.7 ms for one change among 4,000 frontends, against 19.6 ms with shared chains, on
 //! 2026-12-04). Changes run on a libnftables context kept open (`nft::Session`), and the
